@@ -1,0 +1,1 @@
+"""Workloads and sweeps that drive a running server and read its traces."""

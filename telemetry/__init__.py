@@ -1,0 +1,1 @@
+"""Observability for edgevlm: tracing, metrics, energy and reports. Imports neither server nor models."""

@@ -1,0 +1,143 @@
+"""What one inference request cost, as plain data.
+
+The engine (``models``) fills these records while it works and hands them back to
+``server``, which passes them to telemetry. Keeping the type here lets both sides
+depend on telemetry without ``telemetry`` importing either of them, and gives span
+attributes, metrics and reports one source of truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ImageRecord:
+    """One image's path through the middleware and the vision encoder."""
+
+    index: int
+    source_width: int = 0
+    source_height: int = 0
+    encoded_width: int = 0
+    encoded_height: int = 0
+    tokens_before: int = 0  # tokens the projector produced for the encoded image
+    tokens_after: int = 0  # tokens prefilled into the LLM after pruning
+    encode_ms: float = 0.0
+    cache_hit: bool = False
+    budget_tokens: int | None = None  # token budget the resolution policy asked for
+    budget_source: str | None = None  # request | detail | profile | ttft_budget | model
+    resize_note: str | None = None  # why the encoder saw the size it saw
+    prune_method: str | None = None
+    prune_keep: float | None = None  # fraction of rows kept
+    prune_ms: float = 0.0
+
+    @property
+    def source_pixels(self) -> int:
+        return self.source_width * self.source_height
+
+    @property
+    def encoded_pixels(self) -> int:
+        return self.encoded_width * self.encoded_height
+
+
+@dataclass
+class ModelInfo:
+    """Facts about the loaded model file that explain its speed and memory."""
+
+    model_id: str
+    path: str = ""
+    mmproj_path: str | None = None
+    quantization: str | None = None  # e.g. Q4_1, Q4_K_M (from GGUF file type)
+    bits_per_weight: float | None = None  # file bytes * 8 / parameter count
+    n_params: int | None = None
+    file_bytes: int | None = None
+    n_ctx: int = 0
+    n_threads: int = 0
+    n_parallel: int = 1
+
+
+@dataclass
+class RequestRecord:
+    """Everything telemetry records about one request; times are milliseconds."""
+
+    operation: str  # "chat" | "text_completion"
+    model: ModelInfo
+    request_id: str = ""
+    stream: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from a reused KV prefix
+    prefilled_tokens: int = 0  # prompt tokens actually computed
+    dropped_tokens: int = 0  # tokens removed by the long-prompt policy
+    finish_reason: str | None = None
+    error_type: str | None = None
+
+    queue_ms: float = 0.0
+    encode_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    e2e_ms: float = 0.0
+    slot: int | None = None
+    batch_size_mean: float | None = None
+
+    images: list[ImageRecord] = field(default_factory=list)
+    middleware: dict[str, Any] = field(default_factory=dict)  # profile, budget, predictions
+
+    peak_rss_bytes: int | None = None
+    energy: dict[str, Any] = field(default_factory=dict)  # filled by telemetry.energy
+
+    prompt_text: str | None = None  # only kept when content capture is opted in
+    completion_text: str | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first one, over the time spent producing them."""
+        if self.output_tokens <= 1 or self.decode_ms <= 0:
+            return 0.0
+        return (self.output_tokens - 1) / (self.decode_ms / 1000.0)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        if self.prefilled_tokens <= 0 or self.prefill_ms <= 0:
+            return 0.0
+        return self.prefilled_tokens / (self.prefill_ms / 1000.0)
+
+    @property
+    def time_per_output_token_ms(self) -> float:
+        if self.output_tokens <= 1:
+            return 0.0
+        return self.decode_ms / (self.output_tokens - 1)
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(im.tokens_after for im in self.images)
+
+    def timings(self) -> dict[str, Any]:
+        """The response's ``timings`` extension (llama-server/Ollama style)."""
+        out: dict[str, Any] = {
+            "queue_ms": round(self.queue_ms, 3),
+            "prompt_ms": round(self.prefill_ms + self.encode_ms, 3),
+            "encode_ms": round(self.encode_ms, 3),
+            "prefill_ms": round(self.prefill_ms, 3),
+            "ttft_ms": round(self.ttft_ms, 3),
+            "decode_ms": round(self.decode_ms, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "prompt_tokens": self.input_tokens,
+            "prompt_cached_tokens": self.cached_tokens,
+            "prompt_prefilled_tokens": self.prefilled_tokens,
+            "completion_tokens": self.output_tokens,
+        }
+        if self.images:
+            out["images"] = [asdict(im) for im in self.images]
+        if self.middleware:
+            out["middleware"] = dict(self.middleware)
+        if self.dropped_tokens:
+            out["dropped_tokens"] = self.dropped_tokens
+        return out
