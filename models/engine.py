@@ -1,0 +1,665 @@
+"""A continuous-batching llama.cpp engine that owns the prefill/decode loop.
+
+One worker thread per loaded model drives one llama.cpp context holding ``n_parallel``
+sequences over a unified KV cache. Every step runs a single ``llama_decode`` over the
+next token of every generating sequence plus a chunk of any prompt still being
+prefilled, so concurrent requests share the matrix multiplications instead of taking
+turns, and a long prompt never stalls running streams for more than one chunk. Each
+slot remembers what its KV holds, so a request that repeats a previous prompt prefix
+(the next turn of a chat, a shared system prompt, the same photo) prefills only what
+is new. Running requests are never interrupted by new ones.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Union
+
+import llama_cpp
+import numpy as np
+import psutil
+
+from models import gguf_info
+from models.llama_lib import ensure_backend, meta_str
+from models.sampling import SamplingParams, build_sampler
+from models.templates import CHATML_TEMPLATE, ChatTemplate
+from telemetry.record import ModelInfo, RequestRecord
+
+log = logging.getLogger("edgevlm.engine")
+
+# Cells of KV reserved for a request's generation when admitting it, so a new prompt
+# does not take the room a running stream is about to need.
+GENERATION_RESERVE = 256
+# Prompt tokens prefilled per step while other sequences are decoding: bounds how long
+# a new long prompt can delay the next token of running streams.
+PREFILL_CHUNK_WHILE_DECODING = 256
+
+
+class EngineError(Exception):
+    """A request the engine cannot serve; ``code`` is stable for API errors."""
+
+    code = "engine_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+
+class QueueFull(EngineError):
+    code = "queue_full"
+    status = 429
+
+
+class PromptTooLong(EngineError):
+    code = "context_length_exceeded"
+    status = 400
+
+
+class EngineClosed(EngineError):
+    code = "model_unloaded"
+    status = 503
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_id: str
+    path: str
+    n_ctx: int = 4096
+    n_threads: int = 0  # 0 = physical cores
+    n_parallel: int = 1
+    n_batch: int = 512
+    chat_template: str | None = None  # overrides the GGUF's template
+    mmproj_path: str | None = None
+
+
+@dataclass
+class ImageSegment:
+    """An image's (possibly pruned) embedding rows, prefilled in place of tokens."""
+
+    embeddings: np.ndarray  # (n_tokens, n_embd) float32, C-contiguous
+    key: str  # identity for KV reuse: image hash + resolution + pruning
+    non_causal: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+Segment = Union[list[int], ImageSegment]
+
+
+@dataclass
+class GenerationRequest:
+    segments: list[Segment]
+    sampling: SamplingParams
+    max_tokens: int
+    record: RequestRecord
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # stop | length | cancelled
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+Event = Union[TextDelta, Finished, Failed]
+Sink = Callable[[Event], None]
+
+
+class _TextStream:
+    """Incremental UTF-8 decoding with stop strings that may straddle tokens."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""
+        self._stops = tuple(s for s in stops if s)
+        self.text_parts: list[str] = []
+
+    def push(self, data: bytes) -> tuple[str, bool]:
+        self._pending += self._decoder.decode(data)
+        if not self._stops:
+            out, self._pending = self._pending, ""
+            return self._emit(out), False
+        cut = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self._pending = self._pending[:cut], ""
+            return self._emit(out), True
+        hold = 0
+        for s in self._stops:
+            for k in range(min(len(s) - 1, len(self._pending)), 0, -1):
+                if self._pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self._pending[: len(self._pending) - hold]
+        self._pending = self._pending[len(out):]
+        return self._emit(out), False
+
+    def flush(self) -> str:
+        out = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        return self._emit(out)
+
+    def _emit(self, text: str) -> str:
+        if text:
+            self.text_parts.append(text)
+        return text
+
+
+class Job:
+    """A submitted request; ``cancel()`` is safe from any thread."""
+
+    def __init__(self, req: GenerationRequest, sink: Sink):
+        self.req = req
+        self.sink = sink
+        self._cancel = threading.Event()
+        self.items: list[Hashable] = []
+        self.seg_bounds: list[tuple[int, int, Segment]] = []
+        for seg in req.segments:
+            start = len(self.items)
+            if isinstance(seg, ImageSegment):
+                self.items.extend((seg.key, i) for i in range(seg.n_tokens))
+            else:
+                self.items.extend(seg)
+            self.seg_bounds.append((start, len(self.items), seg))
+        self.slot: _Slot | None = None
+        self.cursor = 0  # next prompt item to prefill
+        self.sampler: llama_cpp.llama_sampler_p | None = None
+        self.next_token: int | None = None
+        self.n_generated = 0
+        self.text = _TextStream(req.stop)
+        self.t_submit = time.perf_counter()
+        self.t_admit = 0.0
+        self.t_first = 0.0
+        self.t_last = 0.0
+        self.batch_sum = 0
+        self.batch_steps = 0
+        self.done = False
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.items)
+
+    @property
+    def kv_budget(self) -> int:
+        return self.n_prompt + min(self.req.max_tokens, GENERATION_RESERVE)
+
+    def segment_at(self, pos: int) -> tuple[int, int, Segment]:
+        for bound in self.seg_bounds:
+            if bound[0] <= pos < bound[1]:
+                return bound
+        raise IndexError(pos)
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    history: list[Hashable] = field(default_factory=list)  # what this sequence's KV holds
+    job: Job | None = None
+    last_used: float = 0.0
+
+
+def _common_prefix(a: list[Hashable], b: list[Hashable]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """One model, one context, ``n_parallel`` sequences, one worker thread."""
+
+    def __init__(self, config: EngineConfig):
+        ensure_backend()
+        self.config = config
+        rss_before = psutil.Process().memory_info().rss
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0 if os.environ.get("EDGEVLM_CPU_ONLY") else 999
+        model = llama_cpp.llama_model_load_from_file(config.path.encode(), mparams)
+        if not model:
+            raise EngineError(f"could not load model file {config.path}", code="model_load_failed")
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        n_threads = config.n_threads or default_threads()
+        n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+        n_ctx = config.n_ctx or min(n_ctx_train, 4096)
+        n_batch = max(32, min(config.n_batch, n_ctx))
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = max(1, config.n_parallel)
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.kv_unified = True  # one shared pool: a long prompt may use any free cell
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise EngineError(f"could not create a context of {n_ctx} tokens", code="context_failed")
+        self.ctx = ctx
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        self.n_batch = n_batch
+        self.n_embd = int(llama_cpp.llama_model_n_embd_inp(model))
+        self.n_threads = n_threads
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.template = ChatTemplate(
+            config.chat_template or meta_str(model, "tokenizer.chat_template") or CHATML_TEMPLATE,
+            bos_token=self.token_text(self.bos_id),
+            eos_token=self.token_text(int(llama_cpp.llama_vocab_eos(self.vocab))),
+        )
+        self.info = ModelInfo(
+            model_id=config.model_id,
+            path=config.path,
+            mmproj_path=config.mmproj_path,
+            quantization=gguf_info.quantization_name(model),
+            bits_per_weight=gguf_info.bits_per_weight(model),
+            n_params=int(llama_cpp.llama_model_n_params(model)),
+            file_bytes=gguf_info.file_bytes(config.path),
+            n_ctx=self.n_ctx,
+            n_threads=n_threads,
+            n_parallel=cparams.n_seq_max,
+        )
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._embd_batch = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+        self._slots = [_Slot(seq_id=i) for i in range(cparams.n_seq_max)]
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._active = 0
+        self.memory_bytes = max(psutil.Process().memory_info().rss - rss_before,
+                                int(llama_cpp.llama_model_size(model)))
+        self.last_used = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{config.model_id}", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------- tokenizer
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Tokenize with special tokens parsed; drops a BOS the template already wrote."""
+        data = text.encode("utf-8")
+        add = add_special and self.add_bos
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add, True)
+        if n < 0:
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add, True)
+        tokens = list(buf[:n])
+        if add and len(tokens) > 1 and tokens[0] == self.bos_id and tokens[1] == self.bos_id:
+            tokens.pop(0)
+        return tokens
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # ----------------------------------------------------------- front door
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting) or self._active > 0
+
+    def submit(self, req: GenerationRequest, sink: Sink, *, max_queue: int) -> Job:
+        """Queue a request; raises at once rather than accept what it cannot serve."""
+        job = Job(req, sink)
+        if job.n_prompt == 0:
+            raise EngineError("the prompt is empty", code="empty_prompt", status=400)
+        if job.n_prompt >= self.n_ctx:
+            raise PromptTooLong(
+                f"this model's context is {self.n_ctx} tokens, but the prompt has "
+                f"{job.n_prompt} tokens; shorten the messages or raise --ctx-size"
+            )
+        for seg in req.segments:
+            if isinstance(seg, ImageSegment):
+                if seg.embeddings.ndim != 2 or seg.embeddings.shape[1] != self.n_embd:
+                    raise EngineError("image embeddings do not match the model width",
+                                      code="bad_embeddings", status=400)
+                if seg.non_causal and seg.n_tokens > self.n_batch:
+                    raise EngineError(
+                        f"an image of {seg.n_tokens} tokens needs a batch of at least that size "
+                        f"(batch is {self.n_batch})", code="image_too_large", status=400)
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the model is being unloaded")
+            busy = self._active >= len(self._slots)
+            if busy and len(self._waiting) >= max_queue:
+                raise QueueFull(f"the queue for model {self.config.model_id} is full "
+                                f"({max_queue} waiting)")
+            self._waiting.append(job)
+            self.last_used = time.monotonic()
+            self._cond.notify()
+        return job
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            log.error("engine thread for %s did not stop; leaking its context", self.config.model_id)
+            return
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_batch_free(self._embd_batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+    # ----------------------------------------------------------- worker
+    def _run(self) -> None:
+        running: list[Job] = []
+        while True:
+            with self._cond:
+                while not self._closing and not self._waiting and not running:
+                    self._cond.wait()
+                if self._closing:
+                    pending = list(self._waiting) + running
+                    self._waiting.clear()
+                    break
+                admitted = self._admit_locked(running)
+            for job in admitted:
+                self._start(job)
+                if not job.done:
+                    running.append(job)
+            try:
+                self._step(running)
+            except Exception as exc:  # never let one bad step kill the worker
+                log.exception("engine step failed")
+                for job in running:
+                    self._finish(job, error=EngineError(f"inference failed: {exc}"))
+            running = [j for j in running if not j.done]
+            with self._cond:
+                self._active = len(running)
+        for job in pending:
+            self._finish(job, error=EngineClosed("the model was unloaded"))
+
+    def _admit_locked(self, running: list[Job]) -> list[Job]:
+        admitted: list[Job] = []
+        while self._waiting and self._waiting[0].cancelled:
+            job = self._waiting.popleft()
+            self._finish(job, reason="cancelled")
+        while self._waiting:
+            job = self._waiting[0]
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                break
+            slot = max(free, key=lambda s: (_common_prefix(s.history, job.items), -s.last_used))
+            committed = sum(j.kv_budget for j in running + admitted)
+            need = min(job.kv_budget, self.n_ctx)
+            idle = sorted((s for s in free if s is not slot and s.history), key=lambda s: s.last_used)
+            cached = sum(len(s.history) for s in idle) + len(slot.history)
+            if committed + need > self.n_ctx:
+                break  # fits later, when a running request finishes
+            while committed + need + cached > self.n_ctx and idle:
+                victim = idle.pop(0)
+                cached -= len(victim.history)
+                llama_cpp.llama_memory_seq_rm(self.mem, victim.seq_id, -1, -1)
+                victim.history = []
+            self._waiting.popleft()
+            job.slot = slot
+            slot.job = job
+            admitted.append(job)
+            self._active = len(running) + len(admitted)
+        return admitted
+
+    def _start(self, job: Job) -> None:
+        slot = job.slot
+        assert slot is not None
+        job.t_admit = time.perf_counter()
+        if job.cancelled:
+            self._finish(job, reason="cancelled")
+            return
+        reuse = min(_common_prefix(slot.history, job.items), job.n_prompt - 1)
+        if reuse > 0:
+            start, _end, seg = job.segment_at(reuse)
+            if isinstance(seg, ImageSegment) and start < reuse:
+                reuse = start  # never resume in the middle of an image
+        if reuse < len(slot.history):
+            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, reuse, -1):
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+                reuse = 0
+            slot.history = slot.history[:reuse]
+        job.cursor = reuse
+        rec = job.req.record
+        rec.cached_tokens = reuse
+        rec.prefilled_tokens = job.n_prompt - reuse
+        rec.input_tokens = job.n_prompt
+        rec.slot = slot.seq_id
+        rec.queue_ms = (job.t_admit - job.t_submit) * 1000.0
+        try:
+            job.sampler = build_sampler(job.req.sampling, self.vocab)
+        except Exception as exc:
+            self._finish(job, error=EngineError(str(exc), code="invalid_sampling", status=400))
+
+    def _step(self, running: list[Job]) -> None:
+        for job in running:
+            if job.cancelled and not job.done:
+                self._finish(job, reason="cancelled")
+        live = [j for j in running if not j.done]
+        if not live:
+            return
+        decoding = [j for j in live if j.next_token is not None]
+        prefilling = [j for j in live if j.next_token is None]
+        self._ensure_room(live, len(decoding))
+
+        batch = self._batch
+        n = 0
+        outputs: list[tuple[int, Job]] = []
+        for job in decoding:
+            slot = job.slot
+            self._put(batch, n, job.next_token, len(slot.history), slot.seq_id, True)
+            slot.history.append(job.next_token)
+            outputs.append((n, job))
+            n += 1
+        budget = self.n_batch - n
+        if decoding:
+            budget = min(budget, PREFILL_CHUNK_WHILE_DECODING)
+        image_job: Job | None = None
+        for job in prefilling:
+            if budget <= 0:
+                break
+            start, end, seg = job.segment_at(job.cursor)
+            if isinstance(seg, ImageSegment):
+                if image_job is None:
+                    image_job = job
+                continue
+            take = min(end - job.cursor, budget)
+            slot = job.slot
+            last_prompt = job.cursor + take == job.n_prompt
+            for k in range(take):
+                tok = job.items[job.cursor + k]
+                want = last_prompt and k == take - 1
+                self._put(batch, n, tok, len(slot.history), slot.seq_id, want)
+                slot.history.append(tok)
+                if want:
+                    outputs.append((n, job))
+                n += 1
+            job.cursor += take
+            budget -= take
+        if n:
+            batch.n_tokens = n
+            rc = llama_cpp.llama_decode(self.ctx, batch)
+            if rc != 0:
+                self._decode_failed(rc, {j for _, j in outputs} | set(prefilling), batch, n)
+                return
+            n_seqs = len(decoding) + sum(1 for j in prefilling if j.cursor > 0)
+            for idx, job in outputs:
+                job.batch_sum += n_seqs
+                job.batch_steps += 1
+                self._sample(job, idx)
+        if image_job is not None and not image_job.done:
+            self._prefill_image(image_job)
+
+    def _put(self, batch: llama_cpp.llama_batch, i: int, token: int, pos: int, seq: int,
+             logits: bool) -> None:
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+
+    def _prefill_image(self, job: Job) -> None:
+        start, end, seg = job.segment_at(job.cursor)
+        assert isinstance(seg, ImageSegment)
+        slot = job.slot
+        take = min(end - job.cursor, self.n_batch)
+        rows = seg.embeddings[job.cursor - start: job.cursor - start + take]
+        batch = self._embd_batch
+        ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+        last_prompt = job.cursor + take == job.n_prompt
+        base = len(slot.history)
+        for k in range(take):
+            batch.pos[k] = base + k
+            batch.n_seq_id[k] = 1
+            batch.seq_id[k][0] = slot.seq_id
+            batch.logits[k] = last_prompt and k == take - 1
+        batch.n_tokens = take
+        if seg.non_causal:
+            llama_cpp.llama_set_causal_attn(self.ctx, False)
+        try:
+            rc = llama_cpp.llama_decode(self.ctx, batch)
+        finally:
+            if seg.non_causal:
+                llama_cpp.llama_set_causal_attn(self.ctx, True)
+        if rc != 0:
+            self._finish(job, error=EngineError(f"image prefill failed (llama_decode={rc})"))
+            return
+        slot.history.extend(job.items[job.cursor: job.cursor + take])
+        job.cursor += take
+        if last_prompt:
+            self._sample(job, take - 1)
+
+    def _ensure_room(self, live: list[Job], n_new: int) -> None:
+        """Free KV cells before a step: idle caches first, then stop the longest stream."""
+        used = sum(len(s.history) for s in self._slots)
+        need = n_new + sum(min(PREFILL_CHUNK_WHILE_DECODING, j.n_prompt - j.cursor)
+                           for j in live if j.next_token is None)
+        idle = sorted((s for s in self._slots if s.job is None and s.history), key=lambda s: s.last_used)
+        while used + need > self.n_ctx and idle:
+            victim = idle.pop(0)
+            used -= len(victim.history)
+            llama_cpp.llama_memory_seq_rm(self.mem, victim.seq_id, -1, -1)
+            victim.history = []
+        while used + need > self.n_ctx:
+            gen = [j for j in live if j.next_token is not None and not j.done]
+            if not gen:
+                break
+            longest = max(gen, key=lambda j: len(j.slot.history))
+            self._finish(longest, reason="length")
+            need -= 1
+
+    def _decode_failed(self, rc: int, jobs: set[Job], batch: llama_cpp.llama_batch, n: int) -> None:
+        # Roll back what this batch appended to each slot's history, then fail the jobs.
+        for job in jobs:
+            slot = job.slot
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            slot.history = []
+            self._finish(job, error=EngineError(f"llama_decode failed with status {rc}"))
+
+    def _sample(self, job: Job, idx: int) -> None:
+        tok = int(llama_cpp.llama_sampler_sample(job.sampler, self.ctx, idx))
+        now = time.perf_counter()
+        rec = job.req.record
+        if job.n_generated == 0 and not job.t_first:
+            job.t_first = now
+            rec.ttft_ms = (now - job.req.arrival) * 1000.0
+            rec.prefill_ms = (now - job.t_admit) * 1000.0
+        job.t_last = now
+        if not job.req.ignore_eos and llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+            self._finish(job, reason="stop")
+            return
+        job.n_generated += 1
+        text, stopped = job.text.push(self.token_bytes(tok))
+        if text:
+            job.sink(TextDelta(text))
+        if stopped:
+            self._finish(job, reason="stop")
+        elif job.n_generated >= job.req.max_tokens:
+            self._finish(job, reason="length")
+        elif job.slot is not None and len(job.slot.history) + 1 >= self.n_ctx:
+            self._finish(job, reason="length")
+        else:
+            job.next_token = tok
+
+    def _finish(self, job: Job, *, reason: str | None = None, error: Exception | None = None) -> None:
+        if job.done:
+            return
+        job.done = True
+        job.next_token = None
+        if job.sampler is not None:
+            llama_cpp.llama_sampler_free(job.sampler)
+            job.sampler = None
+        if job.slot is not None:
+            job.slot.job = None
+            job.slot.last_used = time.monotonic()
+        rec = job.req.record
+        rec.output_tokens = job.n_generated
+        if job.t_first:
+            rec.decode_ms = (job.t_last - job.t_first) * 1000.0
+        if job.batch_steps:
+            rec.batch_size_mean = job.batch_sum / job.batch_steps
+        if error is not None:
+            rec.error_type = getattr(error, "code", type(error).__name__)
+            job.sink(Failed(error))
+            return
+        tail = job.text.flush() if reason != "cancelled" else ""
+        if tail:
+            job.sink(TextDelta(tail))
+        rec.finish_reason = reason
+        job.sink(Finished(reason or "stop"))
+
+
+def default_threads() -> int:
+    """Physical cores (hyper-threads slow llama.cpp's matmuls down), at least 1."""
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)

@@ -1,0 +1,372 @@
+"""Mechanisms that trade image detail for speed: resize to a token budget, keep k embedding rows.
+
+The server's policy decides *how many* image tokens a request may spend; this module
+only carries the decision out, so it stays free of request types and never imports
+``server``. Two levers exist:
+
+* **Resolution** (``plan_resize`` / ``resize_to_plan``): for dynamic-resolution
+  projectors (Qwen2-VL, SmolVLM, MiniCPM-V slices) fewer pixels means fewer tokens and
+  less encoder *and* prefill time. Plain downsampling is a strong baseline (VTC-Bench).
+* **Pruning** (``prune``): drop or merge rows of the projector output before prefill.
+  The only lever for fixed-token projectors (LLaVA-1.5: 576, Gemma 3: 256); saves
+  prefill time, not encoder time.
+
+``positions_1d`` / ``positions_mrope`` give the LLM positions for the kept rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "ASPECT_TOLERANCE",
+    "PRUNE_METHODS",
+    "PruneMethod",
+    "ProjectorGrid",
+    "PruneResult",
+    "ResizePlan",
+    "keep_count",
+    "plan_resize",
+    "positions_1d",
+    "positions_mrope",
+    "prune",
+    "resize_to_plan",
+]
+
+PruneMethod = Literal["uniform", "merge", "diverse"]
+PRUNE_METHODS: tuple[str, ...] = ("uniform", "merge", "diverse")
+
+# Relaxed aspect-ratio matching (BlueLM-V-3B): a grid is "as good as the best" when its
+# aspect error |log(grid_ratio / image_ratio)| is within this much of the best one.
+# 0.1 in log space is ~10% stretch along one axis — below what ViT features notice
+# (Qwen2-VL's own smart_resize rounds each side independently by up to a patch), and
+# it lets the planner use e.g. 960 of 1000 tokens instead of 750 for a perfect ratio.
+ASPECT_TOLERANCE = 0.1
+
+# Above this many rows, ``diverse`` streams one similarity row per step instead of
+# building the n x n Gram matrix (4096^2 float32 = 64 MiB).
+_GRAM_MAX_ROWS = 4096
+
+
+# --------------------------------------------------------------------------- resize
+
+
+@dataclass(frozen=True)
+class ProjectorGrid:
+    """How a vision projector turns pixels into LLM tokens.
+
+    Dynamic projectors emit ``(h / align) * (w / align)`` tokens with
+    ``align = patch_size * merge`` (Qwen2-VL: 14 * 2 = 28 px per token). Fixed
+    projectors (``fixed_tokens`` set) always emit the same count at ``image_size``.
+    """
+
+    patch_size: int
+    merge: int = 1
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+    fixed_tokens: int | None = None
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.patch_size < 1 or self.merge < 1:
+            raise ValueError("patch_size and merge must be >= 1")
+        if self.fixed_tokens is not None and self.fixed_tokens < 1:
+            raise ValueError("fixed_tokens must be >= 1")
+
+    @property
+    def align(self) -> int:
+        """Pixels per output token along one side."""
+        return self.patch_size * self.merge
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.fixed_tokens is not None
+
+    def tokens_for(self, width: int, height: int) -> int:
+        """Tokens the projector emits for an image of this (already aligned) size."""
+        if self.fixed_tokens is not None:
+            return self.fixed_tokens
+        return max(1, width // self.align) * max(1, height // self.align)
+
+
+@dataclass(frozen=True)
+class ResizePlan:
+    """Size to encode an image at, the tokens that costs, and why."""
+
+    width: int
+    height: int
+    tokens: int
+    note: str
+
+
+def plan_resize(width: int, height: int, budget_tokens: int | None, grid: ProjectorGrid) -> ResizePlan:
+    """Pick the grid-aligned size that spends at most ``budget_tokens`` and keeps aspect.
+
+    Never upscales (except to one grid cell for images smaller than ``align``). If the
+    source already fits, it is only aligned *down* to the grid. Otherwise every
+    ``cols x rows`` grid with ``cols * rows <= budget`` (and no larger than the source)
+    is scored by aspect error; among grids within ``ASPECT_TOLERANCE`` of the best
+    error the one using the most tokens wins (ties: smaller error). ``budget_tokens``
+    of ``None`` means the projector's maximum.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if grid.fixed_tokens is not None:
+        return ResizePlan(
+            width,
+            height,
+            grid.fixed_tokens,
+            f"fixed projector ({grid.fixed_tokens} tokens at "
+            f"{grid.image_size or '?'}px): resizing saves nothing, pruning is the lever",
+        )
+
+    notes: list[str] = []
+    budget = budget_tokens if budget_tokens is not None else grid.max_tokens
+    if budget is None:
+        budget = 2**31 - 1
+    if budget < 1:
+        raise ValueError(f"budget_tokens must be >= 1, got {budget}")
+    if grid.max_tokens is not None and budget > grid.max_tokens:
+        budget = grid.max_tokens
+        notes.append(f"budget capped at projector max {grid.max_tokens}")
+    if grid.min_tokens is not None and budget < grid.min_tokens:
+        budget = grid.min_tokens
+        notes.append(f"budget raised to projector min {grid.min_tokens}")
+
+    a = grid.align
+    max_cols, max_rows = max(1, width // a), max(1, height // a)
+    if max_cols * max_rows <= budget:
+        cols, rows = max_cols, max_rows
+        if width < a or height < a:
+            notes.append(f"source smaller than one {a}px cell: padded up to the grid")
+        notes.insert(0, "source fits budget; aligned down to grid")
+    else:
+        cols, rows = _best_grid(width / height, max_cols, max_rows, budget)
+        notes.insert(0, f"downscaled to {cols}x{rows} grid for budget {budget}")
+    if grid.min_tokens is not None and cols * rows < grid.min_tokens:
+        notes.append(f"below projector min {grid.min_tokens}: source too small, not upscaled")
+    return ResizePlan(cols * a, rows * a, cols * rows, "; ".join(notes))
+
+
+def _best_grid(aspect: float, max_cols: int, max_rows: int, budget: int) -> tuple[int, int]:
+    """Relaxed aspect-ratio matching over all grids that fit the budget and the source."""
+    cols = np.arange(1, min(max_cols, budget) + 1, dtype=np.int64)
+    # Per column count, every row count up to the budget/source limit is a candidate.
+    row_cap = np.minimum(budget // cols, max_rows)
+    cols = cols[row_cap >= 1]
+    row_cap = row_cap[row_cap >= 1]
+    c = np.repeat(cols, row_cap)
+    starts = np.cumsum(row_cap) - row_cap
+    r = np.arange(c.size, dtype=np.int64) - np.repeat(starts, row_cap) + 1
+    err = np.abs(np.log((c / r) / aspect))
+    tokens = c * r
+    ok = err <= err.min() + ASPECT_TOLERANCE
+    # lexsort: last key is primary -> most tokens, then smallest error.
+    order = np.lexsort((err[ok], -tokens[ok]))
+    best = order[0]
+    return int(c[ok][best]), int(r[ok][best])
+
+
+def resize_to_plan(img: Image.Image, plan: ResizePlan) -> Image.Image:
+    """Resize ``img`` to the plan's size with an antialiased (Lanczos) filter."""
+    size = (plan.width, plan.height)
+    if img.size == size:
+        return img
+    # reducing_gap first shrinks by an integer factor (box filter) then finishes with
+    # Lanczos: same quality as pure Lanczos on big downscales, several times faster.
+    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+@dataclass(frozen=True, eq=False)
+class PruneResult:
+    """Rows kept from a projector output, in original order, and what it cost."""
+
+    indices: np.ndarray  # (keep,) int64, ascending: representative token of each kept row
+    embeddings: np.ndarray  # (keep, d) float32, C-contiguous
+    method: str
+    ms: float
+    n_before: int
+
+    @property
+    def n_after(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def keep_fraction(self) -> float:
+        return self.n_after / self.n_before if self.n_before else 1.0
+
+
+def keep_count(n: int, keep: float | int) -> int:
+    """Rows to keep out of ``n``: a float in (0, 1] is a ratio, an int >= 1 a count.
+
+    ``1.0`` keeps everything, ``1`` keeps one row. Always at least 1 (when ``n > 0``)
+    and never more than ``n``.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if isinstance(keep, bool):
+        raise TypeError("keep must be a ratio (float) or a count (int), not bool")
+    if isinstance(keep, (int, np.integer)):
+        if keep < 1:
+            raise ValueError(f"keep count must be >= 1, got {keep}")
+        return min(int(keep), n)
+    keep = float(keep)
+    if not (0.0 < keep <= 1.0):
+        raise ValueError(f"keep ratio must be in (0, 1], got {keep}")
+    if n == 0:
+        return 0
+    return min(n, max(1, int(round(n * keep))))
+
+
+def prune(embeddings: np.ndarray, keep: float | int, method: PruneMethod = "diverse") -> PruneResult:
+    """Reduce ``embeddings`` (n, d) to ``keep_count(n, keep)`` rows.
+
+    ``uniform`` keeps every j-th row (the spatial-downsampling baseline), ``diverse``
+    keeps a max-min cosine-diverse subset (DivPrune), ``merge`` averages the most
+    similar neighbouring tokens (ToMe-style, sequence order). Rows keep their
+    original order so position ids stay monotone.
+    """
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"unknown prune method {method!r}; expected one of {PRUNE_METHODS}")
+    x = np.asarray(embeddings)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (n, d), got shape {x.shape}")
+    n = x.shape[0]
+    k = keep_count(n, keep)
+    t0 = time.perf_counter()
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if k == n:
+        idx, out = np.arange(n, dtype=np.int64), x32
+    elif method == "uniform":
+        idx = _uniform_indices(n, k)
+        out = x32[idx]
+    elif method == "diverse":
+        idx = _diverse_indices(x32, k)
+        out = x32[idx]
+    else:
+        idx, out = _merge_adjacent(x32, k)
+    ms = (time.perf_counter() - t0) * 1000.0
+    return PruneResult(idx, np.ascontiguousarray(out, dtype=np.float32), method, ms, n)
+
+
+def _uniform_indices(n: int, k: int) -> np.ndarray:
+    """``k`` evenly spaced indices starting at 0 (floor(i * n / k))."""
+    return (np.arange(k, dtype=np.int64) * n) // k
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def _diverse_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """Greedy max-min cosine distance selection, O(n*k) after one similarity pass.
+
+    Starts from the row least similar to the mean direction (the most atypical
+    token), then repeatedly adds the row whose nearest selected row is farthest. An
+    exact duplicate of a selected row has distance 0, so duplicates go first.
+    """
+    n = x.shape[0]
+    u = _unit_rows(x)
+    mean = u.mean(axis=0)
+    mnorm = float(np.linalg.norm(mean))
+    first = int(np.argmin(u @ (mean / mnorm))) if mnorm > 0 else int(np.argmax(np.linalg.norm(x, axis=1)))
+    gram = u @ u.T if n <= _GRAM_MAX_ROWS else None
+
+    def dist_to(i: int) -> np.ndarray:
+        sim = gram[i] if gram is not None else u @ u[i]
+        return np.maximum(1.0 - sim, 0.0)
+
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = first
+    min_dist = dist_to(first)
+    min_dist[first] = -np.inf
+    for j in range(1, k):
+        i = int(np.argmax(min_dist))  # ties -> lowest index, deterministic
+        chosen[j] = i
+        np.minimum(min_dist, dist_to(i), out=min_dist)
+        min_dist[i] = -np.inf
+    return np.sort(chosen)
+
+
+def _merge_adjacent(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the most cosine-similar adjacent pair of runs until ``k`` runs remain.
+
+    Runs are kept as a linked list over the original rows (sum vector + count), so
+    each merge is O(n) for the argmax plus O(d) for the two updated neighbour
+    similarities. A run is represented by its first token and its mean embedding.
+    """
+    n = x.shape[0]
+    sums = x.copy()  # float32: enough for means of a few thousand rows, half the memory
+    counts = np.ones(n, dtype=np.int64)
+    nxt = np.arange(1, n + 1, dtype=np.int64)  # n == end of list
+    prv = np.arange(-1, n - 1, dtype=np.int64)
+    u = _unit_rows(sums)
+    # sim[i]: cosine between run starting at i and the run after it (-inf if none/dead).
+    sim = np.full(n, -np.inf)
+    sim[:-1] = np.einsum("ij,ij->i", u[:-1], u[1:])
+
+    def pair_sim(i: int) -> float:
+        j = nxt[i]
+        if j >= n:
+            return -np.inf
+        a, b = sums[i], sums[j]
+        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+
+    for _ in range(n - k):
+        i = int(np.argmax(sim))  # ties -> earliest pair
+        j = int(nxt[i])
+        sums[i] += sums[j]
+        counts[i] += counts[j]
+        nxt[i] = nxt[j]
+        if nxt[j] < n:
+            prv[nxt[j]] = i
+        sim[j] = -np.inf
+        counts[j] = 0
+        sim[i] = pair_sim(i)
+        if prv[i] >= 0:
+            sim[prv[i]] = pair_sim(int(prv[i]))
+    idx = np.flatnonzero(counts)
+    return idx.astype(np.int64), (sums[idx] / counts[idx, None]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def positions_1d(n_past: int, n_kept: int) -> np.ndarray:
+    """Consecutive positions for kept image rows in a 1-D RoPE model.
+
+    llama.cpp rejects gaps in a sequence's positions, so kept tokens are renumbered
+    ``n_past, n_past + 1, ...`` rather than keeping their original slots.
+    """
+    if n_past < 0 or n_kept < 0:
+        raise ValueError("n_past and n_kept must be >= 0")
+    return np.arange(n_past, n_past + n_kept, dtype=np.int32)
+
+
+def positions_mrope(original_pos: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Original M-RoPE positions (temporal, height, width, extra) of the kept tokens.
+
+    Qwen2-VL encodes where a token sat in the image in its 4 position components;
+    pruning must keep them, not renumber. Accepts llama.cpp's ``(4, n)`` layout (also
+    assumed when n == 4) or ``(n, 4)`` and returns the same layout, int32.
+    """
+    pos = np.asarray(original_pos)
+    idx = np.asarray(indices, dtype=np.int64)
+    if pos.ndim != 2 or 4 not in pos.shape:
+        raise ValueError(f"M-RoPE positions must be (4, n) or (n, 4), got {pos.shape}")
+    if pos.shape[0] == 4:
+        out = pos[:, idx]
+    else:
+        out = pos[idx, :]
+    return np.ascontiguousarray(out, dtype=np.int32)
+

@@ -1,0 +1,66 @@
+"""Chat templates: the model's own Jinja template from its GGUF metadata.
+
+Rendering happens in a sandbox because the template comes from a file the operator
+downloaded, not from us.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Used only when a GGUF carries no template at all (rare for instruct models).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered with this model's template."""
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return _dt.datetime.now().strftime(fmt)
+
+
+@dataclass
+class ChatTemplate:
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def __post_init__(self) -> None:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        try:
+            self._template = env.from_string(self.source)
+        except TemplateError as exc:
+            raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+               **extra: Any) -> str:
+        """Render messages whose ``content`` is already a string (images as markers)."""
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                **extra,
+            )
+        except ChatTemplateError:
+            raise
+        except TemplateError as exc:
+            raise ChatTemplateError(f"chat template failed: {exc}") from exc
