@@ -276,6 +276,7 @@ class Engine:
         self.n_threads = n_threads
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.template = ChatTemplate(
             config.chat_template or meta_str(model, "tokenizer.chat_template") or CHATML_TEMPLATE,
             bos_token=self.token_text(self.bos_id),

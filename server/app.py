@@ -1,0 +1,98 @@
+"""Application factory: settings in, a ready FastAPI app out (no global state)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from models.registry import Registry, build_registry
+from server import __version__
+from server.errors import install_handlers
+from server.limits import BodySizeLimit
+from server.routes import chat, completions, health, metrics, models
+from server.settings import Settings
+from telemetry import Telemetry, TelemetrySettings
+
+log = logging.getLogger("edgevlm.app")
+
+
+def telemetry_settings(settings: Settings) -> TelemetrySettings:
+    return TelemetrySettings(
+        traces_path=settings.traces_path(), otlp_endpoint=settings.otlp_endpoint,
+        console=settings.console_traces, capture_content=settings.capture_content,
+        energy=settings.energy, energy_sysfs_root=settings.energy_sysfs_root,
+        cpu_watts_per_core=settings.cpu_watts_per_core, metrics=settings.metrics,
+    )
+
+
+def registry_from(settings: Settings) -> Registry:
+    defaults = {"ctx_size": settings.ctx_size, "threads": settings.threads,
+                "parallel": settings.parallel, "batch": settings.batch}
+    return build_registry(
+        model=settings.model, mmproj=settings.mmproj, config=settings.config,
+        models_dir=settings.models_dir, defaults=defaults,
+        max_loaded=settings.max_loaded_models,
+        max_memory_bytes=settings.max_model_memory_mb * 2**20 if settings.max_model_memory_mb else None,
+    )
+
+
+def create_app(settings: Settings | None = None, *, registry: Registry | None = None,
+               telemetry: Telemetry | None = None, preload: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    registry = registry or registry_from(settings)
+    telemetry = telemetry or Telemetry(telemetry_settings(settings), service_version=__version__)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        telemetry.start()
+        loader = None
+        if preload and registry.default_id is not None:
+            loader = asyncio.create_task(_preload(app))
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                loader.cancel()
+            await asyncio.get_running_loop().run_in_executor(None, registry.close)
+            telemetry.shutdown()
+
+    app = FastAPI(title="edgevlm", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible local inference for quantized vision-language models.")
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.telemetry = telemetry
+    app.state.api_keys = settings.api_keys()
+    app.state.load_error = None
+    install_handlers(app)
+
+    for module in (chat, completions, models, health, metrics):
+        app.include_router(module.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ArrivalTime)
+    return app
+
+
+class ArrivalTime:
+    """Stamp each request on arrival so TTFT and queue time start when the client asked."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["arrival"] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
+async def _preload(app: FastAPI) -> None:
+    try:
+        await app.state.registry.acquire(None)
+    except Exception as exc:  # surfaced by /health; requests get the error too
+        log.exception("loading the default model failed")
+        app.state.load_error = str(exc)

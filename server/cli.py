@@ -1,0 +1,136 @@
+"""``edgevlm`` command line: ``serve``, ``models list``, ``report``.
+
+Every ``serve`` flag falls back to its ``EDGEVLM_*`` environment variable, then to the
+default, so containers and systemd units can configure the server without flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from server import __version__
+from server.settings import Settings
+
+# (flag, settings field, type, help); bools are store_true flags.
+_SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--host", "host", str, "address to bind (default 127.0.0.1; 0.0.0.0 only with --api-key)"),
+    ("--port", "port", int, "TCP port (default 8000)"),
+    ("--config", "config", str, "TOML file declaring [[models]] (id, path, mmproj, ctx_size, ...)"),
+    ("--models-dir", "models_dir", str, "directory of *.gguf models, mmproj-<name>.gguf beside them"),
+    ("--model", "model", str, "default model: a configured id or a path to a GGUF file"),
+    ("--mmproj", "mmproj", str, "vision projector GGUF for --model (makes it a VLM)"),
+    ("--ctx-size", "ctx_size", int, "context tokens per model, shared by its slots (default 4096)"),
+    ("--threads", "threads", int, "CPU threads per model (default: physical cores)"),
+    ("--parallel", "parallel", int, "parallel sequences (slots) per model (default 1)"),
+    ("--batch", "batch", int, "max tokens per llama_decode call (default 512)"),
+    ("--max-queue", "max_queue", int, "requests that may wait per model before 429 (default 8)"),
+    ("--max-loaded-models", "max_loaded_models", int, "models kept in memory at once (default 2)"),
+    ("--max-model-memory-mb", "max_model_memory_mb", int, "evict LRU models above this memory"),
+    ("--api-key", "api_key", "append", "accepted API key (repeat for several)"),
+    ("--api-key-file", "api_key_file", str, "file with one accepted API key per line"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body accepted (default 32 MiB)"),
+    ("--traces", "traces", str, "JSONL trace file (default traces/edgevlm-traces.jsonl; 'none' = off)"),
+    ("--otlp-endpoint", "otlp_endpoint", str, "also export spans by OTLP/HTTP to this collector URL"),
+    ("--console-traces", "console_traces", bool, "print spans to stdout (debugging)"),
+    ("--capture-content", "capture_content", bool, "record prompt and completion text in spans"),
+    ("--no-energy", "energy", "false", "disable energy metering"),
+    ("--energy-sysfs-root", "energy_sysfs_root", str, "root of /sys for energy meters (testing)"),
+    ("--cpu-watts-per-core", "cpu_watts_per_core", float, "per-core watts for the CPU-time estimate"),
+    ("--no-metrics", "metrics", "false", "disable /metrics collection"),
+    ("--max-image-bytes", "max_image_bytes", int, "largest encoded image accepted (default 20 MiB)"),
+    ("--max-image-pixels", "max_image_pixels", int, "largest decoded image (default 40 MP)"),
+    ("--max-images", "max_images", int, "images per request (default 8)"),
+    ("--allow-file-dir", "allow_file_dirs", "append", "allow file:// images under this directory"),
+    ("--allow-http-images", "allow_http_images", bool, "allow http(s):// image URLs (off: offline)"),
+    ("--profile", "profile", str, "default middleware profile: quality | balanced | fast"),
+    ("--ttft-budget-ms", "ttft_budget_ms", float, "default time-to-first-token budget per request"),
+    ("--truncate-prompts", "truncate_prompts", bool, "drop oldest turns instead of rejecting long chats"),
+]
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server",
+                       description="Start the server. Each flag also reads EDGEVLM_<FLAG> "
+                                   "(e.g. EDGEVLM_CTX_SIZE, EDGEVLM_API_KEY=key1,key2).")
+    for flag, dest, kind, help_text in _SERVE_FLAGS:
+        env = "EDGEVLM_" + dest.upper()
+        text = f"{help_text} [env {env}]"
+        if kind is bool:
+            p.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=text)
+        elif kind == "false":
+            p.add_argument(flag, dest=dest, action="store_const", const=False, default=None, help=text)
+        elif kind == "append":
+            p.add_argument(flag, dest=dest, action="append", default=None, help=text)
+        else:
+            p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    p.add_argument("--log-level", default="info", help="uvicorn/edgevlm log level")
+    return p
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_FLAGS
+                 if getattr(args, dest, None) is not None}
+    return Settings(**overrides)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = _settings_from(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys():
+        logging.getLogger("edgevlm").warning(
+            "binding %s without an API key: anyone on the network can use this server", settings.host)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def models_list(args: argparse.Namespace) -> int:
+    from server.app import registry_from
+
+    registry = registry_from(_settings_from(args))
+    print(f"{'ID':40} {'VISION':7} PATH")
+    for spec in registry.list():
+        mark = "*" if spec.id == registry.default_id else " "
+        print(f"{mark}{spec.id:39} {'yes' if spec.mmproj else 'no':7} {spec.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from telemetry.report import main as report_main
+
+        return report_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="edgevlm", description="Local OpenAI-compatible server "
+                                     "for quantized vision-language models.")
+    parser.add_argument("--version", action="version", version=f"edgevlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    models = sub.add_parser("models", help="inspect configured models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    lp = msub.add_parser("list", help="list the models the server would offer")
+    for flag, dest in (("--config", "config"), ("--models-dir", "models_dir"), ("--model", "model"),
+                       ("--mmproj", "mmproj")):
+        lp.add_argument(flag, dest=dest, default=None)
+    sub.add_parser("report", help="summarise trace files: edgevlm report TRACES.jsonl [--out DIR]")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "models":
+        for _, dest, _, _ in _SERVE_FLAGS:
+            if not hasattr(args, dest):
+                setattr(args, dest, None)
+        return models_list(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Running one inference request end to end: submit, stream or collect, record.
+
+Chat and text completions differ only in how the prompt is built and how chunks are
+shaped; everything else (queueing, cancellation, usage, timings, the telemetry span
+ended in the stream's ``finally``) lives here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from models.engine import EngineError, GenerationRequest, Segment
+from models.registry import LoadedModel
+from models.sampling import SamplingParams
+from server.errors import APIError, from_engine_error
+from server.protocol.common import PromptTokensDetails, SamplingFields, Usage
+from server.scheduler import Generation, submit, watch_disconnect
+from telemetry.record import RequestRecord
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# Shapes one streamed text delta (or the final empty delta) into a response chunk.
+ChunkBuilder = Callable[[str | None, str | None], dict[str, Any]]
+
+
+@dataclass
+class Prepared:
+    """A request ready to run: what to prefill and how to sample."""
+
+    model: LoadedModel
+    segments: list[Segment]
+    sampling: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...]
+    record: RequestRecord
+    prompt_text: str | None = None
+    ignore_eos: bool = False
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def check_unsupported(body: SamplingFields) -> None:
+    """Parameters we accept in the schema but cannot honour are a 400, never ignored."""
+    if body.n != 1:
+        raise APIError(400, "Only n=1 is supported; send several requests instead.",
+                       param="n", code="unsupported_value")
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported.", param="logprobs", code="unsupported_value")
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported.", param="logit_bias", code="unsupported_value")
+
+
+def sampling_params(body: SamplingFields, grammar: str | None) -> SamplingParams:
+    return SamplingParams(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        seed=body.seed, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repeat_penalty=body.repeat_penalty,
+        grammar=grammar,
+    )
+
+
+def max_new_tokens(requested: int | None, model: LoadedModel, n_prompt: int) -> int:
+    room = model.engine.n_ctx - n_prompt
+    return max(1, min(requested, room) if requested else room)
+
+
+def _usage(rec: RequestRecord) -> Usage:
+    return Usage(prompt_tokens=rec.input_tokens, completion_tokens=rec.output_tokens,
+                 total_tokens=rec.input_tokens + rec.output_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=rec.cached_tokens))
+
+
+async def execute(request: Request, prepared: Prepared, *, stream: bool, include_usage: bool,
+                  chunk: ChunkBuilder, final: Callable[[str, str | None, Usage, dict], Any]) -> Any:
+    """Submit the request and answer as a stream or a single body."""
+    app = request.app
+    rec = prepared.record
+    started = time.perf_counter()
+    trace = app.state.telemetry.begin(rec.operation, rec.model.model_id, request.headers)
+    if app.state.settings.capture_content:
+        rec.prompt_text = prepared.prompt_text
+    engine = prepared.model.engine
+    gen_request = GenerationRequest(
+        segments=prepared.segments, sampling=prepared.sampling, max_tokens=prepared.max_tokens,
+        record=rec, stop=prepared.stop, ignore_eos=prepared.ignore_eos,
+        arrival=request.state.arrival,
+    )
+    try:
+        gen = submit(prepared.model, gen_request, max_queue=app.state.settings.max_queue)
+    except EngineError as exc:
+        if exc.status == 429:
+            app.state.telemetry.rejected(rec.model.model_id)
+        rec.error_type = exc.code
+        rec.e2e_ms = (time.perf_counter() - started) * 1000.0
+        trace.finish(rec, exc)
+        raise from_engine_error(exc) from exc
+    app.state.telemetry.set_queue_depth(rec.model.model_id, engine.queue_depth)
+
+    def close(error: BaseException | None) -> None:
+        rec.e2e_ms = (time.perf_counter() - request.state.arrival) * 1000.0
+        if app.state.settings.capture_content:
+            rec.completion_text = gen.text
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            rec.error_type = "client_disconnected"
+            rec.finish_reason = "cancelled"
+        elif error is not None and rec.error_type is None:
+            rec.error_type = getattr(error, "code", type(error).__name__)
+        trace.finish(rec, error)
+        app.state.telemetry.set_queue_depth(rec.model.model_id, engine.queue_depth)
+
+    if stream:
+        return StreamingResponse(
+            _stream(gen, rec, include_usage, chunk, close),
+            media_type="text/event-stream", headers=SSE_HEADERS,
+        )
+
+    watcher = asyncio.create_task(watch_disconnect(request, gen))
+    error: BaseException | None = None
+    try:
+        async for _ in gen.deltas():
+            pass
+    except EngineError as exc:
+        error = exc
+        raise from_engine_error(exc) from exc
+    except BaseException as exc:
+        error = exc
+        gen.cancel()
+        raise
+    finally:
+        watcher.cancel()
+        close(error)
+    return JSONResponse(final(gen.text, gen.finish_reason, _usage(rec), rec.timings()))
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _stream(gen: Generation, rec: RequestRecord, include_usage: bool, chunk: ChunkBuilder,
+                  close: Callable[[BaseException | None], None]) -> AsyncIterator[bytes]:
+    error: BaseException | None = None
+    try:
+        yield _sse(chunk(None, None))  # role announcement, sent at once
+        async for text in gen.deltas():
+            yield _sse(chunk(text, None))
+        last = chunk(None, gen.finish_reason)
+        last["timings"] = rec.timings()
+        yield _sse(last)
+        if include_usage:
+            tail = chunk(None, None)
+            tail["choices"] = []
+            tail["usage"] = _usage(rec).model_dump()
+            yield _sse(tail)
+        yield b"data: [DONE]\n\n"
+    except EngineError as exc:
+        error = exc
+        yield _sse(from_engine_error(exc).body())
+        yield b"data: [DONE]\n\n"
+    except BaseException as exc:  # client went away (CancelledError/GeneratorExit)
+        error = exc
+        gen.cancel()
+        raise
+    finally:
+        gen.cancel()  # no-op when finished; frees the slot when the client vanished
+        close(error)

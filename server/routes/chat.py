@@ -1,0 +1,100 @@
+"""``POST /v1/chat/completions``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from pydantic import ValidationError
+
+from models.templates import ChatTemplateError
+from server.auth import check_api_key
+from server.errors import APIError
+from server.generation import Prepared, check_unsupported, execute, max_new_tokens, new_id, sampling_params
+from server.images import prepare_images
+from server.policy.extension import parse_extension
+from server.prompt import render_chat
+from server.protocol.chat import ChatCompletion, ChatCompletionRequest
+from telemetry.record import RequestRecord
+
+router = APIRouter()
+
+
+def grammar_for(body: ChatCompletionRequest) -> str | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return JSON_GBNF
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise APIError(400, "response_format json_schema needs a 'json_schema.schema' object.",
+                       param="response_format", code="invalid_value")
+    try:
+        return json_schema_to_gbnf(json.dumps(fmt.json_schema.schema_))
+    except Exception as exc:  # the converter raises plain exceptions on unsupported schemas
+        raise APIError(400, f"Unsupported JSON schema: {exc}", param="response_format",
+                       code="invalid_value") from exc
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             dependencies=[Depends(check_api_key)])
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    check_unsupported(body)
+    if body.tools:
+        raise APIError(400, "Tool calling is not supported.", param="tools", code="unsupported_value")
+    try:
+        extension = parse_extension(body.edgevlm)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        raise APIError(400, f"Invalid edgevlm extension value{' for ' + loc if loc else ''}: "
+                       f"{err.get('msg')}", param=f"edgevlm.{loc}" if loc else "edgevlm",
+                       code="invalid_value") from exc
+    grammar = grammar_for(body)
+    state = request.app.state
+    model = await state.registry.acquire(body.model)
+    engine = model.engine
+    record = RequestRecord(
+        operation="chat", model=engine.info, request_id=new_id("chatcmpl"), stream=body.stream,
+        max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+        top_p=body.top_p, seed=body.seed,
+    )
+    try:
+        rendered = render_chat(body.messages, model, extension=extension,
+                               settings=state.settings, record=record)
+    except ChatTemplateError as exc:
+        raise APIError(400, f"The messages cannot be formatted for this model: {exc}",
+                       param="messages", code="invalid_messages") from exc
+    segments = await prepare_images(rendered, model, body, extension, request, record)
+    n_prompt = sum(len(s) if isinstance(s, list) else s.n_tokens for s in segments)
+    max_tokens = max_new_tokens(body.max_completion_tokens or body.max_tokens, model, n_prompt)
+    prepared = Prepared(model=model, segments=segments, sampling=sampling_params(body, grammar),
+                        max_tokens=max_tokens, stop=body.stop_list(), record=record,
+                        ignore_eos=body.ignore_eos, prompt_text=rendered.text)
+    created = int(time.time())
+    model_id = model.spec.id
+
+    def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if text is None and finish is None:
+            delta = {"role": "assistant", "content": ""}
+        elif text is not None:
+            delta = {"content": text}
+        return {"id": record.request_id, "object": "chat.completion.chunk", "created": created,
+                "model": model_id, "choices": [{"index": 0, "delta": delta,
+                                                "finish_reason": finish, "logprobs": None}]}
+
+    def final(text: str, finish: str | None, usage: Any, timings: dict) -> dict[str, Any]:
+        return ChatCompletion(
+            id=record.request_id, created=created, model=model_id,
+            choices=[{"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": finish}],
+            usage=usage, timings=timings,
+        ).model_dump()
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await execute(request, prepared, stream=body.stream, include_usage=include_usage,
+                         chunk=chunk, final=final)

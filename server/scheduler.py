@@ -1,0 +1,73 @@
+"""The front door between HTTP requests and engine workers.
+
+Each loaded model has one engine worker with a bounded wait queue (``max_queue``); a
+full queue is refused at once with 429 and ``Retry-After`` instead of growing without
+bound. Engine events arrive on the worker thread and are handed to the request's
+event loop; a client that goes away cancels its job, which frees the slot within one
+decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from starlette.requests import Request
+
+from models.engine import Event, Failed, Finished, GenerationRequest, Job, TextDelta
+from models.registry import LoadedModel
+
+
+@dataclass
+class Generation:
+    """One submitted job, seen from asyncio."""
+
+    job: Job | None = None
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finish_reason: str | None = None
+    error: Exception | None = None
+    text_parts: list[str] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Yield text as it arrives; sets ``finish_reason`` or raises the engine's error."""
+        while True:
+            event: Event = await self.queue.get()
+            if isinstance(event, TextDelta):
+                self.text_parts.append(event.text)
+                yield event.text
+            elif isinstance(event, Finished):
+                self.finish_reason = event.reason
+                return
+            elif isinstance(event, Failed):
+                self.error = event.error
+                raise event.error
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+def submit(model: LoadedModel, request: GenerationRequest, *, max_queue: int) -> Generation:
+    """Queue ``request`` on the model's worker; raises QueueFull/PromptTooLong at once."""
+    loop = asyncio.get_running_loop()
+    gen = Generation()
+
+    def sink(event: Event) -> None:
+        loop.call_soon_threadsafe(gen.queue.put_nowait, event)
+
+    gen.job = model.engine.submit(request, sink, max_queue=max_queue)
+    return gen
+
+
+async def watch_disconnect(request: Request, gen: Generation) -> None:
+    """Cancel the generation when the client disconnects (non-streaming requests)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            gen.cancel()
+            return

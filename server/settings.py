@@ -1,0 +1,74 @@
+"""Server settings: every CLI flag has an ``EDGEVLM_*`` environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.replace(";", ",").split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGEVLM_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to bind; keep 127.0.0.1 unless behind auth.")
+    port: int = Field(8000, ge=0, le=65535)
+    config: str | None = Field(None, description="TOML file declaring [[models]].")
+    models_dir: str | None = Field(None, description="Directory of *.gguf models (+ mmproj-*.gguf).")
+    model: str | None = Field(None, description="Default model: a configured id or a GGUF path.")
+    mmproj: str | None = Field(None, description="Vision projector GGUF for --model.")
+    ctx_size: int | None = Field(None, ge=64, description="Context tokens shared by all slots.")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores).")
+    parallel: int | None = Field(None, ge=1, le=64, description="Parallel sequences per model.")
+    batch: int | None = Field(None, ge=32, description="Max tokens per llama_decode call.")
+    max_queue: int = Field(8, ge=0, description="Requests waiting per model before 429.")
+    max_loaded_models: int = Field(2, ge=1)
+    max_model_memory_mb: int | None = Field(None, ge=1)
+    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                    description="Accepted API keys.")
+    api_key_file: str | None = Field(None, description="File with one API key per line.")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    traces: str | None = Field("traces/edgevlm-traces.jsonl",
+                               description="JSONL trace file ('' or 'none' disables).")
+    otlp_endpoint: str | None = None
+    console_traces: bool = False
+    capture_content: bool = False
+    energy: bool = True
+    energy_sysfs_root: str = "/"
+    cpu_watts_per_core: float | None = None
+    metrics: bool = True
+    # images
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images: int = Field(8, ge=0)
+    allow_file_dirs: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allow_http_images: bool = False
+    http_image_timeout_s: float = 5.0
+    # middleware
+    profile: str = Field("quality", description="Default middleware profile.")
+    ttft_budget_ms: float | None = Field(None, gt=0)
+    truncate_prompts: bool = False
+
+    @field_validator("api_key", "allow_file_dirs", mode="before")
+    @classmethod
+    def _lists(cls, v: object) -> object:
+        return _split_list(v)
+
+    def api_keys(self) -> set[str]:
+        keys = set(self.api_key)
+        if self.api_key_file:
+            keys |= {ln.strip() for ln in Path(self.api_key_file).read_text().splitlines()
+                     if ln.strip() and not ln.startswith("#")}
+        return keys
+
+    def traces_path(self) -> str | None:
+        if not self.traces or self.traces.lower() == "none":
+            return None
+        return self.traces
