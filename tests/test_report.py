@@ -1,0 +1,100 @@
+"""`edgevlm report`: trace files in, markdown + plots out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from telemetry import ModelInfo, Telemetry, TelemetrySettings
+from telemetry.report import load_spans, main
+from telemetry.testing import sample_record
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_traces(path: Path, model: str, quant: str, bpw: float, ttfts: list[float], **kw) -> None:
+    t = Telemetry(TelemetrySettings(traces_path=str(path), energy_meters=("estimate",), **kw), "0.1.0")
+    t.start()
+    for i, ttft in enumerate(ttfts):
+        info = ModelInfo(model_id=model, quantization=quant, bits_per_weight=bpw, n_ctx=2048, n_threads=2)
+        t.begin("chat", model, {}).finish(sample_record(model=info, ttft_ms=ttft, request_id=f"r{i}"))
+        t.force_flush()  # one batch per request, so small size limits rotate between them
+    t.shutdown()
+
+
+def as_other_device(src: Path, dst: Path, host: str) -> None:
+    """The same spans as if recorded on another machine (resource host.name changed)."""
+    out = []
+    for line in src.read_text().splitlines():
+        span = json.loads(line)
+        span["traceId"] = "ff" + span["traceId"][2:]  # a different trace, not a duplicate line
+        for kv in span["resource"]["attributes"]:
+            if kv["key"] == "host.name":
+                kv["value"] = {"stringValue": host}
+        out.append(json.dumps(span))
+    dst.write_text("\n".join(out) + "\n")
+
+
+def test_report_end_to_end_writes_markdown_html_and_plots(tmp_path):
+    a = tmp_path / "a.jsonl"
+    write_traces(a, "smolvlm", "Q4_K_M", 4.85, [80.0, 90.0, 100.0, 110.0, 120.0])
+    write_traces(a, "smolvlm", "Q8_0", 8.5, [150.0, 160.0])
+    as_other_device(a, tmp_path / "b.jsonl", "jetson-orin")
+    with (tmp_path / "b.jsonl").open("a") as f:
+        f.write('{"traceId": "abc", "name": "chat smolvlm", "attri')  # torn by a crash
+    out = tmp_path / "out"
+    assert main([str(a), str(tmp_path / "b.jsonl"), "--out", str(out), "--html"]) == 0
+
+    md = (out / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "smolvlm" in line]
+    assert len(rows) == 4  # 2 devices x 2 quantizations
+    q4 = next(r for r in rows if "Q4_K_M" in r and "jetson-orin" not in r).split(" | ")
+    header = next(line for line in md.splitlines() if line.startswith("| device")).split(" | ")
+    col = {name.strip("| "): i for i, name in enumerate(header)}
+    assert q4[col["requests"]] == "5"
+    assert q4[col["TTFT p50 (ms)"]] == "100.0"
+    assert q4[col["TTFT p95 (ms)"]] == "118.0"
+    assert q4[col["decode tok/s"]] == "100.0"  # 32 tokens after the first in 320 ms
+    assert q4[col["energy source"]] == "estimate"
+    assert q4[col["middleware"]] == "profile=balanced prune=divprune@0.50"
+    assert "1 unreadable line(s) skipped" in md
+    assert "not a measurement" in md
+    for png in ("ttft.png", "decode_vs_bpw.png", "energy_per_token.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+        assert f"({png})" in md
+    assert "<table" in (out / "report.html").read_text()
+
+
+def test_truncated_last_line_and_rotated_files_still_load(tmp_path):
+    path = tmp_path / "t.jsonl"
+    write_traces(path, "m", "Q4_0", 4.5, [50.0, 60.0], traces_max_bytes=6000, traces_keep=3)
+    assert (tmp_path / "t.jsonl.1").exists()  # rotation happened
+    text = path.read_text()
+    path.write_text(text + text.splitlines()[0][:40])  # torn last line, no newline
+    spans, bad = load_spans([str(path)])
+    assert bad == 1
+    requests = [s for s in spans if s["name"] == "chat m"]
+    assert len(requests) == 2  # one from a rotated file, one from the live file
+    assert len({(s["traceId"], s["spanId"]) for s in spans}) == len(spans) == 10
+
+
+def test_report_reads_a_directory_without_plots_and_fails_cleanly_on_no_files(tmp_path):
+    assert main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    write_traces(tmp_path / "t.jsonl", "tiny", "Q4_0", 4.5, [50.0])
+    assert main([str(tmp_path), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    assert not list((tmp_path / "o").glob("*.png"))
+    assert "| tiny | Q4_0 |" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_failed_requests_count_as_errors_not_latency(tmp_path):
+    path = tmp_path / "t.jsonl"
+    t = Telemetry(TelemetrySettings(traces_path=str(path), energy=False), "0.1.0")
+    t.start()
+    t.begin("chat", "m", {}).finish(sample_record(ttft_ms=50.0))
+    t.begin("chat", "m", {}).finish(sample_record(ttft_ms=5000.0), error=RuntimeError("boom"))
+    t.shutdown()
+    out = tmp_path / "o"
+    assert main([str(path), "--out", str(out), "--no-plots"]) == 0
+    [row] = [r for r in (out / "report.md").read_text().splitlines() if r.startswith("| ") and "smolvlm" in r]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5:9] == ["2", "1", "50.0", "50.0"]  # requests, errors, TTFT p50, p95 (ok requests only)
