@@ -205,3 +205,22 @@ def test_standard_otel_env_vars_pick_the_endpoint(monkeypatch):
     assert otlp_traces_endpoint("http://mine:4318") == "http://mine:4318/v1/traces"
     assert otlp_traces_endpoint("http://mine:4318/v1/traces") == "http://mine:4318/v1/traces"
     assert os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]  # untouched by the lookups
+
+
+def test_guard_counts_every_failure_but_logs_at_most_once_per_interval(caplog):
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from telemetry.exporters import GuardedSpanExporter
+
+    class Broken(SpanExporter):
+        def export(self, spans):
+            raise OSError(28, "No space left on device")
+
+    seen: list[str] = []
+    guard = GuardedSpanExporter(Broken(), "jsonl", seen.append, log_every_s=60.0)
+    with caplog.at_level("WARNING", logger="edgevlm.telemetry.export"):
+        results = [guard.export(_span_batch(1)) for _ in range(3)]
+    assert results == [SpanExportResult.FAILURE] * 3
+    assert guard.failures == 3 and seen == ["jsonl"] * 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "No space left on device" in messages[0]

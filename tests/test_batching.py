@@ -1,0 +1,144 @@
+"""Continuous batching and KV-prefix reuse in the engine, on a real tiny GGUF."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from models.engine import (Engine, EngineConfig, Failed, Finished, GenerationRequest, Job,
+                           PromptTooLong, TextDelta)
+from models.sampling import SamplingParams
+from telemetry.record import RequestRecord
+
+
+class Run:
+    """Collects one job's events."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.done = threading.Event()
+        self.finish: str | None = None
+        self.error: Exception | None = None
+        self.first_delta_at: float | None = None
+        self.record: RequestRecord | None = None
+        self.job: Job | None = None
+        self.done_at: float | None = None
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, TextDelta):
+            if self.first_delta_at is None:
+                self.first_delta_at = time.monotonic()
+            self.parts.append(event.text)
+        elif isinstance(event, Finished):
+            self.finish = event.reason
+            self.done_at = time.monotonic()
+            self.done.set()
+        elif isinstance(event, Failed):
+            self.error = event.error
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def wait(self, timeout: float = 60) -> "Run":
+        assert self.done.wait(timeout), "generation did not finish"
+        return self
+
+
+def submit(engine: Engine, prompt: str, max_tokens: int = 24, **kw: object) -> Run:
+    run = Run()
+    run.record = RequestRecord(operation="chat", model=engine.info)
+    req = GenerationRequest([engine.tokenize(prompt)], SamplingParams(temperature=0), max_tokens,
+                            run.record, ignore_eos=True, **kw)  # type: ignore[arg-type]
+    run.job = engine.submit(req, run, max_queue=16)
+    return run
+
+
+@pytest.fixture
+def engine(tiny_llm: Path) -> Iterator[Engine]:
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=4))
+    yield eng
+    eng.close()
+
+
+def chat(engine: Engine, text: str) -> str:
+    return engine.template.render([{"role": "user", "content": text}])
+
+
+PROMPTS = ["Name a colour.", "Tell me about cats.", "What is 2+2?", "Write a short poem."]
+
+
+def test_batched_greedy_outputs_equal_sequential(engine: Engine) -> None:
+    prompts = [chat(engine, p) for p in PROMPTS]
+    sequential = [submit(engine, p).wait().text for p in prompts]
+    runs = [submit(engine, p) for p in prompts]
+    batched = [r.wait().text for r in runs]
+    assert batched == sequential
+    assert all(r.record.batch_size_mean and r.record.batch_size_mean > 1.5 for r in runs)
+    assert len({r.record.slot for r in runs}) == 4
+
+
+def test_cancelled_sequence_frees_its_slot_while_others_stream(tiny_llm: Path) -> None:
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2))
+    try:
+        victim = submit(eng, chat(eng, "a"), max_tokens=1500)
+        other = submit(eng, chat(eng, "b"), max_tokens=200)
+        while len(victim.parts) < 3:
+            time.sleep(0.005)
+        victim.job.cancel()
+        victim.wait(5)
+        assert victim.finish == "cancelled"
+        # The freed slot is taken by a new request while `other` is still streaming.
+        third = submit(eng, chat(eng, "c"), max_tokens=5)
+        third.wait(30)
+        assert not other.done.is_set() or other.record.output_tokens == 200
+        other.wait()
+        assert other.finish == "length" and other.record.output_tokens == 200
+        assert third.record.queue_ms < 1000
+    finally:
+        eng.close()
+
+
+def test_prefix_reuse_matches_cold_run_and_prefills_only_the_suffix(tiny_llm: Path, engine: Engine) -> None:
+    turn1 = [{"role": "system", "content": "You are terse. " * 20},
+             {"role": "user", "content": "First question?"}]
+    first = submit(engine, engine.template.render(turn1)).wait()
+    turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And?"}]
+    prompt2 = engine.template.render(turn2)
+    warm = submit(engine, prompt2).wait()
+    n_prompt = len(engine.tokenize(prompt2))
+    assert warm.record.cached_tokens > 0.5 * n_prompt
+    assert warm.record.prefilled_tokens == n_prompt - warm.record.cached_tokens
+    # The reused prefix is exactly the first turn's prompt plus the tokens it generated.
+    n_first = len(engine.tokenize(engine.template.render(turn1)))
+    assert warm.record.cached_tokens >= n_first
+    cold_engine = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=1))
+    try:
+        cold = submit(cold_engine, prompt2).wait()
+    finally:
+        cold_engine.close()
+    assert cold.record.cached_tokens == 0
+    assert warm.text == cold.text
+
+
+def test_prompt_that_never_fits_is_refused_and_one_that_fits_later_is_served(tiny_llm: Path) -> None:
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=512, n_parallel=2))
+    try:
+        with pytest.raises(PromptTooLong) as exc:
+            submit(eng, "hello " * 600)
+        assert exc.value.status == 400 and "512" in str(exc.value)
+        long_prompt = "word " * 200
+        a = submit(eng, long_prompt + "a", max_tokens=100)
+        b = submit(eng, long_prompt + "b", max_tokens=100)  # 2 x (200 + 100) > 512: must wait
+        b.wait()
+        a.wait()
+        assert a.error is None and b.error is None
+        assert a.record.output_tokens == 100 and b.record.output_tokens == 100
+        assert b.first_delta_at >= a.done_at  # queued until `a` released its KV cells
+    finally:
+        eng.close()
