@@ -1,0 +1,228 @@
+"""Span exporters: an append-only JSONL file (OTLP-JSON shaped) and a guard that keeps
+exporter failures off the request path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import format_span_id, format_trace_id
+
+log = logging.getLogger("edgevlm.telemetry.export")
+
+
+# --- OTLP/JSON encoding ---------------------------------------------------------------
+
+def any_value(value: Any) -> dict[str, Any]:
+    """One attribute value as OTLP JSON ``AnyValue`` (64-bit ints as strings, per the spec)."""
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, str):
+        return {"stringValue": value}
+    if isinstance(value, (list, tuple)):
+        return {"arrayValue": {"values": [any_value(v) for v in value]}}
+    return {"stringValue": str(value)}
+
+
+def key_values(attrs: Any) -> list[dict[str, Any]]:
+    """Attributes mapping as OTLP JSON ``[{key, value}]``."""
+    return [{"key": k, "value": any_value(v)} for k, v in (attrs or {}).items()]
+
+
+def from_any_value(value: dict[str, Any]) -> Any:
+    """Inverse of :func:`any_value`, for readers of the JSONL files."""
+    if "stringValue" in value:
+        return value["stringValue"]
+    if "intValue" in value:
+        return int(value["intValue"])
+    if "doubleValue" in value:
+        return float(value["doubleValue"])
+    if "boolValue" in value:
+        return bool(value["boolValue"])
+    if "arrayValue" in value:
+        return [from_any_value(v) for v in value["arrayValue"].get("values", [])]
+    return None
+
+
+def from_key_values(items: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """OTLP JSON ``[{key, value}]`` back to a dict."""
+    return {kv["key"]: from_any_value(kv.get("value", {})) for kv in items or []}
+
+
+def span_to_otlp_json(span: ReadableSpan) -> dict[str, Any]:
+    """One span in the OTLP/JSON ``Span`` shape plus its resource and scope.
+
+    Carrying the resource on every line lets files from several devices be concatenated
+    and still grouped per device.
+    """
+    ctx = span.context
+    out: dict[str, Any] = {
+        "traceId": format_trace_id(ctx.trace_id) if ctx else "",
+        "spanId": format_span_id(ctx.span_id) if ctx else "",
+        "parentSpanId": format_span_id(span.parent.span_id) if span.parent else "",
+        "name": span.name,
+        "kind": span.kind.value + 1,  # OTLP enum: INTERNAL=1, SERVER=2, ...
+        "startTimeUnixNano": str(span.start_time or 0),
+        "endTimeUnixNano": str(span.end_time or 0),
+        "attributes": key_values(span.attributes),
+        "status": {"code": span.status.status_code.value, "message": span.status.description or ""},
+        "events": [
+            {"timeUnixNano": str(e.timestamp), "name": e.name, "attributes": key_values(e.attributes)}
+            for e in span.events
+        ],
+        "resource": {"attributes": key_values(span.resource.attributes)},
+    }
+    if span.instrumentation_scope is not None:
+        out["scope"] = {"name": span.instrumentation_scope.name, "version": span.instrumentation_scope.version or ""}
+    return out
+
+
+# --- JSONL file -----------------------------------------------------------------------
+
+class JsonlSpanExporter(SpanExporter):
+    """Appends one OTLP-JSON span per line; one write + fsync per batch; size-rotated.
+
+    A crash loses at most the batch being written. If the previous process died in the
+    middle of a line, a newline is written first so the torn line stays a single bad
+    line instead of corrupting the next good one.
+    """
+
+    def __init__(self, path: str, max_bytes: int = 50_000_000, keep: int = 5, fsync: bool = True) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._size = 0
+
+    def _open(self) -> int:
+        if self._fd is None:
+            d = os.path.dirname(self.path)
+            if d:
+                os.makedirs(d, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(fd).st_size
+            if size > 0 and not self._ends_with_newline():
+                size += os.write(fd, b"\n")
+            self._fd, self._size = fd, size
+        return self._fd
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def _rotate(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.keep <= 0:
+            os.unlink(self.path)
+            return
+        for i in range(self.keep - 1, 0, -1):
+            src = f"{self.path}.{i}"
+            if os.path.exists(src):
+                os.replace(src, f"{self.path}.{i + 1}")
+        os.replace(self.path, f"{self.path}.1")
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if not spans:
+            return SpanExportResult.SUCCESS
+        blob = "".join(json.dumps(span_to_otlp_json(s), separators=(",", ":")) + "\n" for s in spans).encode()
+        with self._lock:
+            self._open()
+            if self._size > 0 and self._size + len(blob) > self.max_bytes:
+                self._rotate()
+            fd = self._open()
+            view = memoryview(blob)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+            self._size += len(blob)
+        return SpanExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True  # every export is already on disk
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+# --- failure guard --------------------------------------------------------------------
+
+class GuardedSpanExporter(SpanExporter):
+    """Wraps an exporter so a failure (collector down, disk full) is logged and counted.
+
+    Failures are logged at most once per ``log_every_s`` per exporter, so a dead
+    collector does not flood the log; ``on_failure(name)`` feeds the metrics counter.
+    """
+
+    def __init__(
+        self,
+        inner: SpanExporter,
+        name: str,
+        on_failure: Callable[[str], None] | None = None,
+        log_every_s: float = 60.0,
+    ) -> None:
+        self.inner = inner
+        self.name = name
+        self.on_failure = on_failure
+        self.log_every_s = log_every_s
+        self.failures = 0
+        self._last_log = -float("inf")
+        self._suppressed = 0
+
+    def _failed(self, why: str) -> None:
+        self.failures += 1
+        if self.on_failure is not None:
+            try:
+                self.on_failure(self.name)
+            except Exception:
+                pass
+        now = time.monotonic()
+        if now - self._last_log >= self.log_every_s:
+            extra = f" ({self._suppressed} more since last message)" if self._suppressed else ""
+            log.warning("span export to %s failed: %s%s", self.name, why, extra)
+            self._last_log, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            self._failed(f"exporter returned {result.name}")
+        return result
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        try:
+            return self.inner.force_flush(timeout_millis)
+        except Exception as exc:
+            self._failed(f"flush: {exc}")
+            return False
+
+    def shutdown(self) -> None:
+        try:
+            self.inner.shutdown()
+        except Exception as exc:
+            log.warning("span exporter %s shutdown failed: %s", self.name, exc)

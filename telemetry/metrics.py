@@ -1,0 +1,63 @@
+"""Prometheus metrics for GET /metrics, named after the OpenTelemetry GenAI conventions."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# Bucket boundaries from the GenAI semantic conventions (gen_ai.server.* metrics).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+REQUEST_DURATION_BUCKETS = TTFT_BUCKETS
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+MODEL_OP = ("gen_ai_request_model", "gen_ai_operation_name")
+
+
+class Metrics:
+    """All server metrics on a private registry, so several apps in one process don't clash."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token", "Time to generate the first token (s)",
+            MODEL_OP, buckets=TTFT_BUCKETS, unit="seconds", registry=r,
+        )
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token", "Time per output token after the first (s)",
+            MODEL_OP, buckets=TPOT_BUCKETS, unit="seconds", registry=r,
+        )
+        self.duration = Histogram(
+            "gen_ai_server_request_duration", "Server-side request duration (s)",
+            MODEL_OP, buckets=REQUEST_DURATION_BUCKETS, unit="seconds", registry=r,
+        )
+        self.tokens = Counter(
+            "edgevlm_tokens", "Tokens processed, by gen_ai.token.type (input/output)",
+            (*MODEL_OP, "gen_ai_token_type"), registry=r,
+        )
+        self.requests = Counter(
+            "edgevlm_requests", "Finished requests by status (ok/error) and error.type",
+            (*MODEL_OP, "status", "error_type"), registry=r,
+        )
+        self.rejected = Counter(
+            "edgevlm_requests_rejected", "Requests refused with 429 because the queue was full",
+            ("gen_ai_request_model",), registry=r,
+        )
+        self.queue_depth = Gauge(
+            "edgevlm_queue_depth", "Requests waiting for an engine slot", ("gen_ai_request_model",), registry=r,
+        )
+        self.in_flight = Gauge(
+            "edgevlm_requests_in_flight", "Requests begun and not finished", ("gen_ai_request_model",), registry=r,
+        )
+        self.energy = Counter(
+            "edgevlm_energy_joules", "Energy attributed to request windows, by meter source",
+            ("source",), registry=r,
+        )
+        self.export_failures = Counter(
+            "edgevlm_telemetry_export_failures", "Span export batches that failed, by exporter",
+            ("exporter",), registry=r,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """Prometheus text exposition body and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
