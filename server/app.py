@@ -24,7 +24,9 @@ log = logging.getLogger("edgevlm.app")
 
 def telemetry_settings(settings: Settings) -> TelemetrySettings:
     return TelemetrySettings(
-        traces_path=settings.traces_path(), otlp_endpoint=settings.otlp_endpoint,
+        traces_path=settings.traces_path(), traces_max_bytes=settings.traces_max_bytes,
+        traces_keep=settings.traces_keep, traces_flush_ms=settings.traces_flush_ms,
+        otlp_endpoint=settings.otlp_endpoint,
         console=settings.console_traces, capture_content=settings.capture_content,
         energy=settings.energy, energy_sysfs_root=settings.energy_sysfs_root,
         cpu_watts_per_core=settings.cpu_watts_per_core, metrics=settings.metrics,

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     traces: str | None = Field("traces/edgevlm-traces.jsonl",
                                description="JSONL trace file ('' or 'none' disables).")
+    traces_max_bytes: int = Field(50_000_000, ge=1024, description="Rotate the trace file at this size.")
+    traces_keep: int = Field(5, ge=1, description="Rotated trace files kept.")
+    traces_flush_ms: int = Field(1000, ge=1, description="Trace batch interval (most a crash can lose).")
     otlp_endpoint: str | None = None
     console_traces: bool = False
     capture_content: bool = False

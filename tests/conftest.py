@@ -63,11 +63,11 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(tmp_path: Path, **settings: Any) -> Iterator[LiveServer]:
+def live_server(tmp_path: Path, telemetry: Any = None, **settings: Any) -> Iterator[LiveServer]:
     """A real uvicorn server on a free 127.0.0.1 port serving ``create_app(Settings(...))``."""
     settings.setdefault("traces", str(tmp_path / "traces.jsonl"))
     settings.setdefault("energy", False)
-    app = create_app(Settings(**settings))
+    app = create_app(Settings(**settings), telemetry=telemetry)
     server = LiveServer(app, _free_port()).start()
     try:
         yield server
@@ -87,8 +87,8 @@ def make_server(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Factory for a server with custom settings, stopped at the end of the test."""
     stack: list[Any] = []
 
-    def make(**settings: Any) -> LiveServer:
-        cm = live_server(tmp_path, **settings)
+    def make(telemetry: Any = None, **settings: Any) -> LiveServer:
+        cm = live_server(tmp_path, telemetry=telemetry, **settings)
         srv = cm.__enter__()
         stack.append(cm)
         return srv

@@ -106,7 +106,8 @@ def test_llama_cpp_loads_tokenizes_like_default_and_decodes(tmp_path: Path, back
         assert ctx
         n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(tiny))
         tokens = tokenize(tiny, text)
-        batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * len(tokens))(*tokens), len(tokens))
+        arr = (llama_cpp.llama_token * len(tokens))(*tokens)  # keep alive: the batch only points at it
+        batch = llama_cpp.llama_batch_get_one(arr, len(tokens))
         assert llama_cpp.llama_decode(ctx, batch) == 0
         generated = []
         for _ in range(8):  # greedy: random but separate output weights -> varied tokens

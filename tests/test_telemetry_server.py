@@ -1,0 +1,169 @@
+"""Spans and metrics recorded by a live server for real requests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+from server import __version__
+from telemetry import Telemetry, TelemetrySettings
+from tests.conftest import chat_body
+
+MODEL = "smollm2-135m-instruct-q4_1"
+
+
+@pytest.fixture
+def traced(make_server):  # type: ignore[no-untyped-def]
+    exporter = InMemorySpanExporter()
+
+    def make(**kw: Any):  # type: ignore[no-untyped-def]
+        capture = kw.pop("capture_content", False)
+        tel = Telemetry(TelemetrySettings(traces_path=None, energy=True, energy_meters=("estimate",),
+                                          capture_content=capture),
+                        service_version=__version__, span_exporter_override=exporter)
+        srv = make_server(telemetry=tel, capture_content=capture, **kw)
+        return srv, tel, exporter
+
+    return make
+
+
+def request_spans(tel: Telemetry, exporter: InMemorySpanExporter) -> list[Any]:
+    tel.force_flush()
+    return [s for s in exporter.get_finished_spans() if s.name.startswith(("chat ", "text_completion "))]
+
+
+def test_non_streamed_chat_span(traced) -> None:  # type: ignore[no-untyped-def]
+    srv, tel, exporter = traced()
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with srv.client() as c:
+        body = c.post("/v1/chat/completions", json=chat_body("The secret word is zebra.", max_tokens=6,
+                                                              seed=3), headers={"traceparent": tp}).json()
+    [span] = request_spans(tel, exporter)
+    a = span.attributes
+    assert span.name == f"chat {MODEL}"
+    assert format(span.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.provider.name"] == "llama.cpp"
+    assert a["gen_ai.request.model"] == MODEL
+    assert a["gen_ai.request.max_tokens"] == 6 and a["gen_ai.request.seed"] == 3
+    assert a["gen_ai.usage.input_tokens"] == body["usage"]["prompt_tokens"]
+    assert a["gen_ai.usage.output_tokens"] == body["usage"]["completion_tokens"]
+    assert list(a["gen_ai.response.finish_reasons"]) == [body["choices"][0]["finish_reason"]]
+    assert a["gen_ai.response.id"] == body["id"]
+    assert a["gen_ai.request.stream"] is False
+    for key in ("edgevlm.ttft_ms", "edgevlm.prefill_ms", "edgevlm.e2e_ms", "edgevlm.queue_ms"):
+        assert a[key] >= 0
+    assert a["edgevlm.model.quantization"] == "Q4_1"
+    assert 4 < a["edgevlm.model.bits_per_weight"] < 7
+    assert a["edgevlm.energy.source"] == "estimate" and a["edgevlm.energy.measured"] is False
+    assert a["edgevlm.energy.joules"] > 0
+    # No content unless the operator opts in.
+    assert not any("zebra" in json.dumps(v, default=str) for v in a.values())
+    children = {s.name for s in exporter.get_finished_spans() if s.parent and s.parent.span_id == span.context.span_id}
+    assert {"queue", "prefill", "decode"} <= children
+
+
+def test_streamed_chat_span_covers_the_stream(traced) -> None:  # type: ignore[no-untyped-def]
+    srv, tel, exporter = traced()
+    with srv.client() as c:
+        r = c.post("/v1/chat/completions", json=chat_body("hi", max_tokens=8, ignore_eos=True, stream=True))
+        assert r.status_code == 200 and "[DONE]" in r.text
+    [span] = request_spans(tel, exporter)
+    a = span.attributes
+    assert a["gen_ai.request.stream"] is True
+    assert a["gen_ai.usage.output_tokens"] == 8
+    assert list(a["gen_ai.response.finish_reasons"]) == ["length"]
+    assert (span.end_time - span.start_time) / 1e6 >= a["edgevlm.ttft_ms"]
+
+
+def test_error_span_and_content_capture(traced) -> None:  # type: ignore[no-untyped-def]
+    srv, tel, exporter = traced(ctx_size=128, capture_content=True)
+    with srv.client() as c:
+        assert c.post("/v1/chat/completions", json=chat_body("word " * 300)).status_code == 400
+        ok = c.post("/v1/chat/completions", json=chat_body("The secret word is zebra.", max_tokens=3))
+        assert ok.status_code == 200
+    failed, good = request_spans(tel, exporter)
+    assert failed.attributes["error.type"] == "context_length_exceeded"
+    assert failed.status.status_code.name == "ERROR"
+    assert "zebra" in json.dumps(dict(good.attributes), default=str)
+
+
+def test_metrics_count_requests(traced) -> None:  # type: ignore[no-untyped-def]
+    srv, tel, exporter = traced()
+    with srv.client() as c:
+        for _ in range(3):
+            assert c.post("/v1/chat/completions", json=chat_body("hi", max_tokens=4, ignore_eos=True)).status_code == 200
+        text = httpx.get(srv.base_url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    dur = families["gen_ai_server_request_duration_seconds"]
+    count = [s.value for s in dur.samples if s.name.endswith("_count")]
+    assert count == [3.0]
+    tokens = families["edgevlm_tokens"]
+    out = [s.value for s in tokens.samples if s.labels.get("gen_ai_token_type") == "output" and s.name.endswith("_total")]
+    assert out == [12.0]
+
+
+def test_jsonl_traces_survive_sigkill_mid_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    traces = tmp_path / "t.jsonl"
+    env = {**os.environ, "EDGEVLM_TRACES_FLUSH_MS": "50"}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+                             "--traces", str(traces), "--parallel", "2", "--no-energy",
+                             "--log-level", "warning"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=base, timeout=30) as c:
+                while not stop.is_set():
+                    try:
+                        c.post("/v1/chat/completions", json=chat_body("hi", max_tokens=3))
+                    except httpx.HTTPError:
+                        return
+
+        workers = [threading.Thread(target=load) for _ in range(3)]
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not traces.exists() or traces.stat().st_size < 10_000):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        stop.set()
+        for w in workers:
+            w.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = traces.read_bytes().split(b"\n")
+    complete, last = lines[:-1], lines[-1]
+    assert len(complete) > 10
+    for line in complete:
+        span = json.loads(line)
+        assert span["traceId"] and span["name"]
+    if last:  # a partial last line is allowed, nothing else
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(last)

@@ -1,0 +1,267 @@
+"""libmtmd pipeline on tiny generated VLMs: chunks, token counts, embeddings, cache, prefill."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.images import ImageLimits, load_image
+from models.llama_lib import ensure_backend
+from models.tinymodels import tiny_vlm, write_tiny_mmproj
+from models.vision import (
+    EmbeddingCache,
+    ImageChunk,
+    TextChunk,
+    VisionEncoder,
+    VisionError,
+    decode_embeddings,
+    read_projector_facts,
+)
+
+N_EMBD = 64  # tiny LLM width
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tinyvlm")
+
+
+@pytest.fixture(scope="module")
+def text_model(model_dir: Path):
+    ensure_backend()
+    llm_path, _ = tiny_vlm(model_dir, "pixtral")
+    model = llama_cpp.llama_model_load_from_file(str(llm_path).encode(), llama_cpp.llama_model_default_params())
+    assert model
+    yield model
+    llama_cpp.llama_model_free(model)
+
+
+@pytest.fixture(scope="module")
+def pixtral(model_dir: Path, text_model):
+    _, mmproj = tiny_vlm(model_dir, "pixtral")
+    with VisionEncoder(str(mmproj), text_model, n_threads=2) as enc:
+        yield enc
+
+
+@pytest.fixture(scope="module")
+def mlp(model_dir: Path, text_model):
+    _, mmproj = tiny_vlm(model_dir, "mlp")
+    with VisionEncoder(str(mmproj), text_model, n_threads=2) as enc:
+        yield enc
+
+
+def image_chunks(chunks) -> list[ImageChunk]:
+    return [c for c in chunks if isinstance(c, ImageChunk)]
+
+
+def test_projector_facts(pixtral: VisionEncoder, mlp: VisionEncoder) -> None:
+    p = pixtral.projector
+    assert (p.projector_type, p.patch_size, p.merge, p.align) == ("pixtral", 8, 2, 16)
+    assert not p.is_fixed and (p.min_tokens, p.max_tokens) == (8, 1024) and p.row_break
+    m = mlp.projector
+    assert (m.projector_type, m.fixed_tokens, m.image_size) == ("mlp", 64, 64)
+    assert not (pixtral.uses_mrope or pixtral.uses_non_causal)
+    assert pixtral.media_marker == "<__media__>"
+    grid = p.grid()
+    assert grid.align == 16 and grid.max_tokens == 1024
+
+
+def test_pixtral_token_count_grows_with_resolution(pixtral: VisionEncoder) -> None:
+    marker = pixtral.media_marker
+    small = image_chunks(pixtral.tokenize(f"look {marker} now", [noise(64, 64)]))[0]
+    large = image_chunks(pixtral.tokenize(f"look {marker} now", [noise(256, 256)]))[0]
+    # 64 px -> 4x4 grid + 3 row breaks; 256 px -> 16x16 + 15
+    assert (small.n_tokens, large.n_tokens) == (19, 271)
+    assert small.n_tokens == pixtral.count_tokens(64, 64) == pixtral.projector.tokens_for(64, 64)
+    assert large.n_pos == large.n_tokens
+    assert large.embeddings.shape == (271, N_EMBD) and large.embeddings.dtype == np.float32
+    assert np.isfinite(large.embeddings).all() and large.embeddings.std() > 0
+    assert not large.embeddings.flags.writeable
+    assert (large.width, large.height) == (256, 256)
+
+
+def test_pixtral_respects_token_limits(model_dir: Path, text_model) -> None:
+    _, mmproj = tiny_vlm(model_dir, "pixtral")
+    with VisionEncoder(str(mmproj), text_model, n_threads=1, image_max_tokens=16, image_min_tokens=4, warmup=False) as enc:
+        assert enc.projector.max_tokens == 16
+        n = enc.count_tokens(512, 512)
+        assert n <= 16 + 3  # 4x4 grid + row breaks
+        chunk = image_chunks(enc.tokenize(enc.media_marker, [noise(512, 512)]))[0]
+        assert chunk.n_tokens == n
+
+
+def test_mlp_token_count_is_fixed(mlp: VisionEncoder) -> None:
+    counts = {image_chunks(mlp.tokenize(f"{mlp.media_marker}?", [noise(w, h)]))[0].n_tokens for w, h in ((64, 64), (300, 200), (17, 90))}
+    assert counts == {64}
+    assert mlp.count_tokens(1000, 10) == 64
+
+
+def test_chunks_in_prompt_order(pixtral: VisionEncoder) -> None:
+    m = pixtral.media_marker
+    chunks = pixtral.tokenize(f"<|im_start|>user\n{m} and {m} differ?<|im_end|>", [noise(32, 32, 1), noise(48, 32, 2)])
+    kinds = [type(c).__name__ for c in chunks]
+    assert kinds[0] == "TextChunk" and kinds.count("ImageChunk") == 2
+    imgs = image_chunks(chunks)
+    assert [c.index for c in imgs] == [0, 1]
+    text = [c for c in chunks if isinstance(c, TextChunk)]
+    assert text[0].tokens[0] == 1  # <|im_start|> parsed as a special token
+
+
+def test_embedding_cache_hits_and_misses(model_dir: Path, text_model) -> None:
+    _, mmproj = tiny_vlm(model_dir, "pixtral")
+    with VisionEncoder(str(mmproj), text_model, n_threads=2, warmup=False) as enc:
+        m = enc.media_marker
+        img = noise(128, 96, 7)
+        first = image_chunks(enc.tokenize(m, [img]))[0]
+        assert not first.cache_hit and first.encode_ms > 0
+        # Same pixels, new PIL object and a LoadedImage: both hit, nothing is encoded.
+        again = image_chunks(enc.tokenize(f"again {m}", [img.copy()]))[0]
+        assert again.cache_hit and again.encode_ms == 0.0
+        assert again.image_hash == first.image_hash
+        np.testing.assert_array_equal(again.embeddings, first.embeddings)
+        # Different resolution of the same picture: a miss.
+        smaller = image_chunks(enc.tokenize(m, [img.resize((64, 48))]))[0]
+        assert not smaller.cache_hit and smaller.image_hash != first.image_hash
+        assert enc.cache.stats()["hits"] == 1 and enc.cache.stats()["misses"] == 2
+
+
+def test_loaded_image_reuses_its_hash(pixtral: VisionEncoder) -> None:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    noise(40, 40, 3).save(buf, "PNG")
+    loaded = load_image("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), 0, ImageLimits())
+    chunk = image_chunks(pixtral.tokenize(pixtral.media_marker, [loaded]))[0]
+    assert chunk.image_hash == loaded.sha256
+
+
+def test_cache_is_bounded_lru() -> None:
+    cache = EmbeddingCache(max_bytes=3 * 400)
+    for i in range(4):
+        cache.put(i, np.zeros((10, 10), np.float32))  # 400 bytes each
+    assert len(cache) == 3 and cache.get(0) is None and cache.get(3) is not None
+    assert cache.stats()["evictions"] == 1
+    cache.put("huge", np.zeros((100, 100), np.float32))
+    assert cache.get("huge") is None and cache.nbytes <= cache.max_bytes
+
+
+def test_decode_image_embeddings_into_context(pixtral: VisionEncoder, text_model) -> None:
+    m = pixtral.media_marker
+    chunks = pixtral.tokenize(f"<|im_start|>user\n{m}describe<|im_end|>", [noise(96, 64, 5)])
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = 512, 32, 32
+    cparams.n_threads = cparams.n_threads_batch = 2
+    ctx = llama_cpp.llama_init_from_model(text_model, cparams)
+    assert ctx
+    try:
+        n_past = 0
+        for chunk in chunks:
+            if isinstance(chunk, TextChunk):
+                arr = (llama_cpp.llama_token * chunk.n_tokens)(*chunk.tokens)
+                batch = llama_cpp.llama_batch_get_one(arr, chunk.n_tokens)
+                assert llama_cpp.llama_decode(ctx, batch) == 0
+                n_past += chunk.n_tokens
+            else:
+                # 6x4 grid + 3 row breaks = 27 rows, prefilled in batches of 10
+                assert chunk.n_tokens == 27
+                n_past = decode_embeddings(ctx, chunk.embeddings, n_past, 0, 10)
+        assert n_past == sum(c.n_pos for c in chunks)
+        with pytest.raises(ValueError):
+            decode_embeddings(ctx, np.zeros((2, N_EMBD + 1), np.float32), n_past)
+        with pytest.raises(ValueError):
+            decode_embeddings(ctx, np.zeros((600, N_EMBD), np.float32), n_past)
+    finally:
+        llama_cpp.llama_free(ctx)
+
+
+def test_bad_calls_raise_before_llama_cpp(pixtral: VisionEncoder) -> None:
+    m = pixtral.media_marker
+    with pytest.raises(ValueError, match="marker"):
+        pixtral.tokenize(f"{m} {m}", [noise(32, 32)])
+    with pytest.raises(ValueError, match="aspect"):
+        pixtral.tokenize(m, [noise(1000, 2)])
+    with pytest.raises(ValueError):
+        pixtral.tokenize(m, ["not an image"])  # type: ignore[list-item]
+    with pytest.raises(ValueError):
+        pixtral.tokenize("a\x00b", [])
+    # non-RGB input is converted, not rejected
+    grey = noise(32, 32).convert("L")
+    assert image_chunks(pixtral.tokenize(m, [grey]))[0].n_tokens == pixtral.count_tokens(32, 32)
+
+
+def test_wrong_mmproj_is_refused(tmp_path: Path, text_model) -> None:
+    narrow = write_tiny_mmproj(tmp_path / "narrow.gguf", "mlp", n_embd_text=32)
+    with pytest.raises(VisionError) as info:
+        VisionEncoder(str(narrow), text_model, n_threads=1)
+    assert info.value.code == "mmproj_mismatch"
+
+    # A KV of the wrong GGUF type would GGML_ASSERT (abort) inside clip.cpp.
+    bad = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(bad), "clip")
+    w.add_string("clip.projector_type", "mlp")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_int32("clip.vision.image_size", 64)
+    w.add_tensor("mm.2.weight", np.zeros((64, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(VisionError, match="image_size"):
+        read_projector_facts(bad)
+    with pytest.raises(VisionError):
+        VisionEncoder(str(bad), text_model, n_threads=1)
+    with pytest.raises(VisionError):
+        VisionEncoder(str(tmp_path / "missing.gguf"), text_model, n_threads=1)
+
+
+def test_concurrent_tokenize_is_consistent(model_dir: Path, text_model) -> None:
+    _, mmproj = tiny_vlm(model_dir, "mlp")
+    with VisionEncoder(str(mmproj), text_model, n_threads=1, cache_bytes=0, warmup=False) as enc:
+        img = noise(64, 64, 9)
+        expected = image_chunks(enc.tokenize(enc.media_marker, [img]))[0].embeddings
+        results: list[np.ndarray] = []
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for _ in range(3):
+                    results.append(image_chunks(enc.tokenize(enc.media_marker, [img]))[0].embeddings)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(results) == 12
+        for r in results:
+            np.testing.assert_array_equal(r, expected)
+
+
+def test_closed_encoder_refuses_work(model_dir: Path, text_model) -> None:
+    _, mmproj = tiny_vlm(model_dir, "mlp")
+    enc = VisionEncoder(str(mmproj), text_model, n_threads=1, warmup=False)
+    enc.close()
+    enc.close()
+    with pytest.raises(VisionError):
+        enc.tokenize(enc.media_marker, [noise(8, 8)])
+
+
+def test_encode_is_fast_on_cpu(model_dir: Path, text_model) -> None:
+    _, mmproj = tiny_vlm(model_dir, "pixtral")
+    with VisionEncoder(str(mmproj), text_model, n_threads=2) as enc:
+        chunk = image_chunks(enc.tokenize(enc.media_marker, [noise(256, 256, 11)]))[0]
+        assert chunk.encode_ms < 1000, chunk.encode_ms
