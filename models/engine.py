@@ -375,8 +375,9 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise EngineClosed("the model is being unloaded")
-            busy = self._active >= len(self._slots)
-            if busy and len(self._waiting) >= max_queue:
+            # Jobs beyond the free slots are the real queue (they may also wait for KV room).
+            free_slots = max(0, len(self._slots) - self._active)
+            if len(self._waiting) - free_slots >= max_queue:
                 raise QueueFull(f"the queue for model {self.config.model_id} is full "
                                 f"({max_queue} waiting)")
             self._waiting.append(job)

@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.telemetry = telemetry
     app.state.api_keys = settings.api_keys()
     app.state.load_error = None
+    app.state.cost_models = {}  # model id -> server.policy.budget.CostModel (TTFT budgets)
     install_handlers(app)
 
     for module in (chat, completions, models, health, metrics):
@@ -98,3 +99,8 @@ async def _preload(app: FastAPI) -> None:
     except Exception as exc:  # surfaced by /health; requests get the error too
         log.exception("loading the default model failed")
         app.state.load_error = str(exc)
+        return
+    if app.state.settings.energy:
+        # Idle power right after loading, before traffic: the baseline that per-request
+        # "idle-subtracted" joules are computed against.
+        await asyncio.get_running_loop().run_in_executor(None, app.state.telemetry.sample_idle_power, 1.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -16,7 +17,7 @@ from server.settings import Settings
 
 # (flag, settings field, type, help); bools are store_true flags.
 _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--host", "host", str, "address to bind (default 127.0.0.1; 0.0.0.0 only with --api-key)"),
+    ("--host", "host", str, "address to bind (default 127.0.0.1; set --api-key before using 0.0.0.0)"),
     ("--port", "port", int, "TCP port (default 8000)"),
     ("--config", "config", str, "TOML file declaring [[models]] (id, path, mmproj, ctx_size, ...)"),
     ("--models-dir", "models_dir", str, "directory of *.gguf models, mmproj-<name>.gguf beside them"),
@@ -69,7 +70,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             p.add_argument(flag, dest=dest, action="append", default=None, help=text)
         else:
             p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
-    p.add_argument("--log-level", default="info", help="uvicorn/edgevlm log level")
+    p.add_argument("--log-level", default=os.environ.get("EDGEVLM_LOG_LEVEL", "info"),
+                   help="uvicorn/edgevlm log level [env EDGEVLM_LOG_LEVEL]")
     return p
 
 

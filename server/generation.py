@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from server.errors import APIError, from_engine_error
 from server.protocol.common import PromptTokensDetails, SamplingFields, Usage
 from server.scheduler import Generation, submit, watch_disconnect
 from telemetry.record import RequestRecord
+
+log = logging.getLogger("edgevlm.generation")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -43,6 +46,8 @@ class Prepared:
     record: RequestRecord
     prompt_text: str | None = None
     ignore_eos: bool = False
+    # Called with the finished record (e.g. to teach the TTFT cost model); errors ignored.
+    on_done: Callable[[RequestRecord], None] | None = None
 
 
 def new_id(prefix: str) -> str:
@@ -118,10 +123,11 @@ async def execute(request: Request, prepared: Prepared, *, stream: bool, include
         trace.finish(rec, error)
         app.state.telemetry.set_queue_depth(rec.model.model_id, engine.queue_depth)
 
+    headers = {"traceparent": trace.traceparent}
     if stream:
         return StreamingResponse(
             _stream(gen, rec, include_usage, chunk, close),
-            media_type="text/event-stream", headers=SSE_HEADERS,
+            media_type="text/event-stream", headers={**SSE_HEADERS, **headers},
         )
 
     watcher = asyncio.create_task(watch_disconnect(request, gen))
@@ -139,7 +145,7 @@ async def execute(request: Request, prepared: Prepared, *, stream: bool, include
     finally:
         watcher.cancel()
         close(error)
-    return JSONResponse(final(gen.text, gen.finish_reason, _usage(rec), rec.timings()))
+    return JSONResponse(final(gen.text, gen.finish_reason, _usage(rec), rec.timings()), headers=headers)
 
 
 def _sse(payload: dict[str, Any]) -> bytes:

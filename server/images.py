@@ -2,19 +2,126 @@
 
 The policy (how many tokens each image is worth, how many rows to keep) is decided
 here; the mechanisms (resize, libmtmd encode, prune) live in ``models``.
+
+Per image, in order (DESIGN.md, request path steps 2-5):
+
+1. ``models.images.load_image`` (size caps, bomb guard, EXIF, RGB) -> 400 on bad input;
+2. ``policy.resolution.decide_budget`` picks a token budget (request > detail >
+   profile, and a TTFT budget may lower a profile's budget);
+3. ``models.reduce.plan_resize`` / ``resize_to_plan`` shrink the image to it on the
+   projector grid (never upscaling; fixed projectors are left alone);
+4. ``VisionEncoder.tokenize`` encodes (with its embedding cache) in a worker thread,
+   and ``models.reduce.prune`` keeps the rows ``policy.pruning.decide_prune`` asked for;
+5. the result is a list of engine segments, and one ``ImageRecord`` per image.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
-from models.engine import Segment
+from models.engine import ImageSegment, Segment
+from models.images import ImageError, ImageLimits, LoadedImage, load_image
+from models.reduce import ResizePlan, plan_resize, prune, resize_to_plan
 from models.registry import LoadedModel
+from models.vision import ImageChunk, TextChunk, VisionError
+from server.errors import APIError
+from server.policy.budget import BudgetPlan, CostModel, ImageSpec, plan_for_budget
 from server.policy.extension import EdgeVLMExtension
+from server.policy.profiles import DEFAULT_PROFILES, ProfileSet
+from server.policy.pruning import PruneDecision, decide_prune
+from server.policy.resolution import BudgetDecision, decide_budget
 from server.prompt import RenderedChat
-from telemetry.record import RequestRecord
+from server.settings import Settings
+from telemetry.record import ImageRecord, RequestRecord
+
+__all__ = ["TTFT_BUDGET_HEADER", "cost_model_for", "cost_observer", "image_limits", "prepare_images"]
+
+TTFT_BUDGET_HEADER = "X-EdgeVLM-TTFT-Budget-Ms"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def image_limits(settings: Settings) -> ImageLimits:
+    return ImageLimits(
+        max_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_image_pixels,
+        max_images=max(1, settings.max_images),
+        allow_file_dirs=tuple(settings.allow_file_dirs),
+        allow_http=settings.allow_http_images,
+        http_timeout_s=settings.http_image_timeout_s,
+        http_max_bytes=settings.max_image_bytes,
+    )
+
+
+def cost_model_for(app: FastAPI, model_id: str) -> CostModel:
+    """The per-model TTFT cost model kept on the app (created on first use)."""
+    models: dict[str, CostModel] | None = getattr(app.state, "cost_models", None)
+    if models is None:
+        models = app.state.cost_models = {}
+    cm = models.get(model_id)
+    if cm is None:
+        cm = models[model_id] = CostModel()
+    return cm
+
+
+def cost_observer(app: FastAPI, model: LoadedModel) -> Callable[[RequestRecord], None]:
+    """Callback for ``Prepared.on_done``: teach the model's cost model one request's phases."""
+    cm = cost_model_for(app, model.spec.id)
+
+    def observe(rec: RequestRecord) -> None:
+        if rec.error_type is not None or rec.input_tokens <= 0:
+            return
+        encoded = sum(im.tokens_before for im in rec.images if not im.cache_hit)
+        overhead = rec.ttft_ms - rec.queue_ms - rec.encode_ms - rec.prefill_ms
+        cm.observe(
+            rec.encode_ms, encoded, rec.prefill_ms, rec.prefilled_tokens,
+            overhead_ms=max(0.0, overhead) if rec.ttft_ms > 0 else None,
+            request_ms=max(0.0, rec.e2e_ms - rec.queue_ms) if rec.e2e_ms > 0 else None,
+        )
+
+    return observe
+
+
+def _ttft_budget(extension: EdgeVLMExtension | None, request: Request, settings: Settings) -> tuple[float | None, str | None]:
+    if extension is not None and extension.ttft_budget_ms is not None:
+        return float(extension.ttft_budget_ms), "request"
+    raw = request.headers.get(TTFT_BUDGET_HEADER)
+    if raw is not None:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise APIError(400, f"Header {TTFT_BUDGET_HEADER} must be a positive number of milliseconds, "
+                           f"got {raw!r}.", param=TTFT_BUDGET_HEADER, code="invalid_value")
+        return value, "header"
+    if settings.ttft_budget_ms is not None:
+        return float(settings.ttft_budget_ms), "server"
+    return None, None
+
+
+def _image_error(err: ImageError) -> APIError:
+    return APIError(400, f"Invalid image: {err}", param="messages", code=err.code)
+
+
+@dataclass
+class _ImageWork:
+    """One image between policy and encoder."""
+
+    loaded: LoadedImage
+    budget: BudgetDecision
+    plan: ResizePlan
+    encoder_input: LoadedImage | Image.Image
+
+
+# --------------------------------------------------------------------------- request path
 
 
 async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
@@ -23,4 +130,152 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     """The prompt as engine segments: token runs and (pruned) image embeddings."""
     if not rendered.images:
         return [model.engine.tokenize(rendered.text)]
-    raise NotImplementedError
+    vision = model.vision
+    if vision is None:  # render_chat refuses this already; keep the guard local
+        raise APIError(400, f"The model '{model.spec.id}' cannot read images.", param="messages",
+                       code="model_not_multimodal")
+    app = request.app
+    settings: Settings = app.state.settings
+    profiles: ProfileSet = getattr(app.state, "profiles", DEFAULT_PROFILES)
+    limits = image_limits(settings)
+    if len(rendered.images) > settings.max_images:
+        raise APIError(400, f"Too many images: {len(rendered.images)} (the limit is {settings.max_images}).",
+                       param="messages", code="too_many_images")
+
+    # 2. safe loading (decode and file/http reads off the event loop)
+    loaded: list[LoadedImage] = []
+    for ref in rendered.images:
+        try:
+            loaded.append(await run_in_threadpool(load_image, ref.url, ref.index, limits))
+        except ImageError as err:
+            raise _image_error(err) from None
+
+    facts = vision.projector
+    grid = facts.grid()
+    model_max = facts.fixed_tokens or facts.max_tokens or 1024
+    model_min = 1 if facts.fixed_tokens else (facts.min_tokens or 1)
+    profile_name = (extension.profile if extension else None) or settings.profile
+    causal = not (vision.uses_non_causal or vision.uses_mrope)
+
+    def budget_for(i: int, ttft_tokens: int | None = None) -> BudgetDecision:
+        ref = rendered.images[i]
+        try:
+            return decide_budget(model_max_tokens=model_max, model_min_tokens=model_min, extension=extension,
+                                 detail=ref.detail, profiles=profiles, server_profile=settings.profile,
+                                 ttft_tokens=ttft_tokens, image=loaded[i].image, prompt=rendered.prompt_cue)
+        except ValueError as exc:
+            raise APIError(400, f"image {ref.index}: {exc}", param="messages", code="invalid_value") from exc
+
+    # 3. resolution: first without the TTFT budget ...
+    budgets = [budget_for(i) for i in range(len(loaded))]
+    plans = [plan_resize(im.width, im.height, b.tokens, grid) for im, b in zip(loaded, budgets)]
+
+    # ... then let a TTFT budget lower it (and ask for pruning) where the policy allows.
+    budget_ms, budget_from = _ttft_budget(extension, request, settings)
+    cost = cost_model_for(app, model.spec.id)
+    engine = model.engine
+    queue_depth = engine.queue_depth
+    marker = vision.media_marker
+    text_tokens = len(engine.tokenize(rendered.text.replace(marker, "")))
+    ttft_plan: BudgetPlan | None = None
+    if budget_ms is not None:
+        specs = [ImageSpec(max_tokens=p.tokens, grid=grid) for p in plans]
+        ttft_plan = plan_for_budget(budget_ms, text_tokens, specs, queue_depth, cost, allow_prune=causal)
+        for i, ip in enumerate(ttft_plan.images):
+            if ip.tokens < plans[i].tokens and not facts.is_fixed:
+                b = budget_for(i, ttft_tokens=ip.tokens)
+                if b.tokens != budgets[i].tokens:
+                    budgets[i] = b
+                    plans[i] = plan_resize(loaded[i].width, loaded[i].height, b.tokens, grid)
+    ttft_keep = ttft_plan.keep_ratio if ttft_plan is not None else None
+    try:
+        prune_decision = decide_prune(extension=extension, profiles=profiles, server_profile=settings.profile,
+                                      ttft_keep=ttft_keep if ttft_keep is not None and ttft_keep < 1.0 else None,
+                                      causal_image_attention=causal)
+    except ValueError as exc:
+        raise APIError(400, f"Invalid pruning request: {exc}", param="edgevlm.prune", code="invalid_value") from exc
+
+    work: list[_ImageWork] = []
+    for im, b, p in zip(loaded, budgets, plans):
+        if (p.width, p.height) == (im.width, im.height) or facts.is_fixed:
+            enc_in: LoadedImage | Image.Image = im  # keeps its pixel hash: no rehash
+        else:
+            enc_in = await run_in_threadpool(resize_to_plan, im.image, p)
+        work.append(_ImageWork(im, b, p, enc_in))
+
+    # 4. encode (embedding cache inside) and prune, off the event loop
+    try:
+        chunks, pruned = await run_in_threadpool(_encode_and_prune, vision, rendered.text,
+                                                 [w.encoder_input for w in work], prune_decision)
+    except VisionError as exc:
+        raise APIError(exc.status, f"The images could not be encoded: {exc}",
+                       param="messages" if exc.status == 400 else None, code=exc.code) from exc
+    except ValueError as exc:
+        raise APIError(400, f"Invalid image: {exc}", param="messages", code="invalid_image") from exc
+
+    # 5. segments + records
+    segments: list[Segment] = []
+    first_text = True
+    for chunk in chunks:
+        if isinstance(chunk, TextChunk):
+            tokens = list(chunk.tokens)
+            if first_text and engine.add_bos and len(tokens) > 1 and tokens[0] == tokens[1] == engine.bos_id:
+                tokens.pop(0)  # the template wrote a BOS already (as engine.tokenize does)
+            first_text = False
+            if tokens:
+                segments.append(tokens)
+            continue
+        first_text = False
+        w = work[chunk.index]
+        emb, method, prune_ms = pruned[chunk.index]
+        kept = int(emb.shape[0])
+        segments.append(ImageSegment(
+            embeddings=emb, key=f"{chunk.image_hash}:{chunk.width}x{chunk.height}:{method}:{kept}",
+            non_causal=chunk.non_causal,
+        ))
+        record.images.append(ImageRecord(
+            index=chunk.index, source_width=w.loaded.width, source_height=w.loaded.height,
+            encoded_width=chunk.width, encoded_height=chunk.height,
+            tokens_before=chunk.n_tokens, tokens_after=kept, encode_ms=chunk.encode_ms,
+            cache_hit=chunk.cache_hit, budget_tokens=w.budget.tokens, budget_source=w.budget.source,
+            resize_note=w.plan.note, prune_method=method,
+            prune_keep=round(kept / chunk.n_tokens, 6) if chunk.n_tokens else 1.0, prune_ms=prune_ms,
+        ))
+    record.encode_ms = sum(im.encode_ms for im in record.images)
+
+    mw = record.middleware
+    mw["profile"] = profile_name
+    mw.update(prune_decision.attributes())
+    mw["images"] = {str(i): b.attributes() for i, b in enumerate(budgets)}
+    if budget_ms is not None:
+        mw["budget_ttft_ms"] = budget_ms
+        mw["budget_ttft_source"] = budget_from
+    if ttft_plan is not None:
+        mw.update(ttft_plan.attributes())
+        mw["predicted_ttft_ms"] = round(ttft_plan.predicted_ttft_ms, 3)
+    # What the cost model predicts for what is actually prefilled (cache hits encode nothing).
+    final = cost.predict_ttft_ms(
+        text_tokens, [0 if r.cache_hit else r.tokens_before for r in record.images], queue_depth,
+        [r.tokens_after for r in record.images])
+    mw["predicted_ttft_final_ms"] = round(final, 3)
+    mw.setdefault("predicted_ttft_ms", round(final, 3))
+    if facts.is_fixed:
+        mw["resize_note"] = "fixed projector: resizing saves nothing, pruning is the lever"
+    return segments
+
+
+def _encode_and_prune(vision: Any, text: str, images: list[Any], decision: PruneDecision
+                      ) -> tuple[list[Any], dict[int, tuple[Any, str, float]]]:
+    """Tokenize + encode (worker thread), then keep the decided rows of each image."""
+    chunks = vision.tokenize(text, images)
+    pruned: dict[int, tuple[Any, str, float]] = {}
+    for chunk in chunks:
+        if not isinstance(chunk, ImageChunk):
+            continue
+        keep = decision.keep_for(chunk.n_tokens)
+        if decision.active and keep < chunk.n_tokens:
+            res = prune(chunk.embeddings, keep, decision.method)  # type: ignore[arg-type]
+            pruned[chunk.index] = (res.embeddings, decision.method, res.ms)
+        else:
+            pruned[chunk.index] = (chunk.embeddings, "none", 0.0)
+    return chunks, pruned

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -55,7 +56,7 @@ class Settings(BaseSettings):
     allow_http_images: bool = False
     http_image_timeout_s: float = 5.0
     # middleware
-    profile: str = Field("quality", description="Default middleware profile.")
+    profile: Literal["quality", "balanced", "fast"] = Field("quality", description="Default middleware profile.")
     ttft_budget_ms: float | None = Field(None, gt=0)
     truncate_prompts: bool = False
 

@@ -160,7 +160,7 @@ def test_jsonl_traces_survive_sigkill_mid_load(tmp_path) -> None:  # type: ignor
             proc.kill()
     lines = traces.read_bytes().split(b"\n")
     complete, last = lines[:-1], lines[-1]
-    assert len(complete) > 10
+    assert len(complete) >= 5
     for line in complete:
         span = json.loads(line)
         assert span["traceId"] and span["name"]

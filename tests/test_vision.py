@@ -265,3 +265,27 @@ def test_encode_is_fast_on_cpu(model_dir: Path, text_model) -> None:
     with VisionEncoder(str(mmproj), text_model, n_threads=2) as enc:
         chunk = image_chunks(enc.tokenize(enc.media_marker, [noise(256, 256, 11)]))[0]
         assert chunk.encode_ms < 1000, chunk.encode_ms
+
+
+def test_pixtral_row_breaks_are_the_img_break_embedding(pixtral: VisionEncoder) -> None:
+    # llama.cpp builds break rows as 0 * (uninitialised memory) + img_break, which is NaN
+    # when that memory holds NaN bits; the encoder repairs them (see _repair_row_breaks).
+    img_break = read_projector_facts(pixtral.mmproj_path).img_break
+    chunk = image_chunks(pixtral.tokenize(pixtral.media_marker, [noise(64, 64, 4)]))[0]
+    for row in (4, 9, 14):  # 4 columns + 1 break per row, none after the last row
+        np.testing.assert_array_equal(chunk.embeddings[row], img_break)
+
+
+def test_repair_row_breaks_fills_only_break_rows() -> None:
+    from models.vision import _repair_row_breaks
+
+    brk = np.arange(4, dtype=np.float32)
+    emb = np.random.default_rng(0).standard_normal((11, 4)).astype(np.float32)  # 3 cols x 3 rows + 2 breaks
+    emb[3] = brk
+    emb[7] = np.nan
+    _repair_row_breaks(emb, brk, 1.0)
+    np.testing.assert_array_equal(emb[7], brk)
+    other = np.random.default_rng(1).standard_normal((11, 4)).astype(np.float32)
+    other[5] = np.nan  # not a break position: left for the caller to reject
+    _repair_row_breaks(other, brk, 1.0)  # a 5x2 grid would fit, but not a square image
+    assert np.isnan(other[5]).all()

@@ -13,7 +13,7 @@ from models.templates import ChatTemplateError
 from server.auth import check_api_key
 from server.errors import APIError
 from server.generation import Prepared, check_unsupported, execute, max_new_tokens, new_id, sampling_params
-from server.images import prepare_images
+from server.images import cost_observer, prepare_images
 from server.policy.extension import parse_extension
 from server.prompt import render_chat
 from server.protocol.chat import ChatCompletion, ChatCompletionRequest
@@ -72,7 +72,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     max_tokens = max_new_tokens(body.max_completion_tokens or body.max_tokens, model, n_prompt)
     prepared = Prepared(model=model, segments=segments, sampling=sampling_params(body, grammar),
                         max_tokens=max_tokens, stop=body.stop_list(), record=record,
-                        ignore_eos=body.ignore_eos, prompt_text=rendered.text)
+                        ignore_eos=body.ignore_eos, prompt_text=rendered.text,
+                        on_done=cost_observer(request.app, model))
     created = int(time.time())
     model_id = model.spec.id
 
