@@ -428,9 +428,10 @@ class Engine:
 
     def _admit_locked(self, running: list[Job]) -> list[Job]:
         admitted: list[Job] = []
-        while self._waiting and self._waiting[0].cancelled:
-            job = self._waiting.popleft()
-            self._finish(job, reason="cancelled")
+        if any(j.cancelled for j in self._waiting):
+            for job in [j for j in self._waiting if j.cancelled]:
+                self._waiting.remove(job)
+                self._finish(job, reason="cancelled")
         while self._waiting:
             job = self._waiting[0]
             free = [s for s in self._slots if s.job is None]
@@ -491,9 +492,10 @@ class Engine:
         live = [j for j in running if not j.done]
         if not live:
             return
+        self._ensure_room(live, sum(1 for j in live if j.next_token is not None))
+        live = [j for j in live if not j.done]
         decoding = [j for j in live if j.next_token is not None]
         prefilling = [j for j in live if j.next_token is None]
-        self._ensure_room(live, len(decoding))
 
         batch = self._batch
         n = 0

@@ -296,7 +296,7 @@ def decode_image(data: bytes, index: int, limits: ImageLimits, *, source: str = 
     try:
         # Pillow's own bomb guard (warning above MAX_IMAGE_PIXELS, error above twice
         # that) fires inside open(); ours, on the header size, comes right after it.
-        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
+        with Image.open(io.BytesIO(data), formats=_open_formats()) as img:
             fmt = img.format or "?"
             width, height = img.size
             if width < 1 or height < 1:
@@ -321,7 +321,8 @@ def decode_image(data: bytes, index: int, limits: ImageLimits, *, source: str = 
             code="image_too_large",
         ) from None
     except Image.UnidentifiedImageError:
-        raise ImageError(_unidentified(data), index=index, code="unsupported_image_format") from None
+        message, code = _unidentified(data)
+        raise ImageError(message, index=index, code=code) from None
     except MemoryError:
         raise ImageError("image is too large to decode", index=index, code="image_too_large") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
@@ -341,6 +342,14 @@ def decode_image(data: bytes, index: int, limits: ImageLimits, *, source: str = 
     )
 
 
+def _open_formats() -> tuple[str, ...]:
+    # Image.open(formats=...) looks plugins up in Image.OPEN, which only lists every
+    # plugin after Image.init() (MPO, WebP and BMP are not in the pre-initialised set).
+    if not all(f in Image.OPEN for f in ALLOWED_FORMATS):
+        Image.init()
+    return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
+
+
 _MAGIC = [
     (b"\x89PNG", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
@@ -355,18 +364,20 @@ _MAGIC = [
 ]
 
 
-def _unidentified(data: bytes) -> str:
+def _unidentified(data: bytes) -> tuple[str, str]:
+    """Why Pillow could not identify ``data``: (message, code)."""
     head = data[:16]
+    unsupported = "images are not supported; use PNG, JPEG, WebP, GIF or BMP"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WebP data could not be read"
+        return "WebP data is corrupt (header not readable)", "invalid_image"
     if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
-        return "HEIC/AVIF images are not supported; use PNG, JPEG, WebP, GIF or BMP"
+        return f"HEIC/AVIF {unsupported}", "unsupported_image_format"
     for magic, name in _MAGIC:
         if head.startswith(magic):
             if name in ("PNG", "JPEG", "GIF", "BMP"):
-                return f"{name} data is corrupt (header not readable)"
-            return f"{name} images are not supported; use PNG, JPEG, WebP, GIF or BMP"
-    return "data is not a supported image (PNG, JPEG, WebP, GIF or BMP)"
+                return f"{name} data is corrupt (header not readable)", "invalid_image"
+            return f"{name} {unsupported}", "unsupported_image_format"
+    return "data is not a supported image (PNG, JPEG, WebP, GIF or BMP)", "unsupported_image_format"
 
 
 def _upright(img: Image.Image) -> Image.Image:
