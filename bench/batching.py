@@ -1,0 +1,129 @@
+"""Batching benchmark: edgevlm vs llama-server, both with 4 parallel slots.
+
+    python -m bench.batching [--threads N] [--model PATH_OR_ID] [--runs 5] [--skip-llama-server]
+
+Per repetition, in alternating server order:
+
+* 4 concurrent streaming clients x 64 tokens: useful tok/s (total completion tokens /
+  wall time), median and max request latency,
+* a 3-turn chat: a ~600-token first turn, then turns 2 and 3 append the assistant's
+  reply and a short user message. TTFT of each turn; turns 2 and 3 should reuse the
+  cached prefix (the prefix-reuse check). Each repetition's chat starts with a fresh
+  nonce, so turn 1 never hits the cache.
+
+Targets: concurrent useful tok/s >= llama-server; turn-2/3 TTFT within 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+from bench.client import BenchClient, maximum, median, run_concurrent
+from bench.harness import LLAMA_SERVER, Results, Target, add_common_args, in_order, start_servers, warm_up, write_json
+from bench.process import RunningServer
+from bench.prompts import chat_prompt, follow_up, new_salt
+
+PARALLEL = 4
+CTX_PER_SLOT = 2048
+CONCURRENT_TOKENS = 64
+CONCURRENT_PROMPT_TOKENS = 40
+CHAT_FIRST_TURN_TOKENS = 600
+CHAT_REPLY_TOKENS = 32
+CHAT_TURNS = 3
+
+within_10pct = Target("<= 1.10x llama", lambda e, l: e <= 1.10 * l)
+
+
+def define_metrics(results: Results) -> None:
+    results.metric("useful_tps", f"{PARALLEL}x{CONCURRENT_TOKENS} useful tok/s (median)",
+                   target=Target(">= llama", lambda e, l: e >= l))
+    results.metric("useful_tps_max", f"{PARALLEL}x{CONCURRENT_TOKENS} useful tok/s (max)")
+    results.metric("latency_median_s", "  request latency median (s)", ".2f")
+    results.metric("latency_max_s", "  request latency max (s)", ".2f")
+    for turn in range(1, CHAT_TURNS + 1):
+        results.metric(f"turn{turn}_ttft_ms", f"chat turn {turn} TTFT (ms)",
+                       target=within_10pct if turn > 1 else None)
+    for turn in range(1, CHAT_TURNS + 1):
+        results.metric(f"turn{turn}_prompt_tokens", f"  turn {turn} prompt tokens", ".0f")
+
+
+async def concurrent_round(client: BenchClient, nonce: str) -> Any:
+    return await run_concurrent(
+        client.chat(chat_prompt(CONCURRENT_PROMPT_TOKENS, f"{nonce}-{i}"), max_tokens=CONCURRENT_TOKENS)
+        for i in range(PARALLEL)
+    )
+
+
+async def chat_session(client: BenchClient, nonce: str) -> list[Any]:
+    """Three turns; each appends the previous reply and a short user message."""
+    messages = chat_prompt(CHAT_FIRST_TURN_TOKENS, nonce)
+    turns = []
+    for turn in range(1, CHAT_TURNS + 1):
+        if turn > 1:
+            messages += [{"role": "assistant", "content": turns[-1].text}, follow_up(turn)]
+        turns.append(await client.chat(messages, max_tokens=CHAT_REPLY_TOKENS))
+    return turns
+
+
+async def measure_repetition(
+    server: RunningServer, client: BenchClient, rep: int, salt: str, results: Results
+) -> None:
+    name = server.name
+    conc = await concurrent_round(client, f"{salt}-c{rep}")
+    results.add("useful_tps", name, conc.useful_tps)
+    results.add("useful_tps_max", name, conc.useful_tps)
+    for latency in conc.latencies_s:
+        results.add("latency_median_s", name, latency)
+        results.add("latency_max_s", name, latency)
+
+    for turn, res in enumerate(await chat_session(client, f"{salt}-t{rep}"), start=1):
+        results.add(f"turn{turn}_ttft_ms", name, res.ttft_s * 1e3 if res.ttft_s is not None else None)
+        results.add(f"turn{turn}_prompt_tokens", name, res.prompt_tokens)
+
+
+async def run(args: argparse.Namespace, servers: list[RunningServer]) -> Results:
+    results = Results()
+    define_metrics(results)
+    salt = new_salt()
+    clients = {s.name: BenchClient(s.base_url, s.model) for s in servers}
+    try:
+        for s in servers:
+            await warm_up(clients[s.name], f"{salt}-warm")
+        for rep in range(args.runs):
+            for s in in_order(servers, rep):
+                await measure_repetition(s, clients[s.name], rep, salt, results)
+            print(f"[bench] repetition {rep + 1}/{args.runs} done", flush=True)
+    finally:
+        for c in clients.values():
+            await c.aclose()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.batching", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, runs_default=5)
+    args = parser.parse_args(argv)
+
+    with start_servers(args, parallel=PARALLEL, ctx_size=PARALLEL * CTX_PER_SLOT) as servers:
+        results = asyncio.run(run(args, servers))
+        names = [s.name for s in servers]
+
+    title = (f"bench.batching — {PARALLEL} slots, {args.threads} threads, {platform.machine()}; "
+             f"{args.runs} repetitions (medians; latencies over all requests)")
+    results.print(title, names,
+                  reducers={"useful_tps_max": maximum, "latency_max_s": maximum},
+                  default_reducer=median)
+    if LLAMA_SERVER not in names:
+        print("(no llama-server figures: comparison skipped)")
+    write_json(args.json, {"benchmark": "batching", "threads": args.threads, "model": args.model,
+                           "runs": args.runs, "metrics": results.to_json()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

