@@ -1,0 +1,118 @@
+"""The accuracy-for-speed middleware through the API: budgets, profiles, pruning, TTFT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from models.registry import model_id_for
+from models.tinymodels import tiny_vlm
+from tests.conftest import LiveServer, live_server
+from tests.test_vision_api import image_message, png_uri
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    llm, mmproj = tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), "pixtral")
+    with live_server(tmp_path_factory.mktemp("mw-server"), model=str(llm), mmproj=str(mmproj),
+                     ctx_size=4096) as srv:
+        srv.model_id = model_id_for(llm)  # type: ignore[attr-defined]
+        yield srv
+
+
+def chat(srv: LiveServer, *, detail: str = "auto", seed: int = 0, size: int = 384,
+         headers: dict[str, str] | None = None, **edgevlm: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": srv.model_id, "max_tokens": 2, "temperature": 0,
+                            "messages": [image_message(png_uri(size, size, seed=seed), "Describe.", detail)]}
+    if edgevlm:
+        body["edgevlm"] = edgevlm
+    with srv.client() as c:
+        r = c.post("/v1/chat/completions", json=body, headers=headers or {})
+    assert r.status_code == 200, r.text
+    return r.json()["timings"]
+
+
+def image(t: dict[str, Any]) -> dict[str, Any]:
+    return t["images"][0]
+
+
+def test_max_image_tokens_from_the_request(vlm: LiveServer) -> None:
+    im = image(chat(vlm, max_image_tokens=50))
+    assert im["budget_source"] == "request" and im["budget_tokens"] == 50
+    assert im["tokens_before"] <= 50 + 8  # grid tokens <= budget, plus Pixtral row breaks
+
+
+def test_detail_low_and_high(vlm: LiveServer) -> None:
+    low, high = image(chat(vlm, detail="low")), image(chat(vlm, detail="high"))
+    assert low["budget_source"] == high["budget_source"] == "detail"
+    assert low["budget_tokens"] == 64 and low["tokens_before"] < high["tokens_before"]
+    # the request's max_image_tokens beats detail
+    assert image(chat(vlm, detail="high", max_image_tokens=30))["budget_tokens"] == 30
+
+
+def test_profile_fast_costs_fewer_tokens_than_quality(vlm: LiveServer) -> None:
+    quality = chat(vlm, profile="quality", seed=1)
+    fast = chat(vlm, profile="fast", seed=1)
+    assert quality["middleware"]["profile"] == "quality" and fast["middleware"]["profile"] == "fast"
+    assert image(fast)["budget_source"] == "profile"
+    assert image(fast)["tokens_after"] * 4 <= image(quality)["tokens_after"]
+    assert image(fast)["prune_method"] == "diverse"
+    assert image(quality)["prune_method"] == "none"
+
+
+def test_prune_keep_half_halves_tokens(vlm: LiveServer) -> None:
+    full = image(chat(vlm, seed=2))
+    half = image(chat(vlm, seed=2, prune={"method": "diverse", "keep": 0.5}))
+    assert half["tokens_before"] == full["tokens_before"]
+    assert half["tokens_after"] == round(full["tokens_before"] * 0.5)
+    assert half["cache_hit"] is True  # pruning is applied after the (cached) encoder output
+    for method in ("uniform", "merge"):
+        assert image(chat(vlm, seed=2, prune={"method": method, "keep": 0.25}))["tokens_after"] == \
+            round(full["tokens_before"] * 0.25)
+
+
+@pytest.mark.parametrize("edgevlm", [
+    {"profile": "turbo"},
+    {"max_image_tokens": 0},
+    {"max_image_tokens": "many"},
+    {"prune": {"method": "diverse", "keep": 1.5}},
+    {"prune": {"method": "random"}},
+    {"ttft_budget_ms": -5},
+    {"unknown_knob": 1},
+])
+def test_bad_extension_values_are_400(vlm: LiveServer, edgevlm: dict[str, Any]) -> None:
+    body = {"model": vlm.model_id, "max_tokens": 2, "messages": [image_message(png_uri(32, 32))],
+            "edgevlm": edgevlm}
+    with vlm.client() as c:
+        r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith("edgevlm")
+
+
+def test_bad_ttft_header_is_400(vlm: LiveServer) -> None:
+    body = {"model": vlm.model_id, "max_tokens": 2, "messages": [image_message(png_uri(32, 32))]}
+    with vlm.client() as c:
+        r = c.post("/v1/chat/completions", json=body, headers={"X-EdgeVLM-TTFT-Budget-Ms": "soon"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "X-EdgeVLM-TTFT-Budget-Ms"
+
+
+def test_ttft_budget_lowers_resolution_and_predicts_within_budget(tmp_path: Path) -> None:
+    llm, mmproj = tiny_vlm(tmp_path / "m", "pixtral")
+    # A fresh server: the cost model starts from its documented default rates, so the plan is
+    # deterministic (576 grid tokens at ~12 ms/token do not fit 3 s; ~240 do).
+    with live_server(tmp_path, model=str(llm), mmproj=str(mmproj), ctx_size=4096) as srv:
+        srv.model_id = model_id_for(llm)  # type: ignore[attr-defined]
+        t = chat(srv, ttft_budget_ms=3000)
+        mw = t["middleware"]
+        assert mw["budget_ttft_ms"] == 3000 and mw["ttft_achievable"] is True
+        assert 0 < mw["predicted_ttft_ms"] <= 3000
+        assert image(t)["budget_source"] == "ttft_budget" and image(t)["budget_tokens"] < 576
+        # the same budget from the header
+        h = chat(srv, seed=3, headers={"X-EdgeVLM-TTFT-Budget-Ms": "3000"})
+        assert h["middleware"]["budget_ttft_source"] == "header"
+        assert h["middleware"]["predicted_ttft_ms"] <= 3000
+        # an explicit request budget is final: the TTFT budget does not override it
+        assert image(chat(srv, seed=4, ttft_budget_ms=3000, max_image_tokens=500))["budget_source"] == "request"
