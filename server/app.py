@@ -11,12 +11,13 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from models.registry import Registry, build_registry
+from models.registry import LoadedModel, ModelSpec, Registry, build_registry
 from server import __version__
 from server.errors import install_handlers
 from server.limits import BodySizeLimit
 from server.routes import chat, completions, health, metrics, models
 from server.settings import Settings
+from server.warmup import measure_cost_model
 from telemetry import Telemetry, TelemetrySettings
 
 log = logging.getLogger("edgevlm.app")
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.load_error = None
     app.state.cost_models = {}  # model id -> server.policy.budget.CostModel (TTFT budgets)
     install_handlers(app)
+    _warm_on_load(app, registry)
 
     for module in (chat, completions, models, health, metrics):
         app.include_router(module.router)
@@ -91,6 +93,22 @@ class ArrivalTime:
         if scope["type"] == "http":
             scope.setdefault("state", {})["arrival"] = time.perf_counter()
         await self.app(scope, receive, send)
+
+
+def _warm_on_load(app: FastAPI, registry: Registry) -> None:
+    """Each model, right after loading, runs one warm-up request that seeds its cost model."""
+    load = registry.loader
+
+    def load_and_warm(spec: ModelSpec) -> LoadedModel:
+        model = load(spec)
+        try:
+            app.state.cost_models[spec.id] = measure_cost_model(model)
+        except Exception:  # a failed warm-up leaves the generic defaults in place
+            log.warning("warm-up of %s failed; TTFT predictions start from defaults", spec.id,
+                        exc_info=True)
+        return model
+
+    registry.loader = load_and_warm
 
 
 async def _preload(app: FastAPI) -> None:

@@ -101,18 +101,33 @@ def test_bad_ttft_header_is_400(vlm: LiveServer) -> None:
 
 def test_ttft_budget_lowers_resolution_and_predicts_within_budget(tmp_path: Path) -> None:
     llm, mmproj = tiny_vlm(tmp_path / "m", "pixtral")
-    # A fresh server: the cost model starts from its documented default rates, so the plan is
-    # deterministic (576 grid tokens at ~12 ms/token do not fit 3 s; ~240 do).
     with live_server(tmp_path, model=str(llm), mmproj=str(mmproj), ctx_size=4096) as srv:
         srv.model_id = model_id_for(llm)  # type: ignore[attr-defined]
-        t = chat(srv, ttft_budget_ms=3000)
+        # A budget the warm-up-measured cost model says fits ~200 image tokens, not the
+        # 576 a 384 px image would get at full resolution.
+        rates = srv.app.state.cost_models[srv.model_id].snapshot()
+        budget = round(rates.predict_ttft_ms(40, [200]), 3)
+        assert budget < rates.predict_ttft_ms(40, [576])
+        t = chat(srv, ttft_budget_ms=budget)
         mw = t["middleware"]
-        assert mw["budget_ttft_ms"] == 3000 and mw["ttft_achievable"] is True
-        assert 0 < mw["predicted_ttft_ms"] <= 3000
+        assert mw["budget_ttft_ms"] == budget and mw["ttft_achievable"] is True
+        assert 0 < mw["predicted_ttft_ms"] <= budget
         assert image(t)["budget_source"] == "ttft_budget" and image(t)["budget_tokens"] < 576
         # the same budget from the header
-        h = chat(srv, seed=3, headers={"X-EdgeVLM-TTFT-Budget-Ms": "3000"})
+        h = chat(srv, seed=3, headers={"X-EdgeVLM-TTFT-Budget-Ms": str(budget)})
         assert h["middleware"]["budget_ttft_source"] == "header"
-        assert h["middleware"]["predicted_ttft_ms"] <= 3000
+        assert h["middleware"]["predicted_ttft_ms"] <= budget
         # an explicit request budget is final: the TTFT budget does not override it
-        assert image(chat(srv, seed=4, ttft_budget_ms=3000, max_image_tokens=500))["budget_source"] == "request"
+        assert image(chat(srv, seed=4, ttft_budget_ms=budget, max_image_tokens=500))["budget_source"] == "request"
+
+
+def test_cost_model_is_seeded_by_a_warm_up_at_load(vlm: LiveServer) -> None:
+    from server.policy.budget import CostModel
+
+    cm = vlm.app.state.cost_models[vlm.model_id]
+    default = CostModel().snapshot()
+    seeded = cm.snapshot()
+    # Measured rates, not the generic start-up guesses.
+    assert seeded.encode_ms_per_token != default.encode_ms_per_token
+    assert seeded.prefill_ms_per_token != default.prefill_ms_per_token
+    assert seeded.encode_ms_per_token > 0 and seeded.prefill_ms_per_token > 0

@@ -116,14 +116,21 @@ class CostModel:
         request_ms: float = DEFAULT_REQUEST_MS,
         alpha: float = 0.2,
     ) -> CostModel:
-        """Start-up rates from one warm-up request's measured phases."""
-        return cls(
+        """Start-up rates from one warm-up request's measured phases.
+
+        A measured rate counts as one observation, so the first real request is
+        averaged with it instead of replacing it.
+        """
+        cm = cls(
             encode_ms / image_tokens if image_tokens > 0 else DEFAULT_ENCODE_MS_PER_TOKEN,
             prefill_ms / prefill_tokens if prefill_tokens > 0 else DEFAULT_PREFILL_MS_PER_TOKEN,
             overhead_ms,
             request_ms,
             alpha,
         )
+        cm._n["encode"] = 1 if image_tokens > 0 else 0
+        cm._n["prefill"] = 1 if prefill_tokens > 0 else 0
+        return cm
 
     def _ewma(self, key: str, old: float, new: float) -> float:
         self._n[key] += 1
