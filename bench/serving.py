@@ -64,7 +64,8 @@ async def measure_repetition(
         results.add("decode_tps", name, dec.decode_tps)
         results.add("decode_tokens", name, dec.completion_tokens)
         timings = dec.server_timings or {}
-        results.add("server_decode_tps", name, timings.get("predicted_per_second"))
+        results.add("server_decode_tps", name,
+                    timings.get("predicted_per_second") or timings.get("decode_tokens_per_s"))
 
     if rep < args.concurrent_runs:
         conc = await run_concurrent(

@@ -262,7 +262,9 @@ class Engine:
         cparams.n_seq_max = max(1, config.n_parallel)
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
-        cparams.kv_unified = True  # one shared pool: a long prompt may use any free cell
+        # One shared KV pool across slots, so a long prompt may use any free cell instead
+        # of a fixed 1/n share; a single slot needs no sharing.
+        cparams.kv_unified = cparams.n_seq_max > 1
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
