@@ -77,7 +77,7 @@ class EngineConfig:
     path: str
     n_ctx: int = 4096
     n_threads: int = 0  # 0 = physical cores
-    n_parallel: int = 1
+    n_parallel: int = 0  # 0 = default_parallel()
     n_batch: int = 512
     chat_template: str | None = None  # overrides the GGUF's template
     mmproj_path: str | None = None
@@ -259,7 +259,7 @@ class Engine:
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
-        cparams.n_seq_max = max(1, config.n_parallel)
+        cparams.n_seq_max = config.n_parallel if config.n_parallel > 0 else default_parallel()
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         # One shared KV pool across slots, so a long prompt may use any free cell instead
@@ -664,6 +664,18 @@ class Engine:
             job.sink(TextDelta(tail))
         rec.finish_reason = reason
         job.sink(Finished(reason or "stop"))
+
+
+def default_parallel() -> int:
+    """Slots for an edge box: 4 (llama-server's default), fewer on 1 core or < 4 GiB free.
+
+    Batching pays off once two sequences can share each weight read, so one physical
+    core gets 2 slots; each slot's working set (sampler, logits, KV of its share of the
+    context) is small next to 1 GiB, which bounds the count on tiny boards.
+    """
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    free_gib = psutil.virtual_memory().available / 2**30
+    return max(1, min(4, 2 * cores, int(free_gib)))
 
 
 def default_threads() -> int:

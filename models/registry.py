@@ -41,7 +41,7 @@ class ModelSpec:
     mmproj: str | None = None
     ctx_size: int = 4096
     threads: int = 0  # 0 = physical cores
-    parallel: int = 1
+    parallel: int = 0  # 0 = engine.default_parallel()
     batch: int = 512
     chat_template: str | None = None
     image_min_tokens: int | None = None

@@ -25,7 +25,7 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--mmproj", "mmproj", str, "vision projector GGUF for --model (makes it a VLM)"),
     ("--ctx-size", "ctx_size", int, "context tokens per model, shared by its slots (default 4096)"),
     ("--threads", "threads", int, "CPU threads per model (default: physical cores)"),
-    ("--parallel", "parallel", int, "parallel sequences (slots) per model (default 1)"),
+    ("--parallel", "parallel", int, "parallel sequences (slots) per model (default: 4, or fewer on 1 core / < 4 GiB free)"),
     ("--batch", "batch", int, "max tokens per llama_decode call (default 512)"),
     ("--max-queue", "max_queue", int, "requests that may wait per model before 429 (default 8)"),
     ("--max-loaded-models", "max_loaded_models", int, "models kept in memory at once (default 2)"),
