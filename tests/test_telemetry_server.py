@@ -167,3 +167,17 @@ def test_jsonl_traces_survive_sigkill_mid_load(tmp_path) -> None:  # type: ignor
     if last:  # a partial last line is allowed, nothing else
         with pytest.raises(json.JSONDecodeError):
             json.loads(last)
+
+
+def test_idle_baseline_on_demand(traced) -> None:  # type: ignore[no-untyped-def]
+    srv, tel, exporter = traced()
+    r = httpx.post(srv.base_url + "/energy/idle-baseline", params={"seconds": 0.3}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["source"] == "estimate" and r.json()["idle_watts"] >= 0
+    with srv.client() as c:
+        assert c.post("/v1/chat/completions", json=chat_body("hi", max_tokens=4)).status_code == 200
+    [span] = request_spans(tel, exporter)
+    assert "edgevlm.energy.joules_idle_subtracted" in span.attributes
+    assert span.attributes["edgevlm.energy.idle_watts"] == pytest.approx(r.json()["idle_watts"])
+    bad = httpx.post(srv.base_url + "/energy/idle-baseline", params={"seconds": 0})
+    assert bad.status_code == 400

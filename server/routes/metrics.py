@@ -1,9 +1,14 @@
-"""``GET /metrics``: Prometheus text exposition of the telemetry metrics."""
+"""``GET /metrics`` (Prometheus text) and ``POST /energy/idle-baseline``."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
+import asyncio
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.auth import check_api_key
+from server.errors import APIError
 
 router = APIRouter()
 
@@ -12,3 +17,19 @@ router = APIRouter()
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.telemetry.metrics_response()
     return Response(content=body, media_type=content_type)
+
+
+@router.post("/energy/idle-baseline", dependencies=[Depends(check_api_key)])
+async def idle_baseline(request: Request, seconds: float = Query(2.0, gt=0, le=60)) -> JSONResponse:
+    """Re-sample idle power (e.g. after the room warmed up); refused while requests run."""
+    state = request.app.state
+    busy = [lm.spec.id for lm in state.registry.loaded() if lm.engine.busy]
+    if busy:
+        raise APIError(409, f"Models are serving requests ({', '.join(busy)}); sample idle power "
+                       "when the server is idle.", code="server_busy")
+    telemetry = state.telemetry
+    watts = await asyncio.get_running_loop().run_in_executor(None, telemetry.sample_idle_power, seconds)
+    meter = telemetry.energy_meter
+    if watts is None or meter is None:
+        raise APIError(503, "No energy meter is available on this device.", code="no_energy_meter")
+    return JSONResponse({"idle_watts": watts, "source": meter.source, "seconds": seconds})
