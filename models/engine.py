@@ -184,6 +184,11 @@ class Job:
             else:
                 self.items.extend(seg)
             self.seg_bounds.append((start, len(self.items), seg))
+        self.prompt_items = list(self.items)
+        self.prompt_bounds = list(self.seg_bounds)
+        self.generated: list[int] = []  # sampled tokens already decoded into the KV
+        self.sampled: list[int] = []  # every token sampled for the output, in order
+        self.preempted_at: list[int] = []  # len(sampled) at each preemption
         self.slot: _Slot | None = None
         self.cursor = 0  # next prompt item to prefill
         self.sampler: llama_cpp.llama_sampler_p | None = None
@@ -211,7 +216,28 @@ class Job:
 
     @property
     def kv_budget(self) -> int:
-        return self.n_prompt + min(self.req.max_tokens, GENERATION_RESERVE)
+        """KV cells this job holds now plus room for its next tokens (up to a reserve)."""
+        held = len(self.prompt_items) + len(self.generated)
+        return held + min(max(1, self.req.max_tokens - self.n_generated), GENERATION_RESERVE)
+
+    @property
+    def resuming(self) -> bool:
+        """Re-prefilling after preemption: the next token is already sampled."""
+        return self.next_token is not None and self.cursor < self.n_prompt
+
+    def requeue(self) -> None:
+        """Forget the KV; on re-admission prefill prompt + generated tokens, then go on."""
+        self.items = self.prompt_items + self.generated
+        self.seg_bounds = list(self.prompt_bounds)
+        if self.generated:
+            self.seg_bounds.append((len(self.prompt_items), len(self.items), list(self.generated)))
+        self.cursor = 0
+        self.slot = None
+        self.preempted_at.append(len(self.sampled))
+
+    @property
+    def preemptions(self) -> int:
+        return len(self.preempted_at)
 
     def segment_at(self, pos: int) -> tuple[int, int, Segment]:
         for bound in self.seg_bounds:
@@ -422,7 +448,7 @@ class Engine:
                 log.exception("engine step failed")
                 for job in running:
                     self._finish(job, error=EngineError(f"inference failed: {exc}"))
-            running = [j for j in running if not j.done]
+            running = [j for j in running if not j.done and j.slot is not None]
             with self._cond:
                 self._active = len(running)
         for job in pending:
@@ -461,7 +487,8 @@ class Engine:
     def _start(self, job: Job) -> None:
         slot = job.slot
         assert slot is not None
-        job.t_admit = time.perf_counter()
+        if not job.preemptions:
+            job.t_admit = time.perf_counter()
         if job.cancelled:
             self._finish(job, reason="cancelled")
             return
@@ -477,10 +504,13 @@ class Engine:
             slot.history = slot.history[:reuse]
         job.cursor = reuse
         rec = job.req.record
+        rec.slot = slot.seq_id
+        if job.preemptions:
+            rec.middleware["engine.preemptions"] = job.preemptions
+            return  # sampler, text state and first-admission figures carry on
         rec.cached_tokens = reuse
         rec.prefilled_tokens = job.n_prompt - reuse
         rec.input_tokens = job.n_prompt
-        rec.slot = slot.seq_id
         rec.queue_ms = (job.t_admit - job.t_submit) * 1000.0
         try:
             job.sampler = build_sampler(job.req.sampling, self.vocab)
@@ -494,10 +524,10 @@ class Engine:
         live = [j for j in running if not j.done]
         if not live:
             return
-        self._ensure_room(live, sum(1 for j in live if j.next_token is not None))
-        live = [j for j in live if not j.done]
-        decoding = [j for j in live if j.next_token is not None]
-        prefilling = [j for j in live if j.next_token is None]
+        self._ensure_room(live, sum(1 for j in live if j.next_token is not None and j.cursor >= j.n_prompt))
+        live = [j for j in live if not j.done and j.slot is not None]
+        decoding = [j for j in live if j.next_token is not None and j.cursor >= j.n_prompt]
+        prefilling = [j for j in live if j.cursor < j.n_prompt]
 
         batch = self._batch
         n = 0
@@ -506,6 +536,7 @@ class Engine:
             slot = job.slot
             self._put(batch, n, job.next_token, len(slot.history), slot.seq_id, True)
             slot.history.append(job.next_token)
+            job.generated.append(job.next_token)
             outputs.append((n, job))
             n += 1
         budget = self.n_batch - n
@@ -522,7 +553,7 @@ class Engine:
                 continue
             take = min(end - job.cursor, budget)
             slot = job.slot
-            last_prompt = job.cursor + take == job.n_prompt
+            last_prompt = job.cursor + take == job.n_prompt and not job.resuming
             for k in range(take):
                 tok = job.items[job.cursor + k]
                 want = last_prompt and k == take - 1
@@ -563,7 +594,7 @@ class Engine:
         rows = seg.embeddings[job.cursor - start: job.cursor - start + take]
         batch = self._embd_batch
         ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
-        last_prompt = job.cursor + take == job.n_prompt
+        last_prompt = job.cursor + take == job.n_prompt and not job.resuming
         base = len(slot.history)
         for k in range(take):
             batch.pos[k] = base + k
@@ -590,20 +621,40 @@ class Engine:
         """Free KV cells before a step: idle caches first, then stop the longest stream."""
         used = sum(len(s.history) for s in self._slots)
         need = n_new + sum(min(PREFILL_CHUNK_WHILE_DECODING, j.n_prompt - j.cursor)
-                           for j in live if j.next_token is None)
+                           for j in live if j.cursor < j.n_prompt)
         idle = sorted((s for s in self._slots if s.job is None and s.history), key=lambda s: s.last_used)
         while used + need > self.n_ctx and idle:
             victim = idle.pop(0)
             used -= len(victim.history)
             llama_cpp.llama_memory_seq_rm(self.mem, victim.seq_id, -1, -1)
             victim.history = []
+        # Still short: the most recently admitted job gives its cells back and waits at the
+        # head of the queue, resuming later exactly where it was; a running stream is
+        # never cut short for a newcomer. A job alone at the limit ends with "length".
         while used + need > self.n_ctx:
-            gen = [j for j in live if j.next_token is not None and not j.done]
-            if not gen:
+            holders = [j for j in live if not j.done and j.slot is not None]
+            if len(holders) <= 1:
+                for j in holders:
+                    if j.next_token is not None:
+                        self._finish(j, reason="length")
                 break
-            longest = max(gen, key=lambda j: len(j.slot.history))
-            self._finish(longest, reason="length")
-            need -= 1
+            youngest = max(holders, key=lambda j: (j.t_admit, j.t_submit))
+            used -= len(youngest.slot.history)
+            need -= 1 if youngest.next_token is not None and not youngest.resuming else \
+                min(PREFILL_CHUNK_WHILE_DECODING, youngest.n_prompt - youngest.cursor)
+            self._preempt(youngest)
+
+    def _preempt(self, job: Job) -> None:
+        slot = job.slot
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.history = []
+        slot.job = None
+        slot.last_used = time.monotonic()
+        job.requeue()
+        with self._cond:
+            self._waiting.appendleft(job)
+        log.info("preempted a request of %s to free KV cells; it resumes when room frees up",
+                 self.config.model_id)
 
     def _decode_failed(self, rc: int, jobs: set[Job], batch: llama_cpp.llama_batch, n: int) -> None:
         # Roll back what this batch appended to each slot's history, then fail the jobs.
@@ -626,6 +677,7 @@ class Engine:
             self._finish(job, reason="stop")
             return
         job.n_generated += 1
+        job.sampled.append(tok)
         text, stopped = job.text.push(self.token_bytes(tok))
         if text:
             job.sink(TextDelta(text))

@@ -142,3 +142,41 @@ def test_prompt_that_never_fits_is_refused_and_one_that_fits_later_is_served(tin
         assert b.first_delta_at >= a.done_at  # queued until `a` released its KV cells
     finally:
         eng.close()
+
+
+def test_kv_pressure_preempts_the_youngest_request_which_resumes_later(tiny_llm: Path) -> None:
+    # Two long generations are admitted side by side (each reserves only its prompt plus
+    # 256 cells), then outgrow the shared 1024-cell context together.
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=1024, n_parallel=2))
+    try:
+        a = submit(eng, chat(eng, "first"), max_tokens=600)
+        while not a.parts:
+            time.sleep(0.001)
+        b = submit(eng, chat(eng, "second"), max_tokens=600)
+        a.wait(120)
+        b.wait(120)
+        assert a.error is None and b.error is None
+        # Nobody was cut short: both produced every token they asked for.
+        assert a.finish == b.finish == "length"
+        assert a.record.output_tokens == 600 and b.record.output_tokens == 600
+        assert b.record.middleware.get("engine.preemptions", 0) >= 1
+        assert "engine.preemptions" not in a.record.middleware
+        # Resuming re-prefills prompt + generated tokens and carries on where it stopped:
+        # the tokens after the preemption point are what a cold engine continues with.
+        cut = b.job.preempted_at[0]
+        assert 0 < cut < 600
+        prompt = eng.tokenize(chat(eng, "second"))
+        cold_engine = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=1))
+        try:
+            cold = Run()
+            cold.record = RequestRecord(operation="chat", model=cold_engine.info)
+            cold.job = cold_engine.submit(
+                GenerationRequest([prompt + b.job.sampled[:cut]], SamplingParams(temperature=0), 16,
+                                  cold.record, ignore_eos=True), cold, max_queue=1)
+            cold.wait()
+        finally:
+            cold_engine.close()
+        assert cold.job.sampled == b.job.sampled[cut:cut + 16]
+        assert len(b.job.sampled) == 600
+    finally:
+        eng.close()
