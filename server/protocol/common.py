@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.policy.extension import EdgeVLMExtension
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -48,7 +50,9 @@ class SamplingFields(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repeat_penalty: float = Field(1.0, gt=0.0)
     ignore_eos: bool = False
-    edgevlm: dict[str, Any] | None = None
+    edgevlm: EdgeVLMExtension | None = Field(
+        None, description="edgevlm's per-request speed/accuracy controls (profile, image "
+                          "token budget, pruning, TTFT budget, long-chat truncation).")
 
     @field_validator("stop")
     @classmethod

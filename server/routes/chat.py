@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import ValidationError
 
 from models.grammars import GrammarError, json_grammar
 from models.templates import ChatTemplateError
@@ -14,7 +13,6 @@ from server.auth import check_api_key
 from server.errors import APIError
 from server.generation import Prepared, check_unsupported, execute, max_new_tokens, new_id, sampling_params
 from server.images import cost_observer, prepare_images
-from server.policy.extension import parse_extension
 from server.prompt import render_chat
 from server.protocol.chat import ChatCompletion, ChatCompletionRequest
 from telemetry.record import RequestRecord
@@ -44,14 +42,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     check_unsupported(body)
     if body.tools:
         raise APIError(400, "Tool calling is not supported.", param="tools", code="unsupported_value")
-    try:
-        extension = parse_extension(body.edgevlm)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        raise APIError(400, f"Invalid edgevlm extension value{' for ' + loc if loc else ''}: "
-                       f"{err.get('msg')}", param=f"edgevlm.{loc}" if loc else "edgevlm",
-                       code="invalid_value") from exc
+    extension = body.edgevlm
     grammar = grammar_for(body)
     state = request.app.state
     model = await state.registry.acquire(body.model)
