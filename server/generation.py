@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -85,13 +85,26 @@ def _usage(rec: RequestRecord) -> Usage:
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=rec.cached_tokens))
 
 
-async def execute(request: Request, prepared: Prepared, *, stream: bool, include_usage: bool,
-                  chunk: ChunkBuilder, final: Callable[[str, str | None, Usage, dict], Any]) -> Any:
-    """Submit the request and answer as a stream or a single body."""
+async def execute(request: Request, record: RequestRecord, prepare: Callable[[], Awaitable[Prepared]],
+                  *, stream: bool, include_usage: bool, chunk: ChunkBuilder,
+                  final: Callable[[str, str | None, Usage, dict], Any]) -> Any:
+    """Prepare (images, prompt), submit, and answer as a stream or a single body.
+
+    The span opens before ``prepare`` so image loading and encoding are inside it, and a
+    request refused at any point (bad image, full queue, too long) still leaves a span.
+    """
     app = request.app
-    rec = prepared.record
+    rec = record
     started = time.perf_counter()
     trace = app.state.telemetry.begin(rec.operation, rec.model.model_id, request.headers)
+    try:
+        prepared = await prepare()
+    except BaseException as exc:
+        if rec.error_type is None:
+            rec.error_type = getattr(exc, "code", None) or type(exc).__name__
+        rec.e2e_ms = (time.perf_counter() - started) * 1000.0
+        trace.finish(rec, exc)
+        raise
     if app.state.settings.capture_content:
         rec.prompt_text = prepared.prompt_text
     engine = prepared.model.engine
@@ -152,13 +165,30 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+_MARK = "\u0000edgevlm-delta\u0000"
+
+
+def _delta_encoder(chunk: ChunkBuilder) -> Callable[[str], bytes]:
+    """SSE bytes for one text delta without rebuilding and re-serialising the whole chunk.
+
+    The chunk is serialised once around a marker; each token then costs one
+    ``json.dumps`` of its text, which matters on a 2-core box where the event loop
+    competes with the decode threads.
+    """
+    template = json.dumps(chunk(_MARK, None), separators=(",", ":"))
+    head, _, tail = template.partition(json.dumps(_MARK))
+    prefix, suffix = b"data: " + head.encode(), tail.encode() + b"\n\n"
+    return lambda text: prefix + json.dumps(text).encode() + suffix
+
+
 async def _stream(gen: Generation, rec: RequestRecord, include_usage: bool, chunk: ChunkBuilder,
                   close: Callable[[BaseException | None], None]) -> AsyncIterator[bytes]:
     error: BaseException | None = None
+    encode = _delta_encoder(chunk)
     try:
         yield _sse(chunk(None, None))  # role announcement, sent at once
         async for text in gen.deltas():
-            yield _sse(chunk(text, None))
+            yield encode(text)
         last = chunk(None, gen.finish_reason)
         last["timings"] = rec.timings()
         yield _sse(last)

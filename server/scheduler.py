@@ -35,11 +35,21 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[str]:
         """Yield text as it arrives; sets ``finish_reason`` or raises the engine's error."""
+        held: Event | None = None
         while True:
-            event: Event = await self.queue.get()
+            event: Event = held if held is not None else await self.queue.get()
+            held = None
             if isinstance(event, TextDelta):
-                self.text_parts.append(event.text)
-                yield event.text
+                # Deltas that piled up while the loop was busy go out as one chunk.
+                text = event.text
+                while not self.queue.empty():
+                    nxt = self.queue.get_nowait()
+                    if not isinstance(nxt, TextDelta):
+                        held = nxt
+                        break
+                    text += nxt.text
+                self.text_parts.append(text)
+                yield text
             elif isinstance(event, Finished):
                 self.finish_reason = event.reason
                 return

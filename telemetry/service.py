@@ -203,7 +203,7 @@ class Telemetry:
             self._record_metrics(rt, record)
 
     def _phase_spans(self, parent: trace.Span, record: RequestRecord, start_ns: int, end_ns: int) -> None:
-        """Queue, image encode, prefill and decode laid out back to back from the span start."""
+        """Image encode, queue, prefill and decode laid out back to back from the span start."""
         assert self._tracer is not None
         ctx = trace.set_span_in_context(parent)
         t = start_ns
@@ -217,7 +217,7 @@ class Telemetry:
             span.end(end_time=max(s, e))
             t = max(s, e)
 
-        child("queue", record.queue_ms, {"edgevlm.queue_ms": record.queue_ms})
+        # Images are loaded and encoded before the request joins its model's queue.
         if record.images and any(im.encode_ms > 0 for im in record.images):
             for im in record.images:
                 child("image_encode", im.encode_ms, {
@@ -230,6 +230,7 @@ class Telemetry:
                 })
         else:
             child("image_encode", record.encode_ms, {"edgevlm.encode_ms": record.encode_ms})
+        child("queue", record.queue_ms, {"edgevlm.queue_ms": record.queue_ms})
         child("prefill", record.prefill_ms, {
             "edgevlm.prefilled_tokens": record.prefilled_tokens,
             "edgevlm.cache.reused_tokens": record.cached_tokens,

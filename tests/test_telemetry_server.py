@@ -181,3 +181,14 @@ def test_idle_baseline_on_demand(traced) -> None:  # type: ignore[no-untyped-def
     assert span.attributes["edgevlm.energy.idle_watts"] == pytest.approx(r.json()["idle_watts"])
     bad = httpx.post(srv.base_url + "/energy/idle-baseline", params={"seconds": 0})
     assert bad.status_code == 400
+
+
+def test_request_refused_while_preparing_still_leaves_a_span(traced) -> None:  # type: ignore[no-untyped-def]
+    srv, tel, exporter = traced()
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    with srv.client() as c:
+        assert c.post("/v1/chat/completions", json=body).status_code == 400
+    [span] = request_spans(tel, exporter)
+    assert span.attributes["error.type"] == "model_not_multimodal"
+    assert span.status.status_code.name == "ERROR"

@@ -52,19 +52,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
         top_p=body.top_p, seed=body.seed,
     )
-    try:
-        rendered = render_chat(body.messages, model, extension=extension,
-                               settings=state.settings, record=record)
-    except ChatTemplateError as exc:
-        raise APIError(400, f"The messages cannot be formatted for this model: {exc}",
-                       param="messages", code="invalid_messages") from exc
-    segments = await prepare_images(rendered, model, body, extension, request, record)
-    n_prompt = sum(len(s) if isinstance(s, list) else s.n_tokens for s in segments)
-    max_tokens = max_new_tokens(body.max_completion_tokens or body.max_tokens, model, n_prompt)
-    prepared = Prepared(model=model, segments=segments, sampling=sampling_params(body, grammar),
+
+    async def prepare() -> Prepared:
+        try:
+            rendered = render_chat(body.messages, model, extension=extension,
+                                   settings=state.settings, record=record)
+        except ChatTemplateError as exc:
+            raise APIError(400, f"The messages cannot be formatted for this model: {exc}",
+                           param="messages", code="invalid_messages") from exc
+        segments = await prepare_images(rendered, model, body, extension, request, record)
+        n_prompt = sum(len(s) if isinstance(s, list) else s.n_tokens for s in segments)
+        max_tokens = max_new_tokens(body.max_completion_tokens or body.max_tokens, model, n_prompt)
+        return Prepared(model=model, segments=segments, sampling=sampling_params(body, grammar),
                         max_tokens=max_tokens, stop=body.stop_list(), record=record,
                         ignore_eos=body.ignore_eos, prompt_text=rendered.text,
                         on_done=cost_observer(request.app, model))
+
     created = int(time.time())
     model_id = model.spec.id
 
@@ -87,5 +90,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         ).model_dump()
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await execute(request, prepared, stream=body.stream, include_usage=include_usage,
-                         chunk=chunk, final=final)
+    return await execute(request, record, prepare, stream=body.stream,
+                         include_usage=include_usage, chunk=chunk, final=final)

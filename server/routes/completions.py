@@ -47,9 +47,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         stream=body.stream, max_tokens=body.max_tokens, temperature=body.temperature,
         top_p=body.top_p, seed=body.seed,
     )
-    prepared = Prepared(model=model, segments=[tokens], sampling=sampling_params(body, None),
+    async def prepare() -> Prepared:
+        return Prepared(model=model, segments=[tokens], sampling=sampling_params(body, None),
                         max_tokens=max_new_tokens(body.max_tokens, model, len(tokens)),
-                        stop=body.stop_list(), record=record, ignore_eos=body.ignore_eos, prompt_text=text)
+                        stop=body.stop_list(), record=record, ignore_eos=body.ignore_eos,
+                        prompt_text=text)
+
     created = int(time.time())
     model_id = model.spec.id
     echo = text if body.echo else ""
@@ -66,5 +69,5 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                           usage=usage, timings=timings).model_dump()
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await execute(request, prepared, stream=body.stream, include_usage=include_usage,
-                         chunk=chunk, final=final)
+    return await execute(request, record, prepare, stream=body.stream,
+                         include_usage=include_usage, chunk=chunk, final=final)
