@@ -85,15 +85,35 @@ class EngineConfig:
 
 @dataclass
 class ImageSegment:
-    """An image's (possibly pruned) embedding rows, prefilled in place of tokens."""
+    """An image's (possibly pruned) embedding rows, prefilled in place of tokens.
+
+    ``positions`` and ``n_pos`` matter only to M-RoPE models (Qwen2-VL family):
+    ``positions`` is ``(4, n_tokens)`` int, each kept row's (t, y, x, z) position relative
+    to the image's first position (``ImageChunk.positions``, indexed by the kept rows
+    after pruning), and the image advances the sequence by ``n_pos`` positions
+    (``max(nx, ny)`` of the *encoded* grid, pruned or not). Without ``positions`` an
+    M-RoPE model gets consecutive positions in all four sections (mtmd-helper's
+    ``set_position_mrope_1d``). 1-D RoPE models ignore both and number rows consecutively.
+    """
 
     embeddings: np.ndarray  # (n_tokens, n_embd) float32, C-contiguous
     key: str  # identity for KV reuse: image hash + resolution + pruning
     non_causal: bool = False
+    positions: np.ndarray | None = None  # (4, n_tokens) relative M-RoPE positions
+    n_pos: int | None = None  # positions the image advances (M-RoPE); None -> derived
 
     @property
     def n_tokens(self) -> int:
         return int(self.embeddings.shape[0])
+
+    @property
+    def mrope_advance(self) -> int:
+        """Positions this image occupies in an M-RoPE sequence."""
+        if self.n_pos is not None:
+            return int(self.n_pos)
+        if self.positions is not None and self.positions.size:
+            return int(self.positions[:3].max()) + 1
+        return self.n_tokens
 
 
 Segment = Union[list[int], ImageSegment]
@@ -252,6 +272,28 @@ class _Slot:
     history: list[Hashable] = field(default_factory=list)  # what this sequence's KV holds
     job: Job | None = None
     last_used: float = 0.0
+    # Position of history item i is i + (shift in force at i). Always 0 for 1-D RoPE
+    # models; an M-RoPE image advances the position by its n_pos, not its row count, so
+    # each finished image appends (history index after it, new shift) to ``marks``.
+    shift: int = 0
+    marks: list[tuple[int, int]] = field(default_factory=list)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` history items (and the position shifts that apply to them)."""
+        self.history = self.history[:n] if n else []
+        marks = self.marks
+        while marks and marks[-1][0] > n:
+            marks.pop()
+        self.shift = marks[-1][1] if marks else 0
+
+    def pos_at(self, i: int) -> int:
+        """Position of history item ``i`` (valid for ``i <= len(history)``)."""
+        shift = 0
+        for start, value in self.marks:
+            if start > i:
+                break
+            shift = value
+        return i + shift
 
 
 def _common_prefix(a: list[Hashable], b: list[Hashable]) -> int:
@@ -324,6 +366,21 @@ class Engine:
         )
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._embd_batch = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+        # M-RoPE (Qwen2-VL family): embedding batches carry 4 positions per row, laid out
+        # section-major (pos[j * n_tokens + i]); llama_batch_init allocates only one per
+        # row, so the embedding batch points at our own array (restored before freeing).
+        # Token batches keep one position: llama.cpp broadcasts it to all sections.
+        rope = int(llama_cpp.llama_model_rope_type(model))
+        mrope_types = {llama_cpp.LLAMA_ROPE_TYPE_MROPE, getattr(llama_cpp, "LLAMA_ROPE_TYPE_IMROPE", -1)}
+        self.mrope = rope in mrope_types
+        self._embd_pos_orig = None
+        self._mrope_pos = None
+        if self.mrope:
+            self._mrope_pos = (llama_cpp.llama_pos * (4 * n_batch))()
+            # The address, not the field object: a ctypes pointer read from a Structure
+            # is a view of the field and would follow the reassignment below.
+            self._embd_pos_orig = ctypes.cast(self._embd_batch.pos, ctypes.c_void_p).value
+            self._embd_batch.pos = ctypes.cast(self._mrope_pos, ctypes.POINTER(llama_cpp.llama_pos))
         self._slots = [_Slot(seq_id=i) for i in range(cparams.n_seq_max)]
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -396,6 +453,17 @@ class Engine:
                 if seg.embeddings.ndim != 2 or seg.embeddings.shape[1] != self.n_embd:
                     raise EngineError("image embeddings do not match the model width",
                                       code="bad_embeddings", status=400)
+                if self.mrope and seg.positions is not None:
+                    p = seg.positions
+                    if p.ndim != 2 or p.shape != (4, seg.n_tokens) or not np.issubdtype(p.dtype, np.integer):
+                        raise EngineError("image positions must be an int (4, n_tokens) array",
+                                          code="bad_positions", status=400)
+                    if p.size and (int(p.min()) < 0 or int(p[:3].max()) >= seg.mrope_advance):
+                        raise EngineError("image positions fall outside the image's n_pos",
+                                          code="bad_positions", status=400)
+                if self.mrope and seg.mrope_advance < 1:
+                    raise EngineError("an image must advance at least one position",
+                                      code="bad_positions", status=400)
                 if seg.non_causal and seg.n_tokens > self.n_batch:
                     raise EngineError(
                         f"an image of {seg.n_tokens} tokens needs a batch of at least that size "
@@ -422,6 +490,9 @@ class Engine:
             log.error("engine thread for %s did not stop; leaking its context", self.config.model_id)
             return
         llama_cpp.llama_batch_free(self._batch)
+        if self._embd_pos_orig is not None:
+            # free() what llama_batch_init allocated, not our ctypes array
+            self._embd_batch.pos = ctypes.cast(self._embd_pos_orig, ctypes.POINTER(llama_cpp.llama_pos))
         llama_cpp.llama_batch_free(self._embd_batch)
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
@@ -476,7 +547,7 @@ class Engine:
                 victim = idle.pop(0)
                 cached -= len(victim.history)
                 llama_cpp.llama_memory_seq_rm(self.mem, victim.seq_id, -1, -1)
-                victim.history = []
+                victim.truncate(0)
             self._waiting.popleft()
             job.slot = slot
             slot.job = job
@@ -498,10 +569,10 @@ class Engine:
             if isinstance(seg, ImageSegment) and start < reuse:
                 reuse = start  # never resume in the middle of an image
         if reuse < len(slot.history):
-            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, reuse, -1):
+            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(reuse), -1):
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
                 reuse = 0
-            slot.history = slot.history[:reuse]
+            slot.truncate(reuse)
         job.cursor = reuse
         rec = job.req.record
         rec.slot = slot.seq_id
@@ -534,7 +605,7 @@ class Engine:
         outputs: list[tuple[int, Job]] = []
         for job in decoding:
             slot = job.slot
-            self._put(batch, n, job.next_token, len(slot.history), slot.seq_id, True)
+            self._put(batch, n, job.next_token, len(slot.history) + slot.shift, slot.seq_id, True)
             slot.history.append(job.next_token)
             job.generated.append(job.next_token)
             outputs.append((n, job))
@@ -554,10 +625,11 @@ class Engine:
             take = min(end - job.cursor, budget)
             slot = job.slot
             last_prompt = job.cursor + take == job.n_prompt and not job.resuming
+            base = len(slot.history) + slot.shift
             for k in range(take):
                 tok = job.items[job.cursor + k]
                 want = last_prompt and k == take - 1
-                self._put(batch, n, tok, len(slot.history), slot.seq_id, want)
+                self._put(batch, n, tok, base + k, slot.seq_id, want)
                 slot.history.append(tok)
                 if want:
                     outputs.append((n, job))
@@ -595,12 +667,29 @@ class Engine:
         batch = self._embd_batch
         ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
         last_prompt = job.cursor + take == job.n_prompt and not job.resuming
-        base = len(slot.history)
-        for k in range(take):
-            batch.pos[k] = base + k
-            batch.n_seq_id[k] = 1
-            batch.seq_id[k][0] = slot.seq_id
-            batch.logits[k] = last_prompt and k == take - 1
+        if self.mrope:
+            # Follow mtmd-helper: rows at (n_past + t, n_past + y, n_past + x, z) with
+            # n_past the image's first position (set_position_mrope_2d), section-major.
+            img_base = start + slot.shift
+            off = job.cursor - start
+            if seg.positions is not None:
+                pos4 = np.array(seg.positions[:, off: off + take], dtype=np.int32)
+                pos4[:3] += img_base
+            else:  # set_position_mrope_1d
+                pos4 = np.broadcast_to(np.arange(img_base + off, img_base + off + take, dtype=np.int32),
+                                       (4, take)).copy()
+            ctypes.memmove(self._mrope_pos, pos4.ctypes.data, pos4.nbytes)
+            for k in range(take):
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = slot.seq_id
+                batch.logits[k] = last_prompt and k == take - 1
+        else:
+            base = len(slot.history)
+            for k in range(take):
+                batch.pos[k] = base + k
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = slot.seq_id
+                batch.logits[k] = last_prompt and k == take - 1
         batch.n_tokens = take
         if seg.non_causal:
             llama_cpp.llama_set_causal_attn(self.ctx, False)
@@ -614,6 +703,10 @@ class Engine:
             return
         slot.history.extend(job.items[job.cursor: job.cursor + take])
         job.cursor += take
+        if self.mrope and job.cursor == end:
+            # After an image n_past advances by n_pos (max(nx, ny)), not by its rows.
+            slot.shift = start + slot.shift + seg.mrope_advance - end
+            slot.marks.append((end, slot.shift))
         if last_prompt:
             self._sample(job, take - 1)
 
@@ -627,7 +720,7 @@ class Engine:
             victim = idle.pop(0)
             used -= len(victim.history)
             llama_cpp.llama_memory_seq_rm(self.mem, victim.seq_id, -1, -1)
-            victim.history = []
+            victim.truncate(0)
         # Still short: the most recently admitted job gives its cells back and waits at the
         # head of the queue, resuming later exactly where it was; a running stream is
         # never cut short for a newcomer. A job alone at the limit ends with "length".
@@ -647,7 +740,7 @@ class Engine:
     def _preempt(self, job: Job) -> None:
         slot = job.slot
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-        slot.history = []
+        slot.truncate(0)
         slot.job = None
         slot.last_used = time.monotonic()
         job.requeue()
@@ -661,7 +754,7 @@ class Engine:
         for job in jobs:
             slot = job.slot
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-            slot.history = []
+            slot.truncate(0)
             self._finish(job, error=EngineError(f"llama_decode failed with status {rc}"))
 
     def _sample(self, job: Job, idx: int) -> None:

@@ -39,6 +39,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 __all__ = [
+    "LlmArch",
     "MmprojKind",
     "default_model_path",
     "tiny_vlm",
@@ -47,7 +48,8 @@ __all__ = [
     "write_tiny_mmproj",
 ]
 
-MmprojKind = Literal["pixtral", "mlp"]
+MmprojKind = Literal["pixtral", "mlp", "qwen2vl"]
+LlmArch = Literal["llama", "qwen2vl"]
 
 # CLIP normalisation used by LLaVA-1.5 (and Pixtral).
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -143,33 +145,62 @@ def write_tiny_llm(
     seed: int = 0,
     dtype: Literal["f16", "f32"] = "f16",
     tokenizer_from: str | os.PathLike[str] | None = None,
+    arch: LlmArch = "llama",
+    rope_sections: tuple[int, int, int, int] | None = None,
+    attn_std: float = 0.02,
 ) -> Path:
     """Write a random-weight ``llama`` GGUF with the default model's tokenizer; returns ``path``.
 
     2-D weights are stored as ``dtype`` (F16 by default: ~13 MB for the 49k-token SmolLM2
     vocabulary at ``n_embd=64``), norms as F32. Deterministic in all arguments.
+
+    ``arch="qwen2vl"`` writes a Qwen2-VL text model instead (same tensors plus Q/K/V
+    biases, M-RoPE): llama.cpp then reports ``LLAMA_ROPE_TYPE_MROPE`` and expects 4
+    positions per embedding row. ``rope_sections`` (``qwen2vl.rope.dimension_sections``,
+    required by llama.cpp) splits the ``head_dim / 2`` rotary pairs between the temporal,
+    height, width and extra components; the default follows Qwen2-VL's 16/24/24/0 of 64.
+
+    ``attn_std`` scales the random Q/K/V/output projections: with the default the
+    residual stream is nearly the token embedding and attention is near-uniform, so
+    outputs hardly depend on positions; larger values make wrong positions change the
+    greedy output (what position tests need).
     """
     n_head_kv = n_head if n_head_kv is None else n_head_kv
     if n_embd % n_head or n_head % n_head_kv or (n_embd // n_head) % 2:
         raise ValueError("n_embd must split into n_head even-sized heads, n_head into n_head_kv groups")
+    if arch not in ("llama", "qwen2vl"):
+        raise ValueError(f"unknown arch {arch!r}; expected 'llama' or 'qwen2vl'")
+    half = (n_embd // n_head) // 2
+    if arch == "qwen2vl":
+        if rope_sections is None:
+            t = half // 4
+            rope_sections = (t, (half - t) // 2, half - t - (half - t) // 2, 0)
+        rope_sections = tuple(int(x) for x in rope_sections)  # type: ignore[assignment]
+        if len(rope_sections) != 4 or min(rope_sections) < 0 or sum(rope_sections) != half:
+            raise ValueError(f"rope_sections must be 4 non-negative ints summing to head_dim/2 = {half}")
+    elif rope_sections is not None:
+        raise ValueError("rope_sections only applies to arch='qwen2vl'")
     tok = tokenizer_metadata(tokenizer_from)
     n_vocab = next(len(v) for k, _, v, _ in tok if k == "tokenizer.ggml.tokens")
     head_dim = n_embd // n_head
     wdt = np.float16 if dtype == "f16" else np.float32
 
     def fill(w: Any) -> None:
-        w.add_name("edgevlm tiny llama")
+        a = arch
+        w.add_name(f"edgevlm tiny {arch}")
         w.add_uint32("general.file_type", 1 if dtype == "f16" else 0)
-        w.add_uint32("llama.context_length", n_ctx_train)
-        w.add_uint32("llama.embedding_length", n_embd)
-        w.add_uint32("llama.block_count", n_layer)
-        w.add_uint32("llama.feed_forward_length", n_ff)
-        w.add_uint32("llama.attention.head_count", n_head)
-        w.add_uint32("llama.attention.head_count_kv", n_head_kv)
-        w.add_uint32("llama.rope.dimension_count", head_dim)
-        w.add_float32("llama.rope.freq_base", 10000.0)
-        w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-        w.add_uint32("llama.vocab_size", n_vocab)
+        w.add_uint32(f"{a}.context_length", n_ctx_train)
+        w.add_uint32(f"{a}.embedding_length", n_embd)
+        w.add_uint32(f"{a}.block_count", n_layer)
+        w.add_uint32(f"{a}.feed_forward_length", n_ff)
+        w.add_uint32(f"{a}.attention.head_count", n_head)
+        w.add_uint32(f"{a}.attention.head_count_kv", n_head_kv)
+        w.add_uint32(f"{a}.rope.dimension_count", head_dim)
+        w.add_float32(f"{a}.rope.freq_base", 10000.0)
+        w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+        w.add_uint32(f"{a}.vocab_size", n_vocab)
+        if arch == "qwen2vl":
+            w.add_array(f"{a}.rope.dimension_sections", list(rope_sections or ()))
         for key, vtype, value, sub in tok:
             w.add_key_value(key, value, vtype, sub)
 
@@ -182,10 +213,14 @@ def write_tiny_llm(
         for il in range(n_layer):
             p = f"blk.{il}"
             w.add_tensor(f"{p}.attn_norm.weight", ones)
-            w.add_tensor(f"{p}.attn_q.weight", mat(f"{p}.q", n_embd, n_embd))
-            w.add_tensor(f"{p}.attn_k.weight", mat(f"{p}.k", head_dim * n_head_kv, n_embd))
-            w.add_tensor(f"{p}.attn_v.weight", mat(f"{p}.v", head_dim * n_head_kv, n_embd))
-            w.add_tensor(f"{p}.attn_output.weight", mat(f"{p}.o", n_embd, n_embd))
+            w.add_tensor(f"{p}.attn_q.weight", mat(f"{p}.q", n_embd, n_embd, attn_std))
+            w.add_tensor(f"{p}.attn_k.weight", mat(f"{p}.k", head_dim * n_head_kv, n_embd, attn_std))
+            w.add_tensor(f"{p}.attn_v.weight", mat(f"{p}.v", head_dim * n_head_kv, n_embd, attn_std))
+            if arch == "qwen2vl":  # Qwen2 attention has Q/K/V biases
+                w.add_tensor(f"{p}.attn_q.bias", np.zeros(n_embd, dtype=np.float32))
+                w.add_tensor(f"{p}.attn_k.bias", np.zeros(head_dim * n_head_kv, dtype=np.float32))
+                w.add_tensor(f"{p}.attn_v.bias", np.zeros(head_dim * n_head_kv, dtype=np.float32))
+            w.add_tensor(f"{p}.attn_output.weight", mat(f"{p}.o", n_embd, n_embd, attn_std))
             w.add_tensor(f"{p}.ffn_norm.weight", ones)
             w.add_tensor(f"{p}.ffn_gate.weight", mat(f"{p}.gate", n_ff, n_embd))
             w.add_tensor(f"{p}.ffn_up.weight", mat(f"{p}.up", n_ff, n_embd))
@@ -193,7 +228,7 @@ def write_tiny_llm(
         w.add_tensor("output_norm.weight", ones)
         w.add_tensor("output.weight", mat("output", n_vocab, n_embd, 1.0))
 
-    return _write_atomic(Path(path), fill, "llama")
+    return _write_atomic(Path(path), fill, arch)
 
 
 # --------------------------------------------------------------------------- mmproj
@@ -239,8 +274,8 @@ def write_tiny_mmproj(
       ``mm.input_norm.weight`` and ``mm.patch_merger.weight`` (otherwise the token count
       and the graph disagree); head_dim must be divisible by 4 (2-D RoPE).
     """
-    if kind not in ("pixtral", "mlp"):
-        raise ValueError(f"unknown mmproj kind {kind!r}; expected 'pixtral' or 'mlp'")
+    if kind not in ("pixtral", "mlp", "qwen2vl"):
+        raise ValueError(f"unknown mmproj kind {kind!r}; expected 'pixtral', 'mlp' or 'qwen2vl'")
     if n_embd % n_head:
         raise ValueError("n_embd must be divisible by n_head")
     if n_ff == n_embd:
@@ -248,17 +283,28 @@ def write_tiny_mmproj(
     if n_layer < 2 and kind == "mlp":
         raise ValueError("the LLaVA graph uses the second-to-last layer: n_layer must be >= 2")
     head_dim = n_embd // n_head
-    if kind == "pixtral" and head_dim % 4:
-        raise ValueError("pixtral needs head_dim (n_embd / n_head) divisible by 4 for 2-D RoPE")
+    if kind in ("pixtral", "qwen2vl") and head_dim % 4:
+        raise ValueError(f"{kind} needs head_dim (n_embd / n_head) divisible by 4 for 2-D RoPE")
     if kind == "mlp":
         image_size = 64 if image_size is None else image_size
         if image_size % patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
     else:
         image_size = 256 if image_size is None else image_size
-    merge = spatial_merge if kind == "pixtral" else 1
+    if kind == "qwen2vl":
+        # clip_graph_qwen2vl hard-codes a 2x2 merge (view of n_embd * 4 per token): any other
+        # spatial_merge_size makes the token count and the graph disagree (GGML_ASSERT).
+        if spatial_merge != 2:
+            raise ValueError("qwen2vl_merger requires spatial_merge=2")
+        if n_ff == n_embd:
+            raise ValueError("n_ff must differ from n_embd (clip.cpp would swap ffn up/down)")
+    merge = spatial_merge if kind in ("pixtral", "qwen2vl") else 1
     if merge < 1:
         raise ValueError("spatial_merge must be >= 1")
+    if kind == "qwen2vl":
+        return _write_atomic(Path(path), lambda w: _fill_qwen2vl(
+            w, n_embd_text=n_embd_text, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_ff=n_ff,
+            patch_size=patch_size, image_size=image_size, proj_hidden=proj_hidden, seed=seed), "clip")
 
     def fill(w: Any) -> None:
         rs = f"{kind}:{seed}"
@@ -339,6 +385,68 @@ def write_tiny_mmproj(
     return _write_atomic(Path(path), fill, "clip")
 
 
+def _fill_qwen2vl(w: Any, *, n_embd_text: int, n_embd: int, n_layer: int, n_head: int, n_ff: int,
+                  patch_size: int, image_size: int, proj_hidden: int, seed: int) -> None:
+    """Tensors and KVs of a Qwen2-VL ``qwen2vl_merger`` mmproj (clip_graph_qwen2vl).
+
+    What clip.cpp needs: two patch-embedding convolutions (``v.patch_embd.weight`` and
+    ``.weight.1``, the two temporal frames; no ``v.patch_embd.bias`` — the graph asserts
+    there is none), LayerNorm ``ln1``/``ln2`` with biases, biased Q/K/V/out and a plain
+    up/down FFN (``n_ff != n_embd``), ``v.post_ln`` and the merger MLP ``mm.0`` (from
+    ``4 * n_embd``, the 2x2 merged patches) and ``mm.2`` (to the LLM width, read from
+    ``mm.2.bias``). Images are aligned to ``2 * patch_size`` pixels; each 2x2 patch block
+    becomes one LLM token, and the LLM sees it at M-RoPE position (t, y, x).
+    """
+    kind = "qwen2vl"
+    rs = f"{kind}:{seed}"
+
+    def mat(tag: str, *shape: int, std: float = 0.05) -> np.ndarray:
+        return _rng(seed, f"{rs}:{tag}").standard_normal(shape, dtype=np.float32) * std
+
+    zeros = lambda n: np.zeros(n, dtype=np.float32)  # noqa: E731
+    ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
+
+    w.add_name("edgevlm tiny qwen2vl mmproj")
+    w.add_uint32("general.file_type", 0)
+    w.add_string("clip.projector_type", "qwen2vl_merger")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_bool("clip.has_audio_encoder", False)
+    w.add_bool("clip.use_gelu", False)  # quick_gelu, as Qwen2-VL's vision tower
+    w.add_uint32("clip.vision.spatial_merge_size", 2)
+    w.add_uint32("clip.vision.image_size", image_size)
+    w.add_uint32("clip.vision.patch_size", patch_size)
+    w.add_uint32("clip.vision.embedding_length", n_embd)
+    w.add_uint32("clip.vision.feed_forward_length", n_ff)
+    w.add_uint32("clip.vision.block_count", n_layer)
+    w.add_uint32("clip.vision.attention.head_count", n_head)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_uint32("clip.vision.projection_dim", n_embd_text)
+    w.add_array("clip.vision.image_mean", [float(x) for x in _CLIP_MEAN])
+    w.add_array("clip.vision.image_std", [float(x) for x in _CLIP_STD])
+
+    w.add_tensor("v.patch_embd.weight", mat("patch0", n_embd, 3, patch_size, patch_size, std=0.1))
+    w.add_tensor("v.patch_embd.weight.1", mat("patch1", n_embd, 3, patch_size, patch_size, std=0.1))
+    for il in range(n_layer):
+        p = f"v.blk.{il}"
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w.add_tensor(f"{p}.{name}.weight", mat(f"{p}.{name}", n_embd, n_embd))
+            w.add_tensor(f"{p}.{name}.bias", zeros(n_embd))
+        for name in ("ln1", "ln2"):
+            w.add_tensor(f"{p}.{name}.weight", ones(n_embd))
+            w.add_tensor(f"{p}.{name}.bias", zeros(n_embd))
+        w.add_tensor(f"{p}.ffn_up.weight", mat(f"{p}.up", n_ff, n_embd))
+        w.add_tensor(f"{p}.ffn_up.bias", zeros(n_ff))
+        w.add_tensor(f"{p}.ffn_down.weight", mat(f"{p}.down", n_embd, n_ff))
+        w.add_tensor(f"{p}.ffn_down.bias", zeros(n_embd))
+    w.add_tensor("v.post_ln.weight", ones(n_embd))
+    w.add_tensor("v.post_ln.bias", zeros(n_embd))
+    w.add_tensor("mm.0.weight", mat("mm0", proj_hidden, n_embd * 4, std=0.1))
+    w.add_tensor("mm.0.bias", zeros(proj_hidden))
+    w.add_tensor("mm.2.weight", mat("mm2", n_embd_text, proj_hidden, std=0.1))
+    w.add_tensor("mm.2.bias", zeros(n_embd_text))
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -354,10 +462,13 @@ def tiny_vlm(
     ``llm`` / ``mmproj`` are extra keyword arguments for :func:`write_tiny_llm` /
     :func:`write_tiny_mmproj`; the file names carry a hash of them (and of the
     tokenizer source), so different parameters never collide. ``n_embd_text`` of the
-    projector always follows the LLM's ``n_embd``.
+    projector always follows the LLM's ``n_embd``. ``kind="qwen2vl"`` pairs the
+    ``qwen2vl_merger`` projector with a ``qwen2vl`` (M-RoPE) text model.
     """
     directory = Path(directory)
     llm_kw = dict(llm or {})
+    if kind == "qwen2vl":
+        llm_kw.setdefault("arch", "qwen2vl")
     mm_kw = dict(mmproj or {})
     mm_kw["n_embd_text"] = llm_kw.get("n_embd", 64)
 
@@ -369,7 +480,7 @@ def tiny_vlm(
     src_path = Path(src) if src is not None else default_model_path()
     stat = src_path.stat()
     llm_tag = tag({**llm_kw, "tokenizer_from": str(src_path), "tok_size": stat.st_size, "v": 1})
-    llm_path = directory / f"tiny-llama-{llm_tag}.gguf"
+    llm_path = directory / f"tiny-{llm_kw.get('arch', 'llama')}-{llm_tag}.gguf"
     mm_path = directory / f"tiny-mmproj-{kind}-{tag({**mm_kw, 'v': 1})}.gguf"
     if not llm_path.is_file():
         write_tiny_llm(llm_path, **llm_kw)

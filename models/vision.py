@@ -69,6 +69,9 @@ _DEFAULT_TOKEN_LIMITS: dict[str, tuple[int, int]] = {
     "pixtral": (8, 1024),
     "glm4v": (8, 4096),
     "lfm2": (64, 256),
+    "qwen2vl_merger": (8, 4096),
+    "qwen2.5vl_merger": (8, 4096),
+    "qwen3vl_merger": (8, 4096),
 }
 _DYNAMIC_PROJECTORS = frozenset(
     {"pixtral", "lightonocr", "qwen2vl_merger", "qwen2.5vl_merger", "qwen3vl_merger", "glm4v", "lfm2", "phi4", "youtuvl"}
@@ -137,6 +140,13 @@ class ImageChunk:
     number of LLM positions the image occupies (== ``n_tokens`` for 1-D RoPE models).
     ``image_hash`` identifies pixels + size and is also the libmtmd chunk id, so it can
     key KV-prefix reuse. ``width``/``height`` are the size handed to the encoder.
+
+    ``positions`` is set for M-RoPE projectors (Qwen2-VL family) only: an int32
+    ``(4, n_tokens)`` array of positions *relative to the image's first position*
+    ``n_past``, in llama.cpp's section order (temporal, row y, column x, extra) — what
+    mtmd-helper's ``set_position_mrope_2d`` puts in a batch, minus ``n_past`` in the
+    first three components (the extra component is absolute 0). The image then
+    advances the sequence by ``n_pos = max(nx, ny)`` positions, not ``n_tokens``.
     """
 
     embeddings: np.ndarray
@@ -149,7 +159,7 @@ class ImageChunk:
     cache_hit: bool
     index: int  # position of the image in the request's image list
     non_causal: bool = False  # prefill this chunk with llama_set_causal_attn(ctx, False)
-    positions: np.ndarray | None = None  # M-RoPE positions (unsupported for now: always None)
+    positions: np.ndarray | None = None  # (4, n_tokens) int32 relative M-RoPE positions, or None
 
     @property
     def nbytes(self) -> int:
@@ -484,13 +494,6 @@ class VisionEncoder:
                 raise VisionError(f"{path.name} has no vision encoder", code="invalid_mmproj")
             self.uses_mrope: bool = bool(mtmd.mtmd_decode_use_mrope(ctx))
             self.uses_non_causal: bool = bool(mtmd.mtmd_decode_use_non_causal(ctx, None))
-            if self.uses_mrope:
-                raise VisionError(
-                    f"{path.name} ({meta.projector_type}) needs M-RoPE positions (Qwen2-VL family); "
-                    "edgevlm does not support M-RoPE projectors yet",
-                    code="unsupported_projector",
-                    status=400,
-                )
             self.projector: ProjectorFacts = self._probe_facts(meta, image_min_tokens, image_max_tokens)
         except BaseException:
             self.close()
@@ -668,6 +671,7 @@ class VisionEncoder:
         n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
         if n_tokens < 1:
             raise VisionError(f"image {index} produced no tokens", code="vision_error")
+        positions = _mrope_positions(chunk, n_tokens, index) if self.uses_mrope else None
         key = (image_hash, size, n_tokens, self._cache_ns)
         cached = self.cache.get(key)
         if cached is not None:
@@ -682,6 +686,7 @@ class VisionEncoder:
                 cache_hit=True,
                 index=index,
                 non_causal=self.uses_non_causal,
+                positions=positions,
             )
         with self._lock:
             ctx = self._ctx_or_raise()
@@ -718,7 +723,29 @@ class VisionEncoder:
             cache_hit=False,
             index=index,
             non_causal=self.uses_non_causal,
+            positions=positions,
         )
+
+
+def _mrope_positions(chunk, n_tokens: int, index: int) -> np.ndarray:
+    """``(4, n_tokens)`` int32 M-RoPE positions of an image chunk relative to its ``n_past``.
+
+    Asks libmtmd itself (``mtmd_helper_image_get_decoder_pos`` with ``pos_0 = 0``, the
+    call mtmd-helper makes before ``set_position_mrope_2d``), so the layout always
+    matches llama.cpp's; rows are (t, y, x, z) as the batch's sections are ordered.
+    """
+    tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
+    if not tokens:
+        raise VisionError(f"image {index}: libmtmd returned no image tokens", code="vision_error")
+    if int(mtmd.mtmd_image_tokens_get_n_tokens(tokens)) != n_tokens:
+        raise VisionError(f"image {index}: inconsistent image token count", code="vision_error")
+    out = (mtmd.mtmd_decoder_pos * n_tokens)()
+    mtmd.mtmd_helper_image_get_decoder_pos(tokens, 0, out)
+    raw = np.ctypeslib.as_array(ctypes.cast(out, ctypes.POINTER(ctypes.c_uint32)), shape=(n_tokens, 4))
+    t, x, y, z = (raw[:, k].astype(np.int32) for k in range(4))  # struct order: t, x, y, z
+    pos = np.ascontiguousarray(np.stack([t, y, x, z]))
+    pos.flags.writeable = False
+    return pos
 
 
 def _repair_row_breaks(emb: np.ndarray, img_break: np.ndarray, aspect: float) -> None:

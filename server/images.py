@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models.engine import ImageSegment, Segment
 from models.images import ImageError, ImageLimits, LoadedImage, load_image
-from models.reduce import ResizePlan, plan_resize, prune, resize_to_plan
+from models.reduce import ResizePlan, plan_resize, positions_mrope, prune, resize_to_plan
 from models.registry import LoadedModel
 from models.vision import ImageChunk, TextChunk, VisionError
 from server.errors import APIError
@@ -155,7 +155,9 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     model_max = facts.fixed_tokens or facts.max_tokens or 1024
     model_min = 1 if facts.fixed_tokens else (facts.min_tokens or 1)
     profile_name = (extension.profile if extension else None) or settings.profile
-    causal = not (vision.uses_non_causal or vision.uses_mrope)
+    # M-RoPE models (Qwen2-VL) are causal over image rows; pruning is safe there because
+    # kept rows keep their original (t, y, x) positions (engine ImageSegment.positions).
+    causal = not vision.uses_non_causal and (not vision.uses_mrope or getattr(model.engine, "mrope", False))
 
     def budget_for(i: int, ttft_tokens: int | None = None) -> BudgetDecision:
         ref = rendered.images[i]
@@ -227,11 +229,12 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
             continue
         first_text = False
         w = work[chunk.index]
-        emb, method, prune_ms = pruned[chunk.index]
+        emb, method, prune_ms, positions = pruned[chunk.index]
         kept = int(emb.shape[0])
         segments.append(ImageSegment(
             embeddings=emb, key=f"{chunk.image_hash}:{chunk.width}x{chunk.height}:{method}:{kept}",
-            non_causal=chunk.non_causal,
+            non_causal=chunk.non_causal, positions=positions,
+            n_pos=chunk.n_pos if positions is not None else None,
         ))
         record.images.append(ImageRecord(
             index=chunk.index, source_width=w.loaded.width, source_height=w.loaded.height,
@@ -265,17 +268,23 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
 
 
 def _encode_and_prune(vision: Any, text: str, images: list[Any], decision: PruneDecision
-                      ) -> tuple[list[Any], dict[int, tuple[Any, str, float]]]:
-    """Tokenize + encode (worker thread), then keep the decided rows of each image."""
+                      ) -> tuple[list[Any], dict[int, tuple[Any, str, float, Any]]]:
+    """Tokenize + encode (worker thread), then keep the decided rows of each image.
+
+    Per image: (embeddings, method, prune ms, M-RoPE positions or None). Kept rows keep
+    their original M-RoPE positions (``positions_mrope``); the image still advances by
+    the full grid's ``n_pos``.
+    """
     chunks = vision.tokenize(text, images)
-    pruned: dict[int, tuple[Any, str, float]] = {}
+    pruned: dict[int, tuple[Any, str, float, Any]] = {}
     for chunk in chunks:
         if not isinstance(chunk, ImageChunk):
             continue
         keep = decision.keep_for(chunk.n_tokens)
         if decision.active and keep < chunk.n_tokens:
             res = prune(chunk.embeddings, keep, decision.method)  # type: ignore[arg-type]
-            pruned[chunk.index] = (res.embeddings, decision.method, res.ms)
+            pos = positions_mrope(chunk.positions, res.indices) if chunk.positions is not None else None
+            pruned[chunk.index] = (res.embeddings, decision.method, res.ms, pos)
         else:
-            pruned[chunk.index] = (chunk.embeddings, "none", 0.0)
+            pruned[chunk.index] = (chunk.embeddings, "none", 0.0, chunk.positions)
     return chunks, pruned

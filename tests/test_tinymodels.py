@@ -72,7 +72,11 @@ def test_bad_parameters_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_tiny_mmproj(tmp_path / "x.gguf", "mlp", n_embd=32, n_ff=32)
     with pytest.raises(ValueError):
-        write_tiny_mmproj(tmp_path / "x.gguf", "qwen2vl")  # type: ignore[arg-type]
+        write_tiny_mmproj(tmp_path / "x.gguf", "qwen3vl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        write_tiny_mmproj(tmp_path / "x.gguf", "qwen2vl", spatial_merge=3)  # the graph is 2x2 only
+    with pytest.raises(ValueError):
+        write_tiny_llm(tmp_path / "x.gguf", arch="qwen2vl", rope_sections=(1, 1, 1, 1))  # != head_dim/2
     with pytest.raises(ValueError):
         write_tiny_llm(tmp_path / "x.gguf", n_embd=30, n_head=4)
     assert not (tmp_path / "x.gguf").exists()

@@ -5,7 +5,8 @@ only lower the keep share). Pruning is refused, with a reason the response and t
 span carry, when the model's image attention is not known to be causal: models like
 Gemma 3 attend bidirectionally inside an image block and were trained on the full
 fixed token grid, and for an unknown model we cannot tell. A refused decision keeps
-every row (``method == "none"``).
+every row (``method == "none"``). M-RoPE models (Qwen2-VL) are causal and may be
+pruned: the engine prefills kept rows at their original (t, y, x) positions.
 """
 
 from __future__ import annotations
