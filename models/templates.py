@@ -48,18 +48,43 @@ class ChatTemplate:
             self._template = env.from_string(self.source)
         except TemplateError as exc:
             raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+        self.typed_content = self._wants_typed_content()
+
+    def _wants_typed_content(self) -> bool:
+        """Some VLM templates (SmolVLM's, for one) only read ``content`` as a list of
+        typed parts and silently drop a plain string; detect that once with a probe."""
+        probe = "edgevlm-template-probe"
+        try:
+            out = self._render([{"role": "user", "content": probe}], True, {})
+        except Exception:
+            out = ""
+        if probe in out:
+            return False
+        try:
+            typed = self._render([{"role": "user", "content": [{"type": "text", "text": probe}]}],
+                                 True, {})
+        except Exception:
+            return False
+        return probe in typed
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                extra: dict[str, Any]) -> str:
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            **extra,
+        )
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                **extra: Any) -> str:
         """Render messages whose ``content`` is already a string (images as markers)."""
+        if self.typed_content:
+            messages = [{**m, "content": [{"type": "text", "text": m.get("content") or ""}]}
+                        for m in messages]
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                **extra,
-            )
+            return self._render(messages, add_generation_prompt, extra)
         except ChatTemplateError:
             raise
         except TemplateError as exc:
