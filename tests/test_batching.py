@@ -180,3 +180,36 @@ def test_kv_pressure_preempts_the_youngest_request_which_resumes_later(tiny_llm:
         assert len(b.job.sampled) == 600
     finally:
         eng.close()
+
+
+def test_long_prompt_prefill_is_chunked_between_decode_steps(tiny_llm: Path) -> None:
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=4096, n_parallel=2))
+    try:
+        stamps: list[float] = []
+        a = Run()
+
+        def sink(event: object) -> None:
+            if isinstance(event, TextDelta):
+                stamps.append(time.monotonic())
+            a(event)
+
+        a.record = RequestRecord(operation="chat", model=eng.info)
+        a.job = eng.submit(GenerationRequest([eng.tokenize(chat(eng, "stream"))], SamplingParams(temperature=0),
+                                             3000, a.record, ignore_eos=True), sink, max_queue=4)
+        while len(stamps) < 5:
+            time.sleep(0.001)
+        long_prompt = chat(eng, "word " * 1500)
+        n_long = len(eng.tokenize(long_prompt))
+        t_submit = time.monotonic()
+        b = submit(eng, long_prompt, max_tokens=2)
+        b.wait(60)
+        a.job.cancel()
+        a.wait(10)
+        during = [t for t in stamps if t_submit <= t <= b.first_delta_at]
+        # The 1500-token prompt went in 256-token chunks, and the running stream got a
+        # token after each of them instead of waiting for the whole prefill.
+        assert n_long > 4 * 256
+        assert len(during) >= n_long // 256 - 1
+        assert b.record.prefilled_tokens == n_long - b.record.cached_tokens
+    finally:
+        eng.close()
