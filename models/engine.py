@@ -383,6 +383,7 @@ class Engine:
             self._embd_batch.pos = ctypes.cast(self._mrope_pos, ctypes.POINTER(llama_cpp.llama_pos))
         self._slots = [_Slot(seq_id=i) for i in range(cparams.n_seq_max)]
         self._waiting: deque[Job] = deque()
+        self._outbox: list[tuple[Sink, Event]] = []  # events waiting for the next flush
         self._cond = threading.Condition()
         self._closing = False
         self._active = 0
@@ -498,9 +499,26 @@ class Engine:
         llama_cpp.llama_model_free(self.model)
 
     # ----------------------------------------------------------- worker
+    def _emit(self, job: Job, event: Event) -> None:
+        self._outbox.append((job.sink, event))
+
+    def _flush(self) -> None:
+        """Hand queued events to their requests.
+
+        Called just before each ``llama_decode`` (which releases the GIL), so the event
+        loop formats and sends the previous step's tokens while the next step computes,
+        instead of contending with this thread for the GIL between steps.
+        """
+        if self._outbox:
+            out, self._outbox = self._outbox, []
+            for sink, event in out:
+                sink(event)
+
     def _run(self) -> None:
         running: list[Job] = []
         while True:
+            if not running:
+                self._flush()
             with self._cond:
                 while not self._closing and not self._waiting and not running:
                     self._cond.wait()
@@ -524,6 +542,7 @@ class Engine:
                 self._active = len(running)
         for job in pending:
             self._finish(job, error=EngineClosed("the model was unloaded"))
+        self._flush()
 
     def _admit_locked(self, running: list[Job]) -> list[Job]:
         admitted: list[Job] = []
@@ -638,6 +657,7 @@ class Engine:
             budget -= take
         if n:
             batch.n_tokens = n
+            self._flush()
             rc = llama_cpp.llama_decode(self.ctx, batch)
             if rc != 0:
                 self._decode_failed(rc, {j for _, j in outputs} | set(prefilling), batch, n)
@@ -694,6 +714,7 @@ class Engine:
         if seg.non_causal:
             llama_cpp.llama_set_causal_attn(self.ctx, False)
         try:
+            self._flush()
             rc = llama_cpp.llama_decode(self.ctx, batch)
         finally:
             if seg.non_causal:
@@ -773,7 +794,7 @@ class Engine:
         job.sampled.append(tok)
         text, stopped = job.text.push(self.token_bytes(tok))
         if text:
-            job.sink(TextDelta(text))
+            self._emit(job, TextDelta(text))
         if stopped:
             self._finish(job, reason="stop")
         elif job.n_generated >= job.req.max_tokens:
@@ -802,13 +823,13 @@ class Engine:
             rec.batch_size_mean = job.batch_sum / job.batch_steps
         if error is not None:
             rec.error_type = getattr(error, "code", type(error).__name__)
-            job.sink(Failed(error))
+            self._emit(job, Failed(error))
             return
         tail = job.text.flush() if reason != "cancelled" else ""
         if tail:
-            job.sink(TextDelta(tail))
+            self._emit(job, TextDelta(tail))
         rec.finish_reason = reason
-        job.sink(Finished(reason or "stop"))
+        self._emit(job, Finished(reason or "stop"))
 
 
 def default_parallel() -> int:
