@@ -196,3 +196,21 @@ def test_mlp_fixed_projector(vlm_files, tmp_path: Path) -> None:
         pruned = images_of(ask(client, model_id_for(llm), [image_message(png_uri(64, 64, seed=8))],
                                edgevlm={"prune": {"method": "uniform", "keep": 0.5}}))[0]
         assert pruned["tokens_after"] == 32
+
+
+def test_bad_images_do_not_grow_memory(vlm: LiveServer) -> None:
+    import psutil
+
+    bodies = [{"model": vlm.model_id, "max_tokens": 1,
+               "messages": [image_message(_data(raw))]} for raw in (_bomb_png(), _truncated_png())]
+    proc = psutil.Process()  # the live server runs in this process
+    with vlm.client() as c:
+        for body in bodies * 3:  # warm up allocator pools
+            assert c.post("/v1/chat/completions", json=body).status_code == 400
+        before = proc.memory_info().rss
+        for body in bodies * 25:
+            assert c.post("/v1/chat/completions", json=body).status_code == 400
+        after = proc.memory_info().rss
+    # A decoded 20000 x 20000 bomb alone would be 1.2 GB; a per-request leak of even
+    # 1 MB would show as 50 MB here.
+    assert after - before < 32 * 2**20, (before, after)
