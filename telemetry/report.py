@@ -153,6 +153,12 @@ class Group:
         sources = sorted({str(r.attrs.get("edgevlm.energy.source")) for r in energy_rows})
         overlapped = sum(1 for r in energy_rows if (r.attrs.get("edgevlm.energy.overlap_requests") or 0) > 0)
         rss = self._vals("edgevlm.process.peak_rss_bytes", ok_only=False)
+        # How far the TTFT-budget cost model was off, where a prediction was recorded.
+        errors = [abs(float(r.attrs["edgevlm.predicted_ttft_ms"]) - float(r.attrs["edgevlm.ttft_ms"]))
+                  / float(r.attrs["edgevlm.ttft_ms"]) * 100.0
+                  for r in self.rows
+                  if r.ok and isinstance(r.attrs.get("edgevlm.predicted_ttft_ms"), (int, float))
+                  and isinstance(r.attrs.get("edgevlm.ttft_ms"), (int, float)) and r.attrs["edgevlm.ttft_ms"] > 0]
         return {
             "requests": len(self.rows),
             "errors": sum(1 for r in self.rows if not r.ok),
@@ -165,6 +171,7 @@ class Group:
             "energy_source": "+".join(sources) if sources else "",
             "energy_overlapped": overlapped,
             "peak_rss_mib": max(rss) / 2**20 if rss else None,
+            "ttft_pred_err_pct": percentile(errors, 50),
             "ttft_values": ttft,
         }
 
@@ -191,6 +198,7 @@ COLUMNS = [
     ("prefill_tok_s", "prefill tok/s", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
     ("j_per_request", "J/request", "{:.3f}"), ("j_per_token", "J/token", "{:.4f}"),
     ("energy_source", "energy source", "{}"), ("peak_rss_mib", "peak RSS (MiB)", "{:.0f}"),
+    ("ttft_pred_err_pct", "TTFT prediction error p50 (%)", "{:.1f}"),
 ]
 KEYS = [("device", "device"), ("model", "model"), ("quantization", "quant"), ("middleware", "middleware")]
 

@@ -98,3 +98,22 @@ def test_failed_requests_count_as_errors_not_latency(tmp_path):
     [row] = [r for r in (out / "report.md").read_text().splitlines() if r.startswith("| ") and "smolvlm" in r]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[5:9] == ["2", "1", "50.0", "50.0"]  # requests, errors, TTFT p50, p95 (ok requests only)
+
+
+def test_ttft_prediction_error_is_reported(tmp_path):
+    path = tmp_path / "t.jsonl"
+    t = Telemetry(TelemetrySettings(traces_path=str(path), energy=False), "0.1.0")
+    t.start()
+    for predicted, actual in ((100.0, 125.0), (100.0, 80.0), (300.0, 300.0)):
+        rec = sample_record(ttft_ms=actual)
+        rec.middleware = {"profile": "fast", "predicted_ttft_ms": predicted}
+        t.begin("chat", "m", {}).finish(rec)
+    t.shutdown()
+    out = tmp_path / "o"
+    assert main([str(path), "--out", str(out), "--no-plots"]) == 0
+    lines = (out / "report.md").read_text().splitlines()
+    header = next(ln for ln in lines if ln.startswith("| device"))
+    col = [c.strip() for c in header.strip("|").split("|")].index("TTFT prediction error p50 (%)")
+    [row] = [ln for ln in lines if ln.startswith("| ") and "profile=fast" in ln]
+    # errors 20%, 25%, 0% -> median 20%
+    assert [c.strip() for c in row.strip("|").split("|")][col] == "20.0"
