@@ -317,8 +317,24 @@ class Engine:
         if not model:
             raise EngineError(f"could not load model file {config.path}", code="model_load_failed")
         self.model = model
+        self.ctx = None
+        self._batch = self._embd_batch = None
+        self._embd_pos_orig = None
+        try:
+            self._init_context(config, rss_before)
+        except BaseException as exc:
+            self._free_native()
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(f"could not set up model {config.model_id}: {exc}",
+                              code="model_load_failed") from exc
+        self._thread = threading.Thread(target=self._run, name=f"engine-{config.model_id}", daemon=True)
+        self._thread.start()
+
+    def _init_context(self, config: EngineConfig, rss_before: int) -> None:
+        """Context, template, batches and slots; any failure is cleaned up by the caller."""
+        model = self.model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
-        self._piece_buf = ctypes.create_string_buffer(256)
         n_threads = config.n_threads or default_threads()
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         n_ctx = config.n_ctx or min(n_ctx_train, 4096)
@@ -336,7 +352,6 @@ class Engine:
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
-            llama_cpp.llama_model_free(model)
             raise EngineError(f"could not create a context of {n_ctx} tokens", code="context_failed")
         self.ctx = ctx
         self.mem = llama_cpp.llama_get_memory(ctx)
@@ -373,7 +388,6 @@ class Engine:
         rope = int(llama_cpp.llama_model_rope_type(model))
         mrope_types = {llama_cpp.LLAMA_ROPE_TYPE_MROPE, getattr(llama_cpp, "LLAMA_ROPE_TYPE_IMROPE", -1)}
         self.mrope = rope in mrope_types
-        self._embd_pos_orig = None
         self._mrope_pos = None
         if self.mrope:
             self._mrope_pos = (llama_cpp.llama_pos * (4 * n_batch))()
@@ -390,8 +404,6 @@ class Engine:
         self.memory_bytes = max(psutil.Process().memory_info().rss - rss_before,
                                 int(llama_cpp.llama_model_size(model)))
         self.last_used = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name=f"engine-{config.model_id}", daemon=True)
-        self._thread.start()
 
     # ----------------------------------------------------------- tokenizer
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
@@ -411,7 +423,7 @@ class Engine:
         return tokens
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
-        buf = self._piece_buf
+        buf = ctypes.create_string_buffer(64)  # per call: the worker and request threads both use this
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
@@ -470,7 +482,7 @@ class Engine:
                         f"an image of {seg.n_tokens} tokens needs a batch of at least that size "
                         f"(batch is {self.n_batch})", code="image_too_large", status=400)
         with self._cond:
-            if self._closing:
+            if self._closing or not self._thread.is_alive():
                 raise EngineClosed("the model is being unloaded")
             # Jobs beyond the free slots are the real queue (they may also wait for KV room).
             free_slots = max(0, len(self._slots) - self._active)
@@ -490,13 +502,24 @@ class Engine:
         if self._thread.is_alive():
             log.error("engine thread for %s did not stop; leaking its context", self.config.model_id)
             return
-        llama_cpp.llama_batch_free(self._batch)
-        if self._embd_pos_orig is not None:
-            # free() what llama_batch_init allocated, not our ctypes array
-            self._embd_batch.pos = ctypes.cast(self._embd_pos_orig, ctypes.POINTER(llama_cpp.llama_pos))
-        llama_cpp.llama_batch_free(self._embd_batch)
-        llama_cpp.llama_free(self.ctx)
-        llama_cpp.llama_model_free(self.model)
+        self._free_native()
+
+    def _free_native(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._embd_batch is not None:
+            if self._embd_pos_orig is not None:
+                # free() what llama_batch_init allocated, not our ctypes array
+                self._embd_batch.pos = ctypes.cast(self._embd_pos_orig, ctypes.POINTER(llama_cpp.llama_pos))
+            llama_cpp.llama_batch_free(self._embd_batch)
+            self._embd_batch = None
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
 
     # ----------------------------------------------------------- worker
     def _emit(self, job: Job, event: Event) -> None:
@@ -512,9 +535,25 @@ class Engine:
         if self._outbox:
             out, self._outbox = self._outbox, []
             for sink, event in out:
-                sink(event)
+                try:
+                    sink(event)
+                except Exception:  # e.g. the request's event loop is gone; others still get theirs
+                    log.warning("could not deliver an engine event", exc_info=True)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("engine worker for %s stopped", self.config.model_id)
+            with self._cond:
+                self._closing = True
+                pending = list(self._waiting) + [s.job for s in self._slots if s.job is not None]
+                self._waiting.clear()
+            for job in pending:
+                self._finish(job, error=EngineError("the inference worker stopped", code="engine_failed"))
+            self._flush()
+
+    def _loop(self) -> None:
         running: list[Job] = []
         while True:
             if not running:
@@ -535,6 +574,10 @@ class Engine:
                 self._step(running)
             except Exception as exc:  # never let one bad step kill the worker
                 log.exception("engine step failed")
+                with self._cond:
+                    for job in running:
+                        if job in self._waiting:  # preempted during the failed step
+                            self._waiting.remove(job)
                 for job in running:
                     self._finish(job, error=EngineError(f"inference failed: {exc}"))
             running = [j for j in running if not j.done and j.slot is not None]
@@ -546,8 +589,8 @@ class Engine:
 
     def _admit_locked(self, running: list[Job]) -> list[Job]:
         admitted: list[Job] = []
-        if any(j.cancelled for j in self._waiting):
-            for job in [j for j in self._waiting if j.cancelled]:
+        if any(j.cancelled or j.done for j in self._waiting):
+            for job in [j for j in self._waiting if j.cancelled or j.done]:
                 self._waiting.remove(job)
                 self._finish(job, reason="cancelled")
         while self._waiting:
@@ -622,8 +665,11 @@ class Engine:
         batch = self._batch
         n = 0
         outputs: list[tuple[int, Job]] = []
+        # (job, history length, cursor, generated length) before this step, to undo a failed decode
+        undo: list[tuple[Job, int, int, int]] = []
         for job in decoding:
             slot = job.slot
+            undo.append((job, len(slot.history), job.cursor, len(job.generated)))
             self._put(batch, n, job.next_token, len(slot.history) + slot.shift, slot.seq_id, True)
             slot.history.append(job.next_token)
             job.generated.append(job.next_token)
@@ -643,6 +689,7 @@ class Engine:
                 continue
             take = min(end - job.cursor, budget)
             slot = job.slot
+            undo.append((job, len(slot.history), job.cursor, len(job.generated)))
             last_prompt = job.cursor + take == job.n_prompt and not job.resuming
             base = len(slot.history) + slot.shift
             for k in range(take):
@@ -660,7 +707,7 @@ class Engine:
             self._flush()
             rc = llama_cpp.llama_decode(self.ctx, batch)
             if rc != 0:
-                self._decode_failed(rc, {j for _, j in outputs} | set(prefilling), batch, n)
+                self._decode_failed(rc, undo, live)
                 return
             n_seqs = len(decoding) + sum(1 for j in prefilling if j.cursor > 0)
             for idx, job in outputs:
@@ -732,10 +779,13 @@ class Engine:
             self._sample(job, take - 1)
 
     def _ensure_room(self, live: list[Job], n_new: int) -> None:
-        """Free KV cells before a step: idle caches first, then stop the longest stream."""
+        """Free KV cells before a step: idle caches first, then preempt the youngest request."""
         used = sum(len(s.history) for s in self._slots)
-        need = n_new + sum(min(PREFILL_CHUNK_WHILE_DECODING, j.n_prompt - j.cursor)
-                           for j in live if j.cursor < j.n_prompt)
+        # Cells this step may add: a token per decoding sequence, the step's prompt chunk
+        # (shared by all prefilling jobs) and possibly one image chunk of up to n_batch rows.
+        remaining = sum(j.n_prompt - j.cursor for j in live if j.cursor < j.n_prompt)
+        chunk = PREFILL_CHUNK_WHILE_DECODING if n_new else self.n_batch
+        need = n_new + min(remaining, chunk + self.n_batch)
         idle = sorted((s for s in self._slots if s.job is None and s.history), key=lambda s: s.last_used)
         while used + need > self.n_ctx and idle:
             victim = idle.pop(0)
@@ -754,8 +804,11 @@ class Engine:
                 break
             youngest = max(holders, key=lambda j: (j.t_admit, j.t_submit))
             used -= len(youngest.slot.history)
-            need -= 1 if youngest.next_token is not None and not youngest.resuming else \
-                min(PREFILL_CHUNK_WHILE_DECODING, youngest.n_prompt - youngest.cursor)
+            if youngest.next_token is not None and not youngest.resuming:
+                n_new -= 1
+            else:
+                remaining -= youngest.n_prompt - youngest.cursor
+            need = n_new + min(remaining, chunk + self.n_batch)
             self._preempt(youngest)
 
     def _preempt(self, job: Job) -> None:
@@ -770,12 +823,23 @@ class Engine:
         log.info("preempted a request of %s to free KV cells; it resumes when room frees up",
                  self.config.model_id)
 
-    def _decode_failed(self, rc: int, jobs: set[Job], batch: llama_cpp.llama_batch, n: int) -> None:
-        # Roll back what this batch appended to each slot's history, then fail the jobs.
-        for job in jobs:
+    def _decode_failed(self, rc: int, undo: list[tuple[Job, int, int, int]], live: list[Job]) -> None:
+        """Undo what the failed batch added; on "no KV room" free some and retry next step."""
+        for job, n_hist, cursor, n_gen in undo:
             slot = job.slot
-            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-            slot.truncate(0)
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(n_hist), -1)
+            slot.truncate(n_hist)
+            job.cursor = cursor
+            del job.generated[n_gen:]
+        if rc == 1:  # llama.cpp found no room in the KV cache for this batch: recoverable
+            holders = [j for j in live if not j.done and j.slot is not None]
+            if len(holders) > 1:
+                self._preempt(max(holders, key=lambda j: (j.t_admit, j.t_submit)))
+                return
+            for job in holders:
+                self._finish(job, reason="length")
+            return
+        for job, *_ in undo:
             self._finish(job, error=EngineError(f"llama_decode failed with status {rc}"))
 
     def _sample(self, job: Job, idx: int) -> None:

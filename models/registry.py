@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+from contextlib import asynccontextmanager
 import logging
 import re
 import threading
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from models.engine import Engine, EngineConfig, EngineError
 
@@ -138,6 +139,7 @@ class LoadedModel:
     spec: ModelSpec
     engine: Engine
     vision: Any = None  # models.vision.VisionEncoder when the spec has an mmproj
+    users: int = 0  # requests between acquire and release; such a model is never evicted
 
     @property
     def memory_bytes(self) -> int:
@@ -197,30 +199,55 @@ class Registry:
         return list(self._loaded.values())
 
     async def acquire(self, model_id: str | None) -> LoadedModel:
-        """The loaded model, loading it (once, concurrently shared) on first use."""
+        """The loaded model, loading it (once, shared by concurrent callers) on first use.
+
+        The caller holds it until ``release``: a held model is never unloaded, so a
+        request that is still preparing (loading and encoding images) keeps its engine.
+        """
         spec = self.resolve(model_id)
-        lm = self._loaded.get(spec.id)
-        if lm is not None:
-            # Re-insert to mark as most recently used.
-            self._loaded[spec.id] = self._loaded.pop(spec.id)
-            return lm
-        fut = self._loading.get(spec.id)
-        if fut is None:
-            loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(None, self._load_sync, spec)
-            self._loading[spec.id] = fut
-            fut.add_done_callback(lambda _f, mid=spec.id: self._loading.pop(mid, None))
-        return await asyncio.shield(fut)
+        while True:
+            with self._lock:
+                lm = self._loaded.get(spec.id)
+                if lm is not None:
+                    self._loaded[spec.id] = self._loaded.pop(spec.id)  # most recently used
+                    lm.users += 1
+                    return lm
+            fut = self._loading.get(spec.id)
+            if fut is None:
+                loop = asyncio.get_running_loop()
+                fut = loop.run_in_executor(None, self._load_sync, spec)
+                self._loading[spec.id] = fut
+                fut.add_done_callback(lambda _f, mid=spec.id: self._loading.pop(mid, None))
+            await asyncio.shield(fut)  # then take it under the lock (or load again if evicted)
+
+    def release(self, model: LoadedModel) -> None:
+        with self._lock:
+            model.users -= 1
+
+    @asynccontextmanager
+    async def use(self, model_id: str | None) -> AsyncIterator[LoadedModel]:
+        """``acquire`` ... ``release`` around a block (a request up to its submit)."""
+        model = await self.acquire(model_id)
+        try:
+            yield model
+        finally:
+            self.release(model)
 
     def _load_sync(self, spec: ModelSpec) -> LoadedModel:
         log.info("loading model %s from %s", spec.id, spec.path)
         lm = self.loader(spec)
         with self._lock:
             self._loaded[spec.id] = lm
-            self._evict_locked(keep=spec.id)
+            victims = self._evictable_locked(keep=spec.id)
+        for victim in victims:  # joins worker threads: never under the lock
+            log.info("unloading model %s (LRU)", victim.spec.id)
+            victim.close()
         return lm
 
-    def _evict_locked(self, keep: str) -> None:
+    def _evictable_locked(self, keep: str) -> list[LoadedModel]:
+        """Least recently used idle models to drop until the caps hold."""
+        victims: list[LoadedModel] = []
+
         def over() -> bool:
             if len(self._loaded) > self.max_loaded:
                 return True
@@ -229,13 +256,13 @@ class Registry:
             return False
 
         while over():
-            victims = [mid for mid, m in self._loaded.items() if mid != keep and not m.engine.busy]
-            if not victims:
-                log.warning("model cap exceeded but every other model is busy; keeping them")
-                return
-            victim = self._loaded.pop(victims[0])  # dict order = least recently used first
-            log.info("unloading model %s (LRU)", victim.spec.id)
-            victim.close()
+            idle = [mid for mid, m in self._loaded.items()
+                    if mid != keep and m.users == 0 and not m.engine.busy]
+            if not idle:
+                log.warning("model cap exceeded but every other model is in use; keeping them")
+                break
+            victims.append(self._loaded.pop(idle[0]))  # dict order = least recently used first
+        return victims
 
     def close(self) -> None:
         with self._lock:

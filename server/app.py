@@ -113,7 +113,8 @@ def _warm_on_load(app: FastAPI, registry: Registry) -> None:
 
 async def _preload(app: FastAPI) -> None:
     try:
-        await app.state.registry.acquire(None)
+        async with app.state.registry.use(None):
+            pass
     except Exception as exc:  # surfaced by /health; requests get the error too
         log.exception("loading the default model failed")
         app.state.load_error = str(exc)

@@ -50,6 +50,10 @@ class Prepared:
     on_done: Callable[[RequestRecord], None] | None = None
 
 
+class ClientDisconnected(Exception):
+    """The client closed the connection; recorded on the span, never sent anywhere."""
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -128,11 +132,20 @@ async def execute(request: Request, record: RequestRecord, prepare: Callable[[],
         rec.e2e_ms = (time.perf_counter() - request.state.arrival) * 1000.0
         if app.state.settings.capture_content:
             rec.completion_text = gen.text
-        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        if gen.finish_reason == "cancelled" and error is None:
+            error = ClientDisconnected("the client went away before the answer was complete")
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit, ClientDisconnected)):
             rec.error_type = "client_disconnected"
             rec.finish_reason = "cancelled"
+            if gen.job is not None:  # the worker may not have written its figures yet
+                rec.output_tokens = max(rec.output_tokens, gen.job.n_generated)
         elif error is not None and rec.error_type is None:
             rec.error_type = getattr(error, "code", type(error).__name__)
+        if error is None and prepared.on_done is not None:
+            try:
+                prepared.on_done(rec)
+            except Exception:  # learning must never fail a finished request
+                log.warning("request completion hook failed", exc_info=True)
         trace.finish(rec, error)
         app.state.telemetry.set_queue_depth(rec.model.model_id, engine.queue_depth)
 

@@ -213,3 +213,53 @@ def test_long_prompt_prefill_is_chunked_between_decode_steps(tiny_llm: Path) -> 
         assert b.record.prefilled_tokens == n_long - b.record.cached_tokens
     finally:
         eng.close()
+
+
+def test_a_failing_sink_does_not_stop_the_worker(engine: Engine) -> None:
+    def broken(event: object) -> None:
+        raise RuntimeError("Event loop is closed")  # what a dead request's loop raises
+
+    rec = RequestRecord(operation="chat", model=engine.info)
+    engine.submit(GenerationRequest([engine.tokenize(chat(engine, "x"))], SamplingParams(temperature=0), 8,
+                                    rec, ignore_eos=True), broken, max_queue=4)
+    after = submit(engine, chat(engine, "y"), max_tokens=8).wait(30)
+    assert after.finish == "length" and after.record.output_tokens == 8
+
+
+def test_token_text_is_safe_from_several_threads(engine: Engine) -> None:
+    tokens = list(range(1000, 1400))
+    expected = [engine.token_bytes(t) for t in tokens]
+    wrong = []
+
+    def hammer() -> None:
+        for _ in range(20):
+            got = [engine.token_bytes(t) for t in tokens]
+            wrong.extend(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_failed_setup_frees_the_model(default_gguf: Path) -> None:
+    import psutil
+
+    from models.engine import EngineError
+
+    proc = psutil.Process()
+
+    def attempt() -> None:
+        with pytest.raises(EngineError) as exc:
+            Engine(EngineConfig("bad", str(default_gguf), n_ctx=4096, n_parallel=1,
+                                chat_template="{% for %}"))
+        assert exc.value.code == "model_load_failed"
+
+    attempt()  # first load maps files and warms allocators
+    before = proc.memory_info().rss
+    for _ in range(4):
+        attempt()
+    # Without cleanup each attempt keeps the model and a 4096-token context (~150 MiB).
+    assert proc.memory_info().rss - before < 100 * 2**20

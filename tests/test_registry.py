@@ -65,7 +65,7 @@ def test_unknown_model_and_bad_model_flag() -> None:
 
 
 def test_models_load_on_first_use_and_lru_evicts(tmp_path: Path, tiny_llm: Path) -> None:
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         shutil.copy(tiny_llm, tmp_path / f"{name}.gguf")
     reg = build_registry(models_dir=str(tmp_path), max_loaded=1, defaults={"ctx_size": 256})
 
@@ -74,8 +74,19 @@ def test_models_load_on_first_use_and_lru_evicts(tmp_path: Path, tiny_llm: Path)
         first, again = await asyncio.gather(reg.acquire("a"), reg.acquire("a"))
         assert first is again  # concurrent first uses share one load
         assert reg.is_loaded("a")
-        await reg.acquire("b")
-        assert reg.is_loaded("b") and not reg.is_loaded("a")  # LRU, cap of one
+        # While a request still holds "a" (e.g. encoding its images), loading "b" must
+        # not unload it: the cap is exceeded for a while instead.
+        b = await reg.acquire("b")
+        assert reg.is_loaded("a") and reg.is_loaded("b")
+        assert first.engine.tokenize("still usable")
+        for lm in (first, again, b):
+            reg.release(lm)
+        async with reg.use("a"):
+            pass  # loading nothing new: no eviction yet
+        async with reg.use("c"):
+            assert reg.is_loaded("c")
+        # LRU with a cap of one: loading "c" dropped both idle models
+        assert not reg.is_loaded("a") and not reg.is_loaded("b")
 
     try:
         asyncio.run(scenario())

@@ -8,11 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from models.grammars import GrammarError, json_grammar
+from models.registry import LoadedModel
 from models.templates import ChatTemplateError
 from server.auth import check_api_key
 from server.errors import APIError
 from server.generation import Prepared, check_unsupported, execute, max_new_tokens, new_id, sampling_params
 from server.images import cost_observer, prepare_images
+from server.policy.extension import EdgeVLMExtension
 from server.prompt import render_chat
 from server.protocol.chat import ChatCompletion, ChatCompletionRequest
 from telemetry.record import RequestRecord
@@ -44,8 +46,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise APIError(400, "Tool calling is not supported.", param="tools", code="unsupported_value")
     extension = body.edgevlm
     grammar = grammar_for(body)
+    # Held until the request is submitted; from then on the busy engine cannot be evicted.
+    async with request.app.state.registry.use(body.model) as model:
+        return await _run_chat(body, request, model, extension, grammar)
+
+
+async def _run_chat(body: ChatCompletionRequest, request: Request, model: LoadedModel,
+                    extension: EdgeVLMExtension | None, grammar: str | None) -> Any:
     state = request.app.state
-    model = await state.registry.acquire(body.model)
     engine = model.engine
     record = RequestRecord(
         operation="chat", model=engine.info, request_id=new_id("chatcmpl"), stream=body.stream,

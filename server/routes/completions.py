@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from models.registry import LoadedModel
 from server.auth import check_api_key
 from server.errors import APIError
 from server.generation import Prepared, check_unsupported, execute, max_new_tokens, new_id, sampling_params
@@ -24,8 +25,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                        code="unsupported_value")
     if body.best_of not in (None, 1):
         raise APIError(400, "Only best_of=1 is supported.", param="best_of", code="unsupported_value")
+    # Held until the request is submitted; from then on the busy engine cannot be evicted.
+    async with request.app.state.registry.use(body.model) as model:
+        return await _run_completion(body, request, model)
+
+
+async def _run_completion(body: CompletionRequest, request: Request, model: LoadedModel) -> Any:
     prompt = body.prompt
-    model = await request.app.state.registry.acquire(body.model)
     engine = model.engine
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
         n_vocab = engine.n_vocab
