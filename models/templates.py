@@ -87,5 +87,5 @@ class ChatTemplate:
             return self._render(messages, add_generation_prompt, extra)
         except ChatTemplateError:
             raise
-        except TemplateError as exc:
+        except Exception as exc:  # a template from a GGUF can fail in any way (TypeError, ...)
             raise ChatTemplateError(f"chat template failed: {exc}") from exc

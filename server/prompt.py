@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from models.registry import LoadedModel
 from server.errors import APIError
@@ -29,36 +29,52 @@ class RenderedChat:
     text: str  # templated prompt; one media marker per image, in order
     images: list[ImageRef] = field(default_factory=list)
     prompt_cue: str = ""  # the last user turn's text, for content-aware resolution
+    truncate: bool = False  # the long-chat policy is on for this request
 
 
-def _flatten(messages: list[ChatMessage], marker: str) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+def _flatten(messages: list[ChatMessage], marker: str
+             ) -> tuple[list[dict[str, Any]], list[tuple[int, ImageRef]]]:
+    """Template-ready messages, and each image with the ``id`` of the message holding it.
+
+    A client's text never carries the media marker itself (it would make the marker
+    count and the image count disagree), so literal occurrences are removed.
+    """
     out: list[dict[str, Any]] = []
-    images: list[ImageRef] = []
+    images: list[tuple[int, ImageRef]] = []
     for msg in messages:
         content = msg.content
+        entry: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role}
         if content is None:
             text = ""
         elif isinstance(content, str):
-            text = content
+            text = content.replace(marker, "")
         else:
             pieces = []
             for part in content:
                 if isinstance(part, TextPart):
-                    pieces.append(part.text)
+                    pieces.append(part.text.replace(marker, ""))
                 elif isinstance(part, ImagePart):
-                    images.append(ImageRef(len(images), part.image_url.url, part.image_url.detail))
+                    ref = ImageRef(len(images), part.image_url.url, part.image_url.detail)
+                    images.append((id(entry), ref))
                     pieces.append(marker)
             text = "\n".join(pieces) if any(isinstance(p, ImagePart) for p in content) else "".join(pieces)
-        role = "system" if msg.role == "developer" else msg.role
-        out.append({"role": role, "content": text})
+        entry["content"] = text
+        out.append(entry)
     return out, images
 
 
 def render_chat(messages: list[ChatMessage], model: LoadedModel, *, extension: EdgeVLMExtension | None,
-                settings: Settings, record: RequestRecord) -> RenderedChat:
+                settings: Settings, record: RequestRecord,
+                image_tokens: Mapping[int, int] | None = None) -> RenderedChat:
+    """Template the conversation; with truncation on, drop the oldest turns that do not fit.
+
+    ``image_tokens`` (request image index -> tokens it was encoded to) lets a second
+    pass count images exactly once they have been encoded; without it images count 0.
+    """
     engine = model.engine
     marker = model.vision.media_marker if model.vision is not None else _IMAGE_PLACEHOLDER
-    flat, images = _flatten(messages, marker)
+    flat, owned = _flatten(messages, marker)
+    images = [ref for _, ref in owned]
     if images and model.vision is None:
         raise APIError(400, f"The model '{model.spec.id}' has no vision projector (mmproj), so it "
                        "cannot read images; send text only or use a vision model.",
@@ -70,9 +86,13 @@ def render_chat(messages: list[ChatMessage], model: LoadedModel, *, extension: E
         else extension.truncate
     if truncate:
         limit = engine.n_ctx - 1 - min(record.max_tokens or 0, engine.n_ctx // 4)
+        cost: dict[int, int] = {}
+        for owner, ref in owned:
+            cost[owner] = cost.get(owner, 0) + (image_tokens or {}).get(ref.index, 0)
 
         def count(msgs: list[dict[str, Any]]) -> int:
-            return len(engine.tokenize(engine.template.render(list(msgs))))
+            text_tokens = len(engine.tokenize(engine.template.render(list(msgs))))
+            return text_tokens + sum(cost.get(id(m), 0) for m in msgs)
 
         try:
             kept, dropped = truncate_messages(flat, count, limit)
@@ -80,23 +100,10 @@ def render_chat(messages: list[ChatMessage], model: LoadedModel, *, extension: E
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from exc
         if dropped:
             kept_ids = {id(m) for m in kept}
-            # Images inside dropped turns go too, keeping markers and images aligned.
-            images = _images_in(kept, flat, kept_ids, images, marker)
+            images = [ref for owner, ref in owned if owner in kept_ids]
             flat = kept
             record.dropped_tokens = dropped
             record.middleware["truncate.dropped_tokens"] = dropped
     cue = next((m["content"] for m in reversed(flat) if m["role"] == "user"), "")
-    return RenderedChat(text=engine.template.render(flat), images=images, prompt_cue=cue)
-
-
-def _images_in(kept: list[dict[str, Any]], flat: list[dict[str, Any]], kept_ids: set[int],
-               images: list[ImageRef], marker: str) -> list[ImageRef]:
-    out: list[ImageRef] = []
-    it = iter(images)
-    for msg in flat:
-        n = msg["content"].count(marker)
-        for _ in range(n):
-            ref = next(it)
-            if id(msg) in kept_ids:
-                out.append(ref)
-    return out
+    return RenderedChat(text=engine.template.render(flat), images=images, prompt_cue=cue,
+                        truncate=bool(truncate))

@@ -214,3 +214,29 @@ def test_bad_images_do_not_grow_memory(vlm: LiveServer) -> None:
     # A decoded 20000 x 20000 bomb alone would be 1.2 GB; a per-request leak of even
     # 1 MB would show as 50 MB here.
     assert after - before < 32 * 2**20, (before, after)
+
+
+def test_literal_media_marker_in_text_is_harmless(vlm: LiveServer, client: openai.OpenAI) -> None:
+    marker = "<__media__>"
+    resp = ask(client, vlm.model_id, [image_message(png_uri(64, 64, seed=9), f"What is {marker} this {marker}?")])
+    assert resp.choices[0].message.content is not None
+    assert len(images_of(resp)) == 1
+
+
+def test_long_chat_truncation_counts_image_tokens(vlm_files, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    llm, pixtral, _ = vlm_files
+    with live_server(tmp_path, model=str(llm), mmproj=str(pixtral), ctx_size=1024) as srv:
+        history: list[dict[str, Any]] = []
+        for i in range(3):  # each old turn carries a ~600-token image
+            history.append(image_message(png_uri(384, 384, seed=20 + i), f"Turn {i}: what is this?"))
+            history.append({"role": "assistant", "content": "A picture."})
+        history.append(image_message(png_uri(64, 64, seed=30), "And this one?"))
+        body = {"model": model_id_for(llm), "messages": history, "max_tokens": 2, "temperature": 0,
+                "edgevlm": {"truncate": True}}
+        with srv.client() as c:
+            r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        t = r.json()["timings"]
+        assert t["dropped_tokens"] > 0
+        assert len(t["images"]) < 4  # images of dropped turns went with them
+        assert r.json()["usage"]["prompt_tokens"] < 1024

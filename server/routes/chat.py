@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from models.grammars import GrammarError, json_grammar
 from models.registry import LoadedModel
@@ -63,13 +64,22 @@ async def _run_chat(body: ChatCompletionRequest, request: Request, model: Loaded
 
     async def prepare() -> Prepared:
         try:
-            rendered = render_chat(body.messages, model, extension=extension,
+            rendered = await run_in_threadpool(render_chat, body.messages, model, extension=extension,
                                    settings=state.settings, record=record)
         except ChatTemplateError as exc:
             raise APIError(400, f"The messages cannot be formatted for this model: {exc}",
                            param="messages", code="invalid_messages") from exc
         segments = await prepare_images(rendered, model, body, extension, request, record)
         n_prompt = sum(len(s) if isinstance(s, list) else s.n_tokens for s in segments)
+        if rendered.images and n_prompt >= engine.n_ctx and rendered.truncate:
+            # Images are only sized once encoded: count them exactly and truncate again
+            # (the kept images come back from the embedding cache).
+            encoded = {rendered.images[im.index].index: im.tokens_after for im in record.images}
+            record.images.clear()
+            rendered = await run_in_threadpool(render_chat, body.messages, model, extension=extension,
+                                   settings=state.settings, record=record, image_tokens=encoded)
+            segments = await prepare_images(rendered, model, body, extension, request, record)
+            n_prompt = sum(len(s) if isinstance(s, list) else s.n_tokens for s in segments)
         max_tokens = max_new_tokens(body.max_completion_tokens or body.max_tokens, model, n_prompt)
         return Prepared(model=model, segments=segments, sampling=sampling_params(body, grammar),
                         max_tokens=max_tokens, stop=body.stop_list(), record=record,

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from models.registry import LoadedModel
 from server.auth import check_api_key
@@ -47,7 +48,7 @@ async def _run_completion(body: CompletionRequest, request: Request, model: Load
                                "not supported).", param="prompt", code="unsupported_value")
             prompt = prompt[0]
         text = str(prompt)
-        tokens = engine.tokenize(text)
+        tokens = await run_in_threadpool(engine.tokenize, text)
     record = RequestRecord(
         operation="text_completion", model=engine.info, request_id=new_id("cmpl"),
         stream=body.stream, max_tokens=body.max_tokens, temperature=body.temperature,
