@@ -24,7 +24,7 @@ from models.sampling import SamplingParams
 from server.errors import APIError, from_engine_error
 from server.protocol.common import PromptTokensDetails, SamplingFields, Usage
 from server.scheduler import Generation, submit, watch_disconnect
-from telemetry.record import RequestRecord
+from telemetry.record import ModelInfo, RequestRecord
 
 log = logging.getLogger("edgevlm.generation")
 
@@ -52,6 +52,15 @@ class Prepared:
 
 class ClientDisconnected(Exception):
     """The client closed the connection; recorded on the span, never sent anywhere."""
+
+
+def trace_refusal(request: Request, operation: str, model_id: str | None, exc: EngineError) -> None:
+    """A span for a request refused before its model was ready (unknown model, failed load)."""
+    record = RequestRecord(operation=operation, model=ModelInfo(model_id=model_id or "default"),
+                           error_type=exc.code)
+    started = getattr(request.state, "arrival", time.perf_counter())
+    record.e2e_ms = (time.perf_counter() - started) * 1000.0
+    request.app.state.telemetry.begin(operation, record.model.model_id, request.headers).finish(record, exc)
 
 
 def new_id(prefix: str) -> str:
@@ -108,6 +117,8 @@ async def execute(request: Request, record: RequestRecord, prepare: Callable[[],
             rec.error_type = getattr(exc, "code", None) or type(exc).__name__
         rec.e2e_ms = (time.perf_counter() - started) * 1000.0
         trace.finish(rec, exc)
+        if isinstance(exc, EngineError):
+            raise from_engine_error(exc) from exc
         raise
     if app.state.settings.capture_content:
         rec.prompt_text = prepared.prompt_text

@@ -192,3 +192,11 @@ def test_request_refused_while_preparing_still_leaves_a_span(traced) -> None:  #
     [span] = request_spans(tel, exporter)
     assert span.attributes["error.type"] == "model_not_multimodal"
     assert span.status.status_code.name == "ERROR"
+
+
+def test_unknown_model_is_traced_as_an_error(traced) -> None:  # type: ignore[no-untyped-def]
+    srv, tel, exporter = traced()
+    with srv.client() as c:
+        assert c.post("/v1/chat/completions", json=chat_body("hi", model="nope")).status_code == 404
+    [span] = request_spans(tel, exporter)
+    assert span.name == "chat nope" and span.attributes["error.type"] == "model_not_found"

@@ -9,11 +9,13 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from models.grammars import GrammarError, json_grammar
+from models.engine import EngineError
 from models.registry import LoadedModel
 from models.templates import ChatTemplateError
 from server.auth import check_api_key
 from server.errors import APIError
-from server.generation import Prepared, check_unsupported, execute, max_new_tokens, new_id, sampling_params
+from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, new_id,
+                               sampling_params, trace_refusal)
 from server.images import cost_observer, prepare_images
 from server.policy.extension import EdgeVLMExtension
 from server.prompt import render_chat
@@ -48,8 +50,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     extension = body.edgevlm
     grammar = grammar_for(body)
     # Held until the request is submitted; from then on the busy engine cannot be evicted.
-    async with request.app.state.registry.use(body.model) as model:
-        return await _run_chat(body, request, model, extension, grammar)
+    try:
+        async with request.app.state.registry.use(body.model) as model:
+            return await _run_chat(body, request, model, extension, grammar)
+    except EngineError as exc:  # unknown model or failed load: no span exists yet
+        trace_refusal(request, "chat", body.model, exc)
+        raise
 
 
 async def _run_chat(body: ChatCompletionRequest, request: Request, model: LoadedModel,
