@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from bench.edgevlm_server import edgevlm_server
 from bench.llama_server import ensure_llama_server, llama_server
 from bench.model_files import DEFAULT_MODEL_ID, resolve_model
 from bench.process import RunningServer, default_threads
-from bench.prompts import chat_prompt
+from bench.prompts import chat_prompt, new_salt
 
 EDGEVLM = "edgevlm"
 LLAMA_SERVER = "llama-server"
@@ -80,6 +80,27 @@ def in_order(items: list[Any], rep: int) -> list[Any]:
 async def warm_up(client: BenchClient, nonce: str) -> None:
     """One short request, discarded: loads code paths, opens the keep-alive connection."""
     await client.chat(chat_prompt(40, nonce), max_tokens=8)
+
+
+async def alternate(servers: list[RunningServer], runs: int,
+                    measure: Callable[[RunningServer, BenchClient, int, str], Awaitable[None]]) -> None:
+    """Warm every server up, then call ``measure`` per repetition, server order alternating.
+
+    Alternating (and measuring both in one run) exposes both servers to the same
+    machine noise, which on a shared box is larger than the differences measured.
+    """
+    salt = new_salt()
+    clients = {s.name: BenchClient(s.base_url, s.model) for s in servers}
+    try:
+        for s in servers:
+            await warm_up(clients[s.name], f"{salt}-warm")
+        for rep in range(runs):
+            for s in in_order(servers, rep):
+                await measure(s, clients[s.name], rep, salt)
+            print(f"[bench] repetition {rep + 1}/{runs} done", flush=True)
+    finally:
+        for c in clients.values():
+            await c.aclose()
 
 
 @dataclass

@@ -21,9 +21,9 @@ import platform
 from collections.abc import Sequence
 
 from bench.client import BenchClient, median, run_concurrent
-from bench.harness import LLAMA_SERVER, Results, Target, add_common_args, in_order, start_servers, warm_up, write_json
+from bench.harness import LLAMA_SERVER, Results, Target, add_common_args, alternate, start_servers, write_json
 from bench.process import RunningServer
-from bench.prompts import chat_prompt, new_salt
+from bench.prompts import chat_prompt
 
 SHORT_PROMPT_TOKENS = 40
 LONG_PROMPT_TOKENS = 1000
@@ -78,18 +78,8 @@ async def measure_repetition(
 async def run(args: argparse.Namespace, servers: list[RunningServer]) -> Results:
     results = Results()
     define_metrics(results)
-    salt = new_salt()
-    clients = {s.name: BenchClient(s.base_url, s.model) for s in servers}
-    try:
-        for s in servers:
-            await warm_up(clients[s.name], f"{salt}-warm")
-        for rep in range(args.runs):
-            for s in in_order(servers, rep):
-                await measure_repetition(s, clients[s.name], rep, salt, args, results)
-            print(f"[bench] repetition {rep + 1}/{args.runs} done", flush=True)
-    finally:
-        for c in clients.values():
-            await c.aclose()
+    await alternate(servers, args.runs,
+                    lambda s, client, rep, salt: measure_repetition(s, client, rep, salt, args, results))
     return results
 
 

@@ -121,3 +121,36 @@ class PowerIntegrator:
         if self._thread is not None:
             self._thread.join(timeout=1.0)
             self._thread = None
+
+
+class IntegratingMeter(EnergyMeter):
+    """A sensor that only reports instantaneous watts; a sampling thread integrates them.
+
+    Samples that cannot be read (``None``, or an OS/parse error) count as gaps.
+    """
+
+    _integrator: PowerIntegrator
+
+    def _start_integrating(self, interval_s: float) -> None:
+        self._integrator = PowerIntegrator(self._watts, interval_s)
+        self._integrator.start()
+
+    @abstractmethod
+    def _read_watts(self) -> float | None:
+        """Current power draw in watts; may raise OSError or ValueError."""
+
+    def _watts(self) -> float | None:
+        try:
+            return self._read_watts()
+        except (OSError, ValueError):
+            return None
+
+    @property  # type: ignore[override]
+    def gaps(self) -> int:
+        return self._integrator.gaps
+
+    def read_joules(self) -> float:
+        return self._integrator.step()
+
+    def close(self) -> None:
+        self._integrator.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import EnergyMeter, MeterUnavailable, PowerIntegrator
+from .base import IntegratingMeter, MeterUnavailable
 
 
 def _read(path: Path) -> str | None:
@@ -31,7 +31,7 @@ class _Battery:
         return abs(int(current)) * int(voltage) / 1e12
 
 
-class BatteryMeter(EnergyMeter):
+class BatteryMeter(IntegratingMeter):
     """Integrates battery discharge power; samples taken while charging count as gaps."""
 
     source = "battery"
@@ -44,35 +44,18 @@ class BatteryMeter(EnergyMeter):
             raise MeterUnavailable(f"no battery under {base}")
         self._bats = [_Battery(p) for p in bats]
         try:
-            first = self._watts_or_raise()
+            first = self._read_watts()
         except (OSError, ValueError) as exc:
             raise MeterUnavailable(f"cannot read battery power: {exc}") from exc
         if first is None and require_discharging:
             raise MeterUnavailable("battery is not discharging (on AC power it cannot measure the system draw)")
-        self._integrator = PowerIntegrator(self._watts, interval_s)
-        self._integrator.start()
+        self._start_integrating(interval_s)
 
-    def _watts_or_raise(self) -> float | None:
+    def _read_watts(self) -> float | None:
         readings = [b.watts() for b in self._bats]
         if any(w is None for w in readings):
             return None
         return sum(w for w in readings if w is not None)
 
-    def _watts(self) -> float | None:
-        try:
-            return self._watts_or_raise()
-        except (OSError, ValueError):
-            return None
-
-    @property  # type: ignore[override]
-    def gaps(self) -> int:
-        return self._integrator.gaps
-
-    def read_joules(self) -> float:
-        return self._integrator.step()
-
     def describe(self) -> str:
         return "battery: " + ", ".join(b.path.name for b in self._bats)
-
-    def close(self) -> None:
-        self._integrator.stop()

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import EnergyMeter, MeterUnavailable, PowerIntegrator
+from .base import IntegratingMeter, MeterUnavailable
 
 # Rails that measure the whole module's input; when present the others are sub-rails.
 _TOTAL_RAILS = ("VDD_IN", "POM_5V_IN", "VDD_5V_IN", "VIN_SYS_5V0")
@@ -74,7 +74,7 @@ def pick_rails(rails: list[Rail]) -> list[Rail]:
     return total or real
 
 
-class JetsonMeter(EnergyMeter):
+class JetsonMeter(IntegratingMeter):
     """Integrates INA3221 power over time with a sampling thread."""
 
     source = "jetson"
@@ -92,24 +92,10 @@ class JetsonMeter(EnergyMeter):
         except (OSError, ValueError) as exc:
             raise MeterUnavailable(f"cannot read Jetson power rails: {exc}") from exc
         self._rails = rails
-        self._integrator = PowerIntegrator(self._watts, interval_s)
-        self._integrator.start()
+        self._start_integrating(interval_s)
 
-    def _watts(self) -> float | None:
-        try:
-            return sum(r.watts() for r in self._rails)
-        except (OSError, ValueError):
-            return None
-
-    @property  # type: ignore[override]
-    def gaps(self) -> int:
-        return self._integrator.gaps
-
-    def read_joules(self) -> float:
-        return self._integrator.step()
+    def _read_watts(self) -> float | None:
+        return sum(r.watts() for r in self._rails)
 
     def describe(self) -> str:
         return "jetson: " + "+".join(r.label for r in self._rails)
-
-    def close(self) -> None:
-        self._integrator.stop()
