@@ -41,6 +41,8 @@ def add_common_args(parser: argparse.ArgumentParser, runs_default: int) -> None:
                         help="do not build llama-server when it is missing (skip the comparison)")
     parser.add_argument("--traces", default=None, help="edgevlm --traces PATH (default: none)")
     parser.add_argument("--json", type=Path, default=None, help="also write raw figures to this JSON file")
+    parser.add_argument("--edgevlm-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for `edgevlm serve` (repeatable), e.g. --edgevlm-arg=--kv-split")
 
 
 @contextlib.contextmanager
@@ -54,7 +56,8 @@ def start_servers(args: argparse.Namespace, *, parallel: int, ctx_size: int) -> 
         servers: list[RunningServer] = []
         if not args.skip_edgevlm:
             servers.append(stack.enter_context(edgevlm_server(
-                model=edge_model, threads=args.threads, ctx_size=ctx_size, parallel=parallel, traces=args.traces)))
+                model=edge_model, threads=args.threads, ctx_size=ctx_size, parallel=parallel, traces=args.traces,
+                extra_args=args.edgevlm_arg)))
         if args.skip_llama_server:
             print("[bench] --skip-llama-server: no llama-server comparison")
         elif gguf is None:
