@@ -119,6 +119,11 @@ class ImageSegment:
 Segment = Union[list[int], ImageSegment]
 
 
+def segment_tokens(segments: list[Segment]) -> int:
+    """Prompt positions the segments take (image rows count one each)."""
+    return sum(len(s) if isinstance(s, list) else s.n_tokens for s in segments)
+
+
 @dataclass
 class GenerationRequest:
     segments: list[Segment]

@@ -234,6 +234,26 @@ def write_tiny_llm(
 # --------------------------------------------------------------------------- mmproj
 
 
+def _clip_header(w: Any, projector_type: str, *, image_size: int, patch_size: int, n_embd: int,
+                 n_ff: int, n_layer: int, n_head: int, eps: float, n_embd_text: int) -> None:
+    """The vision-tower metadata every clip.cpp projector reads (with the exact KV types)."""
+    w.add_uint32("general.file_type", 0)
+    w.add_string("clip.projector_type", projector_type)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_bool("clip.has_audio_encoder", False)
+    w.add_uint32("clip.vision.image_size", image_size)
+    w.add_uint32("clip.vision.patch_size", patch_size)
+    w.add_uint32("clip.vision.embedding_length", n_embd)
+    w.add_uint32("clip.vision.feed_forward_length", n_ff)
+    w.add_uint32("clip.vision.block_count", n_layer)
+    w.add_uint32("clip.vision.attention.head_count", n_head)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", eps)
+    w.add_uint32("clip.vision.projection_dim", n_embd_text)
+    w.add_array("clip.vision.image_mean", [float(x) for x in _CLIP_MEAN])
+    w.add_array("clip.vision.image_std", [float(x) for x in _CLIP_STD])
+
+
 def write_tiny_mmproj(
     path: str | os.PathLike[str],
     kind: MmprojKind,
@@ -316,26 +336,13 @@ def write_tiny_mmproj(
         ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
 
         w.add_name(f"edgevlm tiny {kind} mmproj")
-        w.add_uint32("general.file_type", 0)
-        w.add_string("clip.projector_type", kind)
-        w.add_bool("clip.has_vision_encoder", True)
-        w.add_bool("clip.has_text_encoder", False)
-        w.add_bool("clip.has_audio_encoder", False)
         if kind == "pixtral":
             w.add_bool("clip.use_silu", True)
             w.add_uint32("clip.vision.spatial_merge_size", merge)
         else:
             w.add_bool("clip.use_gelu", False)  # gelu_quick, as CLIP ViT-L
-        w.add_uint32("clip.vision.image_size", image_size)
-        w.add_uint32("clip.vision.patch_size", patch_size)
-        w.add_uint32("clip.vision.embedding_length", n_embd)
-        w.add_uint32("clip.vision.feed_forward_length", n_ff)
-        w.add_uint32("clip.vision.block_count", n_layer)
-        w.add_uint32("clip.vision.attention.head_count", n_head)
-        w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
-        w.add_uint32("clip.vision.projection_dim", n_embd_text)
-        w.add_array("clip.vision.image_mean", [float(x) for x in _CLIP_MEAN])
-        w.add_array("clip.vision.image_std", [float(x) for x in _CLIP_STD])
+        _clip_header(w, kind, image_size=image_size, patch_size=patch_size, n_embd=n_embd, n_ff=n_ff,
+                     n_layer=n_layer, n_head=n_head, eps=1e-5, n_embd_text=n_embd_text)
 
         # numpy shapes are PyTorch's: Linear (out, in); Conv2d (out, in, kh, kw).
         w.add_tensor("v.patch_embd.weight", mat("patch", n_embd, 3, patch_size, patch_size, std=0.1))
@@ -407,23 +414,10 @@ def _fill_qwen2vl(w: Any, *, n_embd_text: int, n_embd: int, n_layer: int, n_head
     ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
 
     w.add_name("edgevlm tiny qwen2vl mmproj")
-    w.add_uint32("general.file_type", 0)
-    w.add_string("clip.projector_type", "qwen2vl_merger")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_bool("clip.has_text_encoder", False)
-    w.add_bool("clip.has_audio_encoder", False)
     w.add_bool("clip.use_gelu", False)  # quick_gelu, as Qwen2-VL's vision tower
     w.add_uint32("clip.vision.spatial_merge_size", 2)
-    w.add_uint32("clip.vision.image_size", image_size)
-    w.add_uint32("clip.vision.patch_size", patch_size)
-    w.add_uint32("clip.vision.embedding_length", n_embd)
-    w.add_uint32("clip.vision.feed_forward_length", n_ff)
-    w.add_uint32("clip.vision.block_count", n_layer)
-    w.add_uint32("clip.vision.attention.head_count", n_head)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    w.add_uint32("clip.vision.projection_dim", n_embd_text)
-    w.add_array("clip.vision.image_mean", [float(x) for x in _CLIP_MEAN])
-    w.add_array("clip.vision.image_std", [float(x) for x in _CLIP_STD])
+    _clip_header(w, "qwen2vl_merger", image_size=image_size, patch_size=patch_size, n_embd=n_embd,
+                 n_ff=n_ff, n_layer=n_layer, n_head=n_head, eps=1e-6, n_embd_text=n_embd_text)
 
     w.add_tensor("v.patch_embd.weight", mat("patch0", n_embd, 3, patch_size, patch_size, std=0.1))
     w.add_tensor("v.patch_embd.weight.1", mat("patch1", n_embd, 3, patch_size, patch_size, std=0.1))

@@ -674,20 +674,16 @@ class VisionEncoder:
         positions = _mrope_positions(chunk, n_tokens, index) if self.uses_mrope else None
         key = (image_hash, size, n_tokens, self._cache_ns)
         cached = self.cache.get(key)
-        if cached is not None:
+
+        def result(embeddings: np.ndarray, encode_ms: float, cache_hit: bool) -> ImageChunk:
             return ImageChunk(
-                embeddings=cached,
-                n_tokens=n_tokens,
-                n_pos=n_pos,
-                image_hash=image_hash,
-                width=size[0],
-                height=size[1],
-                encode_ms=0.0,
-                cache_hit=True,
-                index=index,
-                non_causal=self.uses_non_causal,
-                positions=positions,
+                embeddings=embeddings, n_tokens=n_tokens, n_pos=n_pos, image_hash=image_hash,
+                width=size[0], height=size[1], encode_ms=encode_ms, cache_hit=cache_hit,
+                index=index, non_causal=self.uses_non_causal, positions=positions,
             )
+
+        if cached is not None:
+            return result(cached, 0.0, True)
         with self._lock:
             ctx = self._ctx_or_raise()
             t0 = time.perf_counter()
@@ -711,20 +707,7 @@ class VisionEncoder:
                 f"(first: {bad[:8].tolist()})",
                 code="vision_error",
             )
-        emb = self.cache.put(key, emb)
-        return ImageChunk(
-            embeddings=emb,
-            n_tokens=n_tokens,
-            n_pos=n_pos,
-            image_hash=image_hash,
-            width=size[0],
-            height=size[1],
-            encode_ms=encode_ms,
-            cache_hit=False,
-            index=index,
-            non_causal=self.uses_non_causal,
-            positions=positions,
-        )
+        return result(self.cache.put(key, emb), encode_ms, False)
 
 
 def _mrope_positions(chunk, n_tokens: int, index: int) -> np.ndarray:

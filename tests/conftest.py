@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ import httpx
 import pytest
 import uvicorn
 
+from bench.process import free_port
 from models.registry import default_model_path
 from server.app import create_app
 from server.settings import Settings
@@ -26,10 +26,7 @@ def default_gguf() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
 class LiveServer:

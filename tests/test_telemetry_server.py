@@ -111,15 +111,14 @@ def test_metrics_count_requests(traced) -> None:  # type: ignore[no-untyped-def]
 def test_jsonl_traces_survive_sigkill_mid_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import threading
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from bench.process import free_port
+
+    port = free_port()
     traces = tmp_path / "t.jsonl"
     env = {**os.environ, "EDGEVLM_TRACES_FLUSH_MS": "50"}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port),

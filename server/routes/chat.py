@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from models.grammars import GrammarError, json_grammar
-from models.engine import EngineError
+from models.engine import EngineError, segment_tokens
 from models.registry import LoadedModel
 from models.templates import ChatTemplateError
 from server.auth import check_api_key
@@ -76,7 +76,7 @@ async def _run_chat(body: ChatCompletionRequest, request: Request, model: Loaded
             raise APIError(400, f"The messages cannot be formatted for this model: {exc}",
                            param="messages", code="invalid_messages") from exc
         segments = await prepare_images(rendered, model, body, extension, request, record)
-        n_prompt = sum(len(s) if isinstance(s, list) else s.n_tokens for s in segments)
+        n_prompt = segment_tokens(segments)
         if rendered.images and n_prompt >= engine.n_ctx and rendered.truncate:
             # Images are only sized once encoded: count them exactly and truncate again
             # (the kept images come back from the embedding cache).
@@ -85,7 +85,7 @@ async def _run_chat(body: ChatCompletionRequest, request: Request, model: Loaded
             rendered = await run_in_threadpool(render_chat, body.messages, model, extension=extension,
                                    settings=state.settings, record=record, image_tokens=encoded)
             segments = await prepare_images(rendered, model, body, extension, request, record)
-            n_prompt = sum(len(s) if isinstance(s, list) else s.n_tokens for s in segments)
+            n_prompt = segment_tokens(segments)
         max_tokens = max_new_tokens(body.max_completion_tokens or body.max_tokens, model, n_prompt)
         return Prepared(model=model, segments=segments, sampling=sampling_params(body, grammar),
                         max_tokens=max_tokens, stop=body.stop_list(), record=record,
