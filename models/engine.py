@@ -408,7 +408,6 @@ class Engine:
         self._active = 0
         self.memory_bytes = max(psutil.Process().memory_info().rss - rss_before,
                                 int(llama_cpp.llama_model_size(model)))
-        self.last_used = time.monotonic()
 
     # ----------------------------------------------------------- tokenizer
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
@@ -495,7 +494,6 @@ class Engine:
                 raise QueueFull(f"the queue for model {self.config.model_id} is full "
                                 f"({max_queue} waiting)")
             self._waiting.append(job)
-            self.last_used = time.monotonic()
             self._cond.notify()
         return job
 
