@@ -648,6 +648,8 @@ class Engine:
         rec.prefilled_tokens = job.n_prompt - reuse
         rec.input_tokens = job.n_prompt
         rec.queue_ms = (job.t_admit - job.t_submit) * 1000.0
+        if job.req.sampling.plain_greedy:
+            return  # _sample takes the argmax itself
         try:
             job.sampler = build_sampler(job.req.sampling, self.vocab)
         except Exception as exc:
@@ -846,7 +848,13 @@ class Engine:
             self._finish(job, error=EngineError(f"llama_decode failed with status {rc}"))
 
     def _sample(self, job: Job, idx: int) -> None:
-        tok = int(llama_cpp.llama_sampler_sample(job.sampler, self.ctx, idx))
+        if job.sampler is None:
+            # Plain greedy: the first maximal logit, exactly what llama.cpp's greedy sampler
+            # picks, without copying 49k candidates into a token-data array each step.
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, idx), shape=(self.n_vocab,))
+            tok = int(logits.argmax())
+        else:
+            tok = int(llama_cpp.llama_sampler_sample(job.sampler, self.ctx, idx))
         now = time.perf_counter()
         rec = job.req.record
         if job.n_generated == 0 and not job.t_first:

@@ -28,6 +28,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that reshapes the logits: an argmax needs no sampler chain."""
+        return (self.greedy and not self.grammar and not self.presence_penalty
+                and not self.frequency_penalty and self.repeat_penalty == 1.0)
+
 
 def build_sampler(params: SamplingParams, vocab: llama_cpp.llama_vocab_p) -> llama_cpp.llama_sampler_p:
     """A llama.cpp sampler chain; the caller frees it with ``llama_sampler_free``."""

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import pytest
 
+import models.engine as engine_module
 from models.engine import (Engine, EngineConfig, Failed, Finished, GenerationRequest, Job,
                            PromptTooLong, TextDelta)
 from models.sampling import SamplingParams
@@ -81,6 +82,21 @@ def test_batched_greedy_outputs_equal_sequential(engine: Engine) -> None:
     assert batched == sequential
     assert all(r.record.batch_size_mean and r.record.batch_size_mean > 1.5 for r in runs)
     assert len({r.record.slot for r in runs}) == 4
+
+
+def test_argmax_greedy_picks_what_llama_cpp_greedy_sampler_picks(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    chains: list[SamplingParams] = []
+    build = engine_module.build_sampler
+    monkeypatch.setattr(engine_module, "build_sampler", lambda params, vocab: chains.append(params) or build(params, vocab))
+    prompts = [chat(engine, p) for p in PROMPTS]
+    fast = [submit(engine, p, max_tokens=64) for p in prompts]
+    fast_texts = [r.wait().text for r in fast]
+    assert chains == []  # plain greedy ran without a llama.cpp sampler chain
+    monkeypatch.setattr(SamplingParams, "plain_greedy", property(lambda self: False))
+    chained = [submit(engine, p, max_tokens=64) for p in prompts]
+    assert [r.wait().text for r in chained] == fast_texts
+    assert len(chains) == len(prompts)
+    assert all(r.finish == "length" for r in fast + chained)
 
 
 def test_cancelled_sequence_frees_its_slot_while_others_stream(tiny_llm: Path) -> None:
