@@ -851,8 +851,11 @@ class Engine:
         if job.sampler is None:
             # Plain greedy: the first maximal logit, exactly what llama.cpp's greedy sampler
             # picks, without copying 49k candidates into a token-data array each step.
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, idx), shape=(self.n_vocab,))
-            tok = int(logits.argmax())
+            row = llama_cpp.llama_get_logits_ith(self.ctx, idx)
+            if not row:
+                self._finish(job, error=EngineError(f"llama.cpp returned no logits for batch row {idx}"))
+                return
+            tok = int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
         else:
             tok = int(llama_cpp.llama_sampler_sample(job.sampler, self.ctx, idx))
         now = time.perf_counter()
