@@ -72,7 +72,7 @@ class _Mailbox:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+        self._loop = weakref.ref(loop)  # a strong one would keep its _mailboxes entry alive
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue, Event]] = []
 
@@ -81,8 +81,11 @@ class _Mailbox:
             self._items.append((queue, event))
             if len(self._items) > 1:
                 return  # a delivery is already scheduled and will take this one too
+        loop = self._loop()
         try:
-            self._loop.call_soon_threadsafe(self._deliver)
+            if loop is None:
+                raise RuntimeError("the request's event loop is gone")
+            loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the loop is closed: nobody is left to deliver to
             with self._lock:
                 self._items.clear()
@@ -98,12 +101,17 @@ class _Mailbox:
 _mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
 
 
-def submit(model: LoadedModel, request: GenerationRequest, *, max_queue: int) -> Generation:
-    """Queue ``request`` on the model's worker; raises QueueFull/PromptTooLong at once."""
-    loop = asyncio.get_running_loop()
+def _mailbox_for(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    """The loop's one mailbox, shared by every request on it (and gone with the loop)."""
     mailbox = _mailboxes.get(loop)
     if mailbox is None:
         mailbox = _mailboxes[loop] = _Mailbox(loop)
+    return mailbox
+
+
+def submit(model: LoadedModel, request: GenerationRequest, *, max_queue: int) -> Generation:
+    """Queue ``request`` on the model's worker; raises QueueFull/PromptTooLong at once."""
+    mailbox = _mailbox_for(asyncio.get_running_loop())
     gen = Generation()
 
     def sink(event: Event) -> None:

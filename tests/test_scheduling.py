@@ -100,3 +100,46 @@ def test_running_request_is_never_interrupted(make_server) -> None:  # type: ign
         assert r1.json()["usage"]["completion_tokens"] == 40
         assert r1.json()["choices"][0]["finish_reason"] == "length"
         assert all(f.result().status_code == 200 for f in later)
+
+
+def test_one_decode_step_wakes_the_event_loop_once_for_all_streams() -> None:
+    import asyncio
+    import gc
+    import threading
+    import weakref
+
+    from server import scheduler
+
+    async def main() -> tuple[int, list[int], list[int]]:
+        loop = asyncio.get_running_loop()
+        box = scheduler._mailbox_for(loop)
+        assert scheduler._mailbox_for(loop) is box
+        wakeups = 0
+        schedule = loop.call_soon_threadsafe
+
+        def counting(*args: object) -> object:
+            nonlocal wakeups
+            wakeups += 1
+            return schedule(*args)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        a: asyncio.Queue = asyncio.Queue()
+        b: asyncio.Queue = asyncio.Queue()
+        # An engine step posts a token for every stream while the loop is busy elsewhere.
+        worker = threading.Thread(target=lambda: [box.post(a, 1), box.post(b, 2), box.post(a, 3)])
+        worker.start()
+        worker.join()
+        got_a = [await a.get(), await a.get()]
+        got_b = [await b.get()]
+        return wakeups, got_a, got_b
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(main()) == (1, [1, 3], [2])
+    finally:
+        loop.close()
+    # The registry entry must not keep a finished loop alive.
+    ref = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert ref() is None
