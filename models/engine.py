@@ -13,6 +13,7 @@ is new. Running requests are never interrupted by new ones.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import logging
 import os
@@ -20,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Union
+from typing import Callable, Hashable, Iterator, Union
 
 import llama_cpp
 import numpy as np
@@ -40,6 +41,10 @@ GENERATION_RESERVE = 256
 # Prompt tokens prefilled per step while other sequences are decoding: bounds how long
 # a new long prompt can delay the next token of running streams.
 PREFILL_CHUNK_WHILE_DECODING = 256
+# Longest an idle engine holds its first step for requests the server is still
+# preparing, so a burst prefills in one step (long enough for a text prompt's template
+# and tokenizer, short next to an image encode it would otherwise wait out).
+ARRIVAL_WAIT_S = 0.015
 
 
 class EngineError(Exception):
@@ -406,6 +411,7 @@ class Engine:
         self._cond = threading.Condition()
         self._closing = False
         self._active = 0
+        self._preparing = 0  # requests the server is still preparing for this engine
         self.memory_bytes = max(psutil.Process().memory_info().rss - rss_before,
                                 int(llama_cpp.llama_model_size(model)))
 
@@ -497,6 +503,23 @@ class Engine:
             self._cond.notify()
         return job
 
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Mark a request being prepared (template, images) for this engine until it is submitted.
+
+        An idle engine holds its first step (at most ``ARRIVAL_WAIT_S``) while any are
+        marked, so requests that arrive together prefill in one step instead of the
+        first prompt running alone while the rest wait for it. Submit inside the block.
+        """
+        with self._cond:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify()
+
     def close(self) -> None:
         with self._cond:
             self._closing = True
@@ -564,6 +587,8 @@ class Engine:
             with self._cond:
                 while not self._closing and not self._waiting and not running:
                     self._cond.wait()
+                if not running:
+                    self._await_arrivals_locked()
                 if self._closing:
                     pending = list(self._waiting) + running
                     self._waiting.clear()
@@ -589,6 +614,15 @@ class Engine:
         for job in pending:
             self._finish(job, error=EngineClosed("the model was unloaded"))
         self._flush()
+
+    def _await_arrivals_locked(self) -> None:
+        """Before an idle engine's first step, let requests still being prepared join it."""
+        deadline = time.perf_counter() + ARRIVAL_WAIT_S
+        while self._preparing and not self._closing and len(self._waiting) < len(self._slots):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _admit_locked(self, running: list[Job]) -> list[Job]:
         admitted: list[Job] = []

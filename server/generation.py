@@ -98,45 +98,48 @@ def _usage(rec: RequestRecord) -> Usage:
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=rec.cached_tokens))
 
 
-async def execute(request: Request, record: RequestRecord, prepare: Callable[[], Awaitable[Prepared]],
-                  *, stream: bool, include_usage: bool, chunk: ChunkBuilder,
-                  final: Callable[[str, str | None, Usage, dict], Any]) -> Any:
+async def execute(request: Request, record: RequestRecord, model: LoadedModel,
+                  prepare: Callable[[], Awaitable[Prepared]], *, stream: bool, include_usage: bool,
+                  chunk: ChunkBuilder, final: Callable[[str, str | None, Usage, dict], Any]) -> Any:
     """Prepare (images, prompt), submit, and answer as a stream or a single body.
 
     The span opens before ``prepare`` so image loading and encoding are inside it, and a
     request refused at any point (bad image, full queue, too long) still leaves a span.
+    Until it is submitted the request counts as arriving on the model's engine, so
+    requests that come in together share the idle engine's first step.
     """
     app = request.app
     rec = record
     started = time.perf_counter()
     trace = app.state.telemetry.begin(rec.operation, rec.model.model_id, request.headers)
-    try:
-        prepared = await prepare()
-    except BaseException as exc:
-        if rec.error_type is None:
-            rec.error_type = getattr(exc, "code", None) or type(exc).__name__
-        rec.e2e_ms = (time.perf_counter() - started) * 1000.0
-        trace.finish(rec, exc)
-        if isinstance(exc, EngineError):
+    engine = model.engine
+    with engine.preparing():
+        try:
+            prepared = await prepare()
+        except BaseException as exc:
+            if rec.error_type is None:
+                rec.error_type = getattr(exc, "code", None) or type(exc).__name__
+            rec.e2e_ms = (time.perf_counter() - started) * 1000.0
+            trace.finish(rec, exc)
+            if isinstance(exc, EngineError):
+                raise from_engine_error(exc) from exc
+            raise
+        if app.state.settings.capture_content:
+            rec.prompt_text = prepared.prompt_text
+        gen_request = GenerationRequest(
+            segments=prepared.segments, sampling=prepared.sampling, max_tokens=prepared.max_tokens,
+            record=rec, stop=prepared.stop, ignore_eos=prepared.ignore_eos,
+            arrival=request.state.arrival,
+        )
+        try:
+            gen = submit(model, gen_request, max_queue=app.state.settings.max_queue)
+        except EngineError as exc:
+            if exc.status == 429:
+                app.state.telemetry.rejected(rec.model.model_id)
+            rec.error_type = exc.code
+            rec.e2e_ms = (time.perf_counter() - started) * 1000.0
+            trace.finish(rec, exc)
             raise from_engine_error(exc) from exc
-        raise
-    if app.state.settings.capture_content:
-        rec.prompt_text = prepared.prompt_text
-    engine = prepared.model.engine
-    gen_request = GenerationRequest(
-        segments=prepared.segments, sampling=prepared.sampling, max_tokens=prepared.max_tokens,
-        record=rec, stop=prepared.stop, ignore_eos=prepared.ignore_eos,
-        arrival=request.state.arrival,
-    )
-    try:
-        gen = submit(prepared.model, gen_request, max_queue=app.state.settings.max_queue)
-    except EngineError as exc:
-        if exc.status == 429:
-            app.state.telemetry.rejected(rec.model.model_id)
-        rec.error_type = exc.code
-        rec.e2e_ms = (time.perf_counter() - started) * 1000.0
-        trace.finish(rec, exc)
-        raise from_engine_error(exc) from exc
     app.state.telemetry.set_queue_depth(rec.model.model_id, engine.queue_depth)
 
     def close(error: BaseException | None) -> None:

@@ -99,6 +99,25 @@ def test_argmax_greedy_picks_what_llama_cpp_greedy_sampler_picks(engine: Engine,
     assert all(r.finish == "length" for r in fast + chained)
 
 
+def test_requests_arriving_together_share_the_idle_engines_first_step(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
+    with engine.preparing():  # the server is still preparing a second request
+        first = submit(engine, chat(engine, PROMPTS[0]), max_tokens=1)
+        time.sleep(0.05)  # the idle engine holds its first step meanwhile
+        assert first.record.slot is None
+        second = submit(engine, chat(engine, PROMPTS[1]), max_tokens=1)
+    first.wait(), second.wait()
+    assert first.record.batch_size_mean == second.record.batch_size_mean == 2
+
+
+def test_an_idle_engine_waits_only_briefly_for_requests_still_being_prepared(engine: Engine) -> None:
+    with engine.preparing():  # e.g. an image still encoding: never submitted in time
+        alone = submit(engine, chat(engine, PROMPTS[0]), max_tokens=1).wait()
+    assert alone.finish == "length" and alone.record.batch_size_mean == 1
+    assert alone.record.queue_ms < 1000 * engine_module.ARRIVAL_WAIT_S + 500
+
+
 def test_cancelled_sequence_frees_its_slot_while_others_stream(tiny_llm: Path) -> None:
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2))
     try:

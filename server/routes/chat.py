@@ -114,5 +114,5 @@ async def _run_chat(body: ChatCompletionRequest, request: Request, model: Loaded
         ).model_dump()
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await execute(request, record, prepare, stream=body.stream,
+    return await execute(request, record, model, prepare, stream=body.stream,
                          include_usage=include_usage, chunk=chunk, final=final)

@@ -82,5 +82,5 @@ async def _run_completion(body: CompletionRequest, request: Request, model: Load
                           usage=usage, timings=timings).model_dump()
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await execute(request, record, prepare, stream=body.stream,
+    return await execute(request, record, model, prepare, stream=body.stream,
                          include_usage=include_usage, chunk=chunk, final=final)
