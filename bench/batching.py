@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.client import BenchClient, maximum, median, run_concurrent
-from bench.harness import LLAMA_SERVER, Results, Target, add_common_args, alternate, start_servers, write_json
+from bench.harness import EDGEVLM, LLAMA_SERVER, Results, Target, add_common_args, alternate, start_servers, write_json
 from bench.process import RunningServer
 from bench.prompts import chat_prompt, follow_up
 
@@ -110,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   default_reducer=median)
     if LLAMA_SERVER not in names:
         print("(no llama-server figures: comparison skipped)")
+    elif EDGEVLM in names:
+        paired = results.paired_ratios("useful_tps")
+        print(f"useful tok/s, edgevlm/llama per repetition: median {median(paired):.2f} "
+              f"(range {min(paired):.2f}-{max(paired):.2f}, {len(paired)} repetitions)")
     write_json(args.json, {"benchmark": "batching", "threads": args.threads, "model": args.model,
                            "runs": args.runs, "metrics": results.to_json()})
     return 0

@@ -159,6 +159,13 @@ class Results:
             rows.append(row)
         print_table(headers, rows, title=title)
 
+    def paired_ratios(self, key: str) -> list[float]:
+        """edgevlm/llama-server per repetition: both servers measured back to back, so
+        drift on a shared machine, larger than the differences measured, cancels."""
+        m = self.metrics[key]
+        pairs = zip(m.values.get(EDGEVLM, []), m.values.get(LLAMA_SERVER, []))
+        return [e / l for e, l in pairs if e is not None and l]
+
     def to_json(self) -> dict[str, Any]:
         return {
             key: {"label": m.label, "samples": dict(m.values), "summary": self.summaries.get(key, {})}

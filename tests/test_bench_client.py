@@ -234,3 +234,14 @@ def test_statistics_and_table_helpers() -> None:
     assert lines[0].split() == ["metric", "edgevlm", "llama-server"]
     assert set(lines[1].replace(" ", "")) == {"-"}
     assert lines[2].split() == ["decode", "tok/s", "101.2", "-"]
+
+
+def test_paired_ratios_compare_each_repetition_back_to_back() -> None:
+    from bench.harness import EDGEVLM, LLAMA_SERVER, Results
+
+    results = Results()
+    results.metric("tps", "tok/s")
+    for e, l in [(100.0, 125.0), (None, 90.0), (120.0, 100.0)]:
+        results.add("tps", EDGEVLM, e)
+        results.add("tps", LLAMA_SERVER, l)
+    assert results.paired_ratios("tps") == [0.8, 1.2]
