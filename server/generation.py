@@ -38,12 +38,10 @@ ChunkBuilder = Callable[[str | None, str | None], dict[str, Any]]
 class Prepared:
     """A request ready to run: what to prefill and how to sample."""
 
-    model: LoadedModel
     segments: list[Segment]
     sampling: SamplingParams
     max_tokens: int
     stop: tuple[str, ...]
-    record: RequestRecord
     prompt_text: str | None = None
     ignore_eos: bool = False
     # Called with the finished record (e.g. to teach the TTFT cost model); errors ignored.

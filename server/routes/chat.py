@@ -87,8 +87,8 @@ async def _run_chat(body: ChatCompletionRequest, request: Request, model: Loaded
             segments = await prepare_images(rendered, model, body, extension, request, record)
             n_prompt = segment_tokens(segments)
         max_tokens = max_new_tokens(body.max_completion_tokens or body.max_tokens, model, n_prompt)
-        return Prepared(model=model, segments=segments, sampling=sampling_params(body, grammar),
-                        max_tokens=max_tokens, stop=body.stop_list(), record=record,
+        return Prepared(segments=segments, sampling=sampling_params(body, grammar),
+                        max_tokens=max_tokens, stop=body.stop_list(),
                         ignore_eos=body.ignore_eos, prompt_text=rendered.text,
                         on_done=cost_observer(request.app, model))
 

@@ -61,10 +61,9 @@ async def _run_completion(body: CompletionRequest, request: Request, model: Load
         top_p=body.top_p, seed=body.seed,
     )
     async def prepare() -> Prepared:
-        return Prepared(model=model, segments=[tokens], sampling=sampling_params(body, None),
+        return Prepared(segments=[tokens], sampling=sampling_params(body, None),
                         max_tokens=max_new_tokens(body.max_tokens, model, len(tokens)),
-                        stop=body.stop_list(), record=record, ignore_eos=body.ignore_eos,
-                        prompt_text=text)
+                        stop=body.stop_list(), ignore_eos=body.ignore_eos, prompt_text=text)
 
     created = int(time.time())
     model_id = model.spec.id
