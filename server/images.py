@@ -171,7 +171,8 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
 
     # ... then let a TTFT budget lower it (and ask for pruning) where the policy allows.
     budget_ms, budget_from = _ttft_budget(extension, request, settings)
-    cost = cost_model_for(app, model.spec.id)
+    # One snapshot of the rates for the whole request, so plan and final prediction agree.
+    rates = cost_model_for(app, model.spec.id).snapshot()
     engine = model.engine
     queue_depth = engine.queue_depth
     marker = vision.media_marker
@@ -179,7 +180,7 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     ttft_plan: BudgetPlan | None = None
     if budget_ms is not None:
         specs = [ImageSpec(max_tokens=p.tokens, grid=grid) for p in plans]
-        ttft_plan = plan_for_budget(budget_ms, text_tokens, specs, queue_depth, cost, allow_prune=causal)
+        ttft_plan = plan_for_budget(budget_ms, text_tokens, specs, queue_depth, rates, allow_prune=causal)
         for i, ip in enumerate(ttft_plan.images):
             if ip.tokens < plans[i].tokens and not facts.is_fixed:
                 b = budget_for(i, ttft_tokens=ip.tokens)
@@ -254,7 +255,7 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
         mw.update(ttft_plan.attributes())
         mw["predicted_ttft_ms"] = round(ttft_plan.predicted_ttft_ms, 3)
     # What the cost model predicts for what is actually prefilled (cache hits encode nothing).
-    final = cost.predict_ttft_ms(
+    final = rates.predict_ttft_ms(
         text_tokens, [0 if r.cache_hit else r.tokens_before for r in record.images], queue_depth,
         [r.tokens_after for r in record.images])
     mw["predicted_ttft_final_ms"] = round(final, 3)

@@ -17,7 +17,7 @@ from models.registry import model_id_for
 from models.tinymodels import tiny_vlm
 from models.vision import ImageChunk, TextChunk, VisionEncoder
 from tests.conftest import LiveServer, live_server
-from tests.test_vision_api import image_message, images_of, png_uri
+from tests.test_vision_api import check_second_turn_reuses_the_image_prefix, image_message, images_of, png_uri
 
 
 @pytest.fixture(scope="module")
@@ -250,14 +250,4 @@ def test_pruned_request_keeps_original_positions(srv: LiveServer, client: openai
 
 
 def test_second_turn_reuses_the_image_prefix(srv: LiveServer, client: openai.OpenAI) -> None:
-    turn1 = [image_message(png_uri(128, 96, seed=4))]
-    r1 = client.chat.completions.create(model=srv.model_id, messages=turn1, max_tokens=4, temperature=0)
-    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content or "ok"},
-                     {"role": "user", "content": "And the colours?"}]
-    r2 = client.chat.completions.create(model=srv.model_id, messages=turn2, max_tokens=4, temperature=0)
-    im = images_of(r2)[0]
-    t = r2.model_extra["timings"]
-    assert im["cache_hit"] is True
-    assert t["prompt_cached_tokens"] >= r1.usage.prompt_tokens - 1  # text + image rows of turn 1
-    assert t["prompt_prefilled_tokens"] == r2.usage.prompt_tokens - t["prompt_cached_tokens"]
-    assert t["prompt_prefilled_tokens"] < im["tokens_after"]
+    check_second_turn_reuses_the_image_prefix(client, srv.model_id)

@@ -232,7 +232,7 @@ def test_prune_refused_for_non_causal_or_unknown_models() -> None:
 
 def test_cost_model_learns_from_observations() -> None:
     cm = CostModel(encode_ms_per_token=8.0, prefill_ms_per_token=4.0, overhead_ms=20.0)
-    before = cm.predict_ttft_ms(100, [500])
+    before = cm.snapshot().predict_ttft_ms(100, [500])
     assert before == pytest.approx(20 + 8 * 500 + 4 * 600)
     for _ in range(30):  # the device is really 2 ms/token encode, 1 ms/token prefill
         cm.observe(encode_ms=1000.0, image_tokens=500, prefill_ms=600.0, prefill_tokens=600)
@@ -244,8 +244,8 @@ def test_cost_model_learns_from_observations() -> None:
     cm.observe(encode_ms=0.0, image_tokens=0, prefill_ms=50.0, prefill_tokens=50)
     assert cm.snapshot().encode_ms_per_token == pytest.approx(2.0)
     # Pruning shrinks only the prefill term; queue depth adds waiting time.
-    assert cm.predict_ttft_ms(100, [500], kept_tokens_each=[250]) < cm.predict_ttft_ms(100, [500])
-    assert cm.predict_ttft_ms(100, [500], queue_depth=2) > cm.predict_ttft_ms(100, [500])
+    assert cm.snapshot().predict_ttft_ms(100, [500], kept_tokens_each=[250]) < cm.snapshot().predict_ttft_ms(100, [500])
+    assert cm.snapshot().predict_ttft_ms(100, [500], queue_depth=2) > cm.snapshot().predict_ttft_ms(100, [500])
 
 
 def test_cost_model_from_warmup_and_thread_safety() -> None:
@@ -268,30 +268,30 @@ def test_budget_plan_meets_budget_and_tightens_with_queue() -> None:
     cm = CostModel(encode_ms_per_token=2.0, prefill_ms_per_token=1.0, overhead_ms=20.0, request_ms=500.0)
     images = [ImageSpec(QWEN_MAX, QWEN2VL), ImageSpec(QWEN_MAX, QWEN2VL)]
 
-    full = plan_for_budget(10_000, 50, images, 0, cm)
+    full = plan_for_budget(10_000, 50, images, 0, cm.snapshot())
     assert full.achievable and [im.tokens for im in full.images] == [QWEN_MAX, QWEN_MAX]
 
-    plan = plan_for_budget(2000, 50, images, 0, cm)
+    plan = plan_for_budget(2000, 50, images, 0, cm.snapshot())
     assert plan.achievable and plan.predicted_ttft_ms <= 2000
     assert all(64 <= im.tokens < QWEN_MAX for im in plan.images)
     assert plan.predicted_ttft_ms == pytest.approx(
-        cm.predict_ttft_ms(50, [im.tokens for im in plan.images], 0, [im.keep_tokens for im in plan.images])
+        cm.snapshot().predict_ttft_ms(50, [im.tokens for im in plan.images], 0, [im.keep_tokens for im in plan.images])
     )
 
-    queued = plan_for_budget(2000, 50, images, 2, cm)
+    queued = plan_for_budget(2000, 50, images, 2, cm.snapshot())
     assert queued.achievable and queued.predicted_ttft_ms <= 2000
     assert sum(im.tokens for im in queued.images) < sum(im.tokens for im in plan.images)
     assert queued.queue_wait_ms == 1000.0
 
     # At floor resolution the planner prunes.
-    pruned = plan_for_budget(20 + 50 + 2 * 64 * 2 + 64 + 20, 50, images, 0, cm)
+    pruned = plan_for_budget(20 + 50 + 2 * 64 * 2 + 64 + 20, 50, images, 0, cm.snapshot())
     assert pruned.achievable and [im.tokens for im in pruned.images] == [64, 64]
     assert pruned.keep_ratio < 1.0 and pruned.predicted_ttft_ms <= pruned.budget_ms
 
-    text_only = plan_for_budget(100, 50, [], 0, cm)
+    text_only = plan_for_budget(100, 50, [], 0, cm.snapshot())
     assert text_only.achievable and text_only.images == () and text_only.predicted_ttft_ms == 70.0
 
-    hopeless = plan_for_budget(100, 50, images, 5, cm)
+    hopeless = plan_for_budget(100, 50, images, 5, cm.snapshot())
     assert not hopeless.achievable and hopeless.predicted_ttft_ms > 100
     assert hopeless.keep_ratio == pytest.approx(0.25)  # the cheapest plan allowed
     assert "not achievable" in hopeless.reason
@@ -299,7 +299,7 @@ def test_budget_plan_meets_budget_and_tightens_with_queue() -> None:
 
 def test_budget_plan_for_fixed_projector_only_prunes() -> None:
     cm = CostModel(encode_ms_per_token=2.0, prefill_ms_per_token=1.0, overhead_ms=0.0)
-    plan = plan_for_budget(2 * 256 + 100 + 128, 100, [ImageSpec(256, GEMMA3)], 0, cm)
+    plan = plan_for_budget(2 * 256 + 100 + 128, 100, [ImageSpec(256, GEMMA3)], 0, cm.snapshot())
     assert plan.images[0].tokens == 256 and plan.images[0].keep_tokens == 128
     assert plan.achievable and plan.predicted_ttft_ms <= plan.budget_ms
     # The plan's keep ratio, fed to the pruning policy, keeps no more than planned.

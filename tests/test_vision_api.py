@@ -98,19 +98,23 @@ def test_identical_image_hits_the_embedding_cache(vlm: LiveServer, client: opena
     assert (smaller["encoded_width"], smaller["encoded_height"]) != (first["encoded_width"], first["encoded_height"])
 
 
-def test_second_turn_reuses_the_image_prefix(vlm: LiveServer, client: openai.OpenAI) -> None:
-    url = png_uri(128, 96, seed=4)
-    turn1 = [image_message(url)]
-    r1 = ask(client, vlm.model_id, turn1)
+def check_second_turn_reuses_the_image_prefix(client: openai.OpenAI, model_id: str) -> None:
+    """A follow-up about the same photo: no encode, only the new text prefilled."""
+    turn1 = [image_message(png_uri(128, 96, seed=4))]
+    r1 = ask(client, model_id, turn1)
     turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content or "ok"},
                      {"role": "user", "content": "And the colours?"}]
-    r2 = ask(client, vlm.model_id, turn2)
+    r2 = ask(client, model_id, turn2)
     im = images_of(r2)[0]
     t = r2.model_extra["timings"]
     assert im["cache_hit"] is True
     assert t["prompt_cached_tokens"] >= r1.usage.prompt_tokens - 1  # text + image rows of turn 1
     assert t["prompt_prefilled_tokens"] == r2.usage.prompt_tokens - t["prompt_cached_tokens"]
     assert t["prompt_prefilled_tokens"] < im["tokens_after"]
+
+
+def test_second_turn_reuses_the_image_prefix(vlm: LiveServer, client: openai.OpenAI) -> None:
+    check_second_turn_reuses_the_image_prefix(client, vlm.model_id)
 
 
 def _truncated_png() -> bytes:

@@ -169,16 +169,6 @@ class CostModel:
         with self._lock:
             return self._est
 
-    def predict_ttft_ms(
-        self,
-        text_tokens: int,
-        image_tokens_each: Sequence[int] = (),
-        queue_depth: int = 0,
-        kept_tokens_each: Sequence[int] | None = None,
-    ) -> float:
-        """See ``CostEstimate.predict_ttft_ms``."""
-        return self.snapshot().predict_ttft_ms(text_tokens, image_tokens_each, queue_depth, kept_tokens_each)
-
 
 @dataclass(frozen=True)
 class ImageSpec:
@@ -256,7 +246,7 @@ def plan_for_budget(
     text_tokens: int,
     images: Sequence[ImageSpec],
     queue_depth: int,
-    cost_model: CostModel | CostEstimate,
+    est: CostEstimate,
     *,
     floor_tokens: int = DEFAULT_FLOOR_TOKENS,
     min_keep: float = DEFAULT_MIN_KEEP,
@@ -273,7 +263,6 @@ def plan_for_budget(
         raise ValueError("budget_ms must be > 0")
     if not 0.0 < min_keep <= 1.0:
         raise ValueError("min_keep must be in (0, 1]")
-    est = cost_model.snapshot() if isinstance(cost_model, CostModel) else cost_model
     enc, pre = est.encode_ms_per_token, est.prefill_ms_per_token
     qwait = est.queue_wait_ms(queue_depth)
     base = qwait + est.overhead_ms + pre * text_tokens
