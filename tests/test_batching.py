@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import llama_cpp
 import pytest
 
 import models.engine as engine_module
@@ -159,6 +160,76 @@ def test_prefix_reuse_matches_cold_run_and_prefills_only_the_suffix(tiny_llm: Pa
         cold_engine.close()
     assert cold.record.cached_tokens == 0
     assert warm.text == cold.text
+
+
+def _slot_of(engine: Engine, run: Run) -> "engine_module._Slot":
+    return next(s for s in engine._slots if s.seq_id == run.record.slot)
+
+
+def _pool_cells(engine: Engine, slot: "engine_module._Slot") -> int:
+    return int(llama_cpp.llama_memory_seq_pos_max(engine.mem, slot.seq_id)) + 1
+
+
+def _two_turns(engine: Engine) -> tuple[Run, str]:
+    """Turn 1 of a chat, then a long unrelated prompt that parks it; returns turn 2's prompt."""
+    turn1 = [{"role": "system", "content": "You are terse. " * 20},
+             {"role": "user", "content": "First question?"}]
+    first = submit(engine, engine.template.render(turn1)).wait()
+    long_run = submit(engine, "river " * (engine_module.PARK_MIN_PREFILL + 50), max_tokens=4).wait()
+    assert long_run.record.slot != first.record.slot  # an unrelated prompt leaves the chat's slot alone
+    turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And?"}]
+    return first, engine.template.render(turn2)
+
+
+def _cold(tiny_llm: Path, prompt: str) -> Run:
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=1))
+    try:
+        return submit(eng, prompt).wait()
+    finally:
+        eng.close()
+
+
+def test_long_prompt_parks_idle_caches_in_ram_and_the_next_turn_restores_them(
+        tiny_llm: Path, engine: Engine) -> None:
+    first, prompt2 = _two_turns(engine)
+    chat_slot = _slot_of(engine, first)
+    n_history = len(chat_slot.history)
+    assert chat_slot.parked is not None and _pool_cells(engine, chat_slot) == 0
+    warm = submit(engine, prompt2).wait()
+    assert warm.record.slot == first.record.slot
+    assert warm.record.middleware["engine.kv_restored_tokens"] == n_history
+    n_prompt = len(engine.tokenize(prompt2))
+    assert warm.record.cached_tokens >= first.record.input_tokens  # the whole first turn came back
+    assert warm.record.prefilled_tokens == n_prompt - warm.record.cached_tokens
+    assert warm.text == _cold(tiny_llm, prompt2).text
+
+
+def test_a_parked_cache_that_cannot_be_restored_is_prefilled_again(
+        tiny_llm: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, prompt2 = _two_turns(engine)
+    monkeypatch.setattr(llama_cpp, "llama_state_seq_set_data", lambda *a: 0)  # llama.cpp found no room
+    warm = submit(engine, prompt2).wait()
+    assert warm.error is None
+    assert "engine.kv_restored_tokens" not in warm.record.middleware
+    assert warm.record.cached_tokens == 0
+    assert warm.text == _cold(tiny_llm, prompt2).text
+
+
+def test_parked_caches_are_bounded_by_the_context_size(tiny_llm: Path) -> None:
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=4))
+    try:
+        words = ["river", "garden", "window", "market"]  # a token each
+        runs = [submit(eng, f"{w} " * 700, max_tokens=4).wait() for w in words]
+        slots = [_slot_of(eng, r) for r in runs]
+        assert len({s.seq_id for s in slots}) == 4
+        parked = [s for s in eng._slots if s.parked is not None]
+        assert sum(len(s.history) for s in parked) <= eng.n_ctx
+        # three 700-token caches were parked in turn; the oldest was dropped to stay in bounds
+        assert slots[0].history == [] and slots[0].parked is None
+        assert slots[1].parked is not None and slots[2].parked is not None
+        assert _pool_cells(eng, slots[3]) == len(slots[3].history)  # the last one stays in the pool
+    finally:
+        eng.close()
 
 
 def test_prompt_that_never_fits_is_refused_and_one_that_fits_later_is_served(tiny_llm: Path) -> None:

@@ -251,3 +251,21 @@ def test_pruned_request_keeps_original_positions(srv: LiveServer, client: openai
 
 def test_second_turn_reuses_the_image_prefix(srv: LiveServer, client: openai.OpenAI) -> None:
     check_second_turn_reuses_the_image_prefix(client, srv.model_id)
+
+
+def test_parked_image_cache_restores_with_its_mrope_positions(engine: Engine, encoder: VisionEncoder) -> None:
+    from models.engine import PARK_MIN_PREFILL
+
+    prompt = f"a {encoder.media_marker} b"
+    images = [_image(64, 64, seed=3)]
+    base = _segments(encoder, engine, prompt, images)
+    _, first = _generate(engine, base)
+    # an unrelated long prompt takes the other slot and parks this one in host RAM
+    _, other = _generate(engine, [engine.tokenize("river " * (PARK_MIN_PREFILL + 20))], max_tokens=2)
+    assert other.slot != first.slot
+    follow = base + [engine.tokenize(" and more words here", add_special=False)]
+    warm_text, warm = _generate(engine, follow)
+    assert warm.middleware["engine.kv_restored_tokens"] > 0
+    assert warm.cached_tokens >= sum(len(s) if isinstance(s, list) else s.n_tokens for s in base) - 1
+    ref = _reference(engine, encoder, prompt + " and more words here", images)
+    assert warm_text == engine.detokenize(ref)
