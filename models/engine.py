@@ -7,7 +7,9 @@ prefilled, so concurrent requests share the matrix multiplications instead of ta
 turns, and a long prompt never stalls running streams for more than one chunk. Each
 slot remembers what its KV holds, so a request that repeats a previous prompt prefix
 (the next turn of a chat, a shared system prompt, the same photo) prefills only what
-is new. Running requests are never interrupted by new ones.
+is new. Before a long prompt prefills, idle slots' KV moves to host RAM so the prompt
+attends over its own cells only; it comes back on that conversation's next turn.
+Running requests are never interrupted by new ones.
 """
 
 from __future__ import annotations
@@ -695,7 +697,7 @@ class Engine:
         rec = job.req.record
         if slot.parked is not None:
             if _common_prefix(slot.history, job.items) and self._unpark(slot):
-                rec.middleware["engine.kv_restored_tokens"] = len(slot.history)
+                rec.restored_tokens = len(slot.history)
             else:
                 slot.truncate(0)
         reuse = min(_common_prefix(slot.history, job.items), job.n_prompt - 1)

@@ -73,6 +73,7 @@ class RequestRecord:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from a reused KV prefix
+    restored_tokens: int = 0  # KV tokens copied back from host RAM before reuse
     prefilled_tokens: int = 0  # prompt tokens actually computed
     dropped_tokens: int = 0  # tokens removed by the long-prompt policy
     finish_reason: str | None = None

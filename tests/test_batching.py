@@ -197,7 +197,7 @@ def test_long_prompt_parks_idle_caches_in_ram_and_the_next_turn_restores_them(
     assert chat_slot.parked is not None and _pool_cells(engine, chat_slot) == 0
     warm = submit(engine, prompt2).wait()
     assert warm.record.slot == first.record.slot
-    assert warm.record.middleware["engine.kv_restored_tokens"] == n_history
+    assert warm.record.restored_tokens == n_history
     n_prompt = len(engine.tokenize(prompt2))
     assert warm.record.cached_tokens >= first.record.input_tokens  # the whole first turn came back
     assert warm.record.prefilled_tokens == n_prompt - warm.record.cached_tokens
@@ -210,7 +210,7 @@ def test_a_parked_cache_that_cannot_be_restored_is_prefilled_again(
     monkeypatch.setattr(llama_cpp, "llama_state_seq_set_data", lambda *a: 0)  # llama.cpp found no room
     warm = submit(engine, prompt2).wait()
     assert warm.error is None
-    assert "engine.kv_restored_tokens" not in warm.record.middleware
+    assert warm.record.restored_tokens == 0
     assert warm.record.cached_tokens == 0
     assert warm.text == _cold(tiny_llm, prompt2).text
 

@@ -265,7 +265,7 @@ def test_parked_image_cache_restores_with_its_mrope_positions(engine: Engine, en
     assert other.slot != first.slot
     follow = base + [engine.tokenize(" and more words here", add_special=False)]
     warm_text, warm = _generate(engine, follow)
-    assert warm.middleware["engine.kv_restored_tokens"] > 0
+    assert warm.restored_tokens > 0
     assert warm.cached_tokens >= sum(len(s) if isinstance(s, list) else s.n_tokens for s in base) - 1
     ref = _reference(engine, encoder, prompt + " and more words here", images)
     assert warm_text == engine.detokenize(ref)

@@ -49,7 +49,7 @@ def test_success_span_carries_genai_and_edgevlm_attributes(tmp_path):
     assert "error.type" not in a
     assert a["edgevlm.ttft_ms"] == 95.0 and a["edgevlm.queue_ms"] == 4.0
     assert a["edgevlm.decode_tokens_per_s"] == pytest.approx(32 / 0.32)
-    assert a["edgevlm.cache.reused_tokens"] == 10
+    assert a["edgevlm.cache.reused_tokens"] == 10 and a["edgevlm.cache.restored_tokens"] == 40
     assert (a["edgevlm.image.count"], a["edgevlm.image.tokens_before"], a["edgevlm.image.tokens_after"]) == (1, 64, 32)
     assert a["edgevlm.image.pixels"] == 512 * 384
     assert tuple(a["edgevlm.image.resize.from"]) == ("1024x768",)
