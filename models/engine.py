@@ -432,8 +432,14 @@ class Engine:
         self._closing = False
         self._active = 0
         self._preparing = 0  # requests the server is still preparing for this engine
-        self.memory_bytes = max(psutil.Process().memory_info().rss - rss_before,
-                                int(llama_cpp.llama_model_size(model)))
+        self._load_bytes = max(psutil.Process().memory_info().rss - rss_before,
+                               int(llama_cpp.llama_model_size(model)))
+
+    @property
+    def memory_bytes(self) -> int:
+        """What loading took (weights, KV pool, buffers) plus KV parked in host RAM."""
+        parked = [s.parked for s in self._slots]  # read once: the worker may drop one meanwhile
+        return self._load_bytes + sum(p.nbytes for p in parked if p is not None)
 
     # ----------------------------------------------------------- tokenizer
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:

@@ -195,7 +195,9 @@ def test_long_prompt_parks_idle_caches_in_ram_and_the_next_turn_restores_them(
     chat_slot = _slot_of(engine, first)
     n_history = len(chat_slot.history)
     assert chat_slot.parked is not None and _pool_cells(engine, chat_slot) == 0
+    with_parked = engine.memory_bytes
     warm = submit(engine, prompt2).wait()
+    assert engine.memory_bytes < with_parked  # the parked copy is gone once restored
     assert warm.record.slot == first.record.slot
     assert warm.record.restored_tokens == n_history
     n_prompt = len(engine.tokenize(prompt2))
