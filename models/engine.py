@@ -702,7 +702,9 @@ class Engine:
             return
         rec = job.req.record
         if slot.parked is not None:
-            if _common_prefix(slot.history, job.items) and self._unpark(slot):
+            # Copying KV back costs a small fraction of prefilling it (~10 us against ~3 ms
+            # a token on a 2-core CPU): worth it for a match of 1% of the parked history.
+            if 100 * _common_prefix(slot.history, job.items) >= len(slot.history) and self._unpark(slot):
                 rec.restored_tokens = len(slot.history)
             else:
                 slot.truncate(0)

@@ -16,8 +16,8 @@ def sample_record(**overrides: Any) -> RequestRecord:
     )
     fields: dict[str, Any] = dict(
         operation="chat", model=model, request_id="chatcmpl-123", stream=True, max_tokens=64,
-        temperature=0.2, top_p=0.9, seed=7, input_tokens=120, output_tokens=33, cached_tokens=10, restored_tokens=40,
-        prefilled_tokens=110, finish_reason="stop", queue_ms=4.0, encode_ms=30.0, prefill_ms=60.0,
+        temperature=0.2, top_p=0.9, seed=7, input_tokens=120, output_tokens=33, cached_tokens=10,
+        restored_tokens=40, prefilled_tokens=110, finish_reason="stop", queue_ms=4.0, encode_ms=30.0, prefill_ms=60.0,
         ttft_ms=95.0, decode_ms=320.0, e2e_ms=420.0, slot=0, batch_size_mean=1.0,
         images=[ImageRecord(
             index=0, source_width=1024, source_height=768, encoded_width=512, encoded_height=384,
