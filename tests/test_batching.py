@@ -206,6 +206,21 @@ def test_long_prompt_parks_idle_caches_in_ram_and_the_next_turn_restores_them(
     assert warm.text == _cold(tiny_llm, prompt2).text
 
 
+def test_an_unrelated_prompt_drops_a_parked_cache_without_restoring_it(tiny_llm: Path) -> None:
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2))
+    try:
+        first, _ = _two_turns(eng)
+        chat_slot = _slot_of(eng, first)
+        assert len(chat_slot.history) > 100
+        # shares only the template's first token with the parked chat: not worth a copy
+        other = submit(eng, "<|im_start|>user\nHello there<|im_end|>\n", max_tokens=4).wait()
+        assert other.record.slot == first.record.slot
+        assert other.record.restored_tokens == 0 and other.record.cached_tokens == 0
+        assert chat_slot.parked is None and _pool_cells(eng, chat_slot) == len(chat_slot.history)
+    finally:
+        eng.close()
+
+
 def test_a_parked_cache_that_cannot_be_restored_is_prefilled_again(
         tiny_llm: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     first, prompt2 = _two_turns(engine)
