@@ -664,15 +664,11 @@ class Engine:
             slot = max(free, key=lambda s: (self._reusable(s, job), -s.last_used))
             committed = sum(j.kv_budget for j in running + admitted)
             need = min(job.kv_budget, self.n_ctx)
-            idle = sorted((s for s in free if s is not slot and s.cells), key=lambda s: s.last_used)
-            cached = sum(s.cells for s in idle) + len(slot.history)  # a parked slot comes back
             if committed + need > self.n_ctx:
                 break  # fits later, when a running request finishes
-            while committed + need + cached > self.n_ctx and idle:
-                victim = idle.pop(0)
-                cached -= victim.cells
-                llama_cpp.llama_memory_seq_rm(self.mem, victim.seq_id, -1, -1)
-                victim.truncate(0)
+            # idle caches in the pool, plus this slot's history (a parked one comes back)
+            cached = sum(s.cells for s in free if s is not slot) + len(slot.history)
+            self._evict_idle(committed + need + cached - self.n_ctx, keep=slot)
             self._waiting.popleft()
             job.slot = slot
             slot.job = job
@@ -701,14 +697,16 @@ class Engine:
             self._finish(job, reason="cancelled")
             return
         rec = job.req.record
+        common = _common_prefix(slot.history, job.items)
         if slot.parked is not None:
             # Copying KV back costs a small fraction of prefilling it (~10 us against ~3 ms
             # a token on a 2-core CPU): worth it for a match of 1% of the parked history.
-            if 100 * _common_prefix(slot.history, job.items) >= len(slot.history) and self._unpark(slot):
+            if 100 * common >= len(slot.history) and self._unpark(slot):
                 rec.restored_tokens = len(slot.history)
             else:
                 slot.truncate(0)
-        reuse = min(_common_prefix(slot.history, job.items), job.n_prompt - 1)
+                common = 0
+        reuse = min(common, job.n_prompt - 1)
         if reuse > 0:
             start, _end, seg = job.segment_at(reuse)
             if isinstance(seg, ImageSegment) and start < reuse:
@@ -902,12 +900,7 @@ class Engine:
         remaining = sum(j.n_prompt - j.cursor for j in live if j.cursor < j.n_prompt)
         chunk = PREFILL_CHUNK_WHILE_DECODING if n_new else self.n_batch
         need = n_new + min(remaining, chunk + self.n_batch)
-        idle = sorted((s for s in self._slots if s.job is None and s.cells), key=lambda s: s.last_used)
-        while used + need > self.n_ctx and idle:
-            victim = idle.pop(0)
-            used -= victim.cells
-            llama_cpp.llama_memory_seq_rm(self.mem, victim.seq_id, -1, -1)
-            victim.truncate(0)
+        used -= self._evict_idle(used + need - self.n_ctx)
         # Still short: the most recently admitted job gives its cells back and waits at the
         # head of the queue, resuming later exactly where it was; a running stream is
         # never cut short for a newcomer. A job alone at the limit ends with "length".
@@ -927,10 +920,25 @@ class Engine:
             need = n_new + min(remaining, chunk + self.n_batch)
             self._preempt(youngest)
 
-    def _preempt(self, job: Job) -> None:
-        slot = job.slot
+    def _clear(self, slot: _Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.truncate(0)
+
+    def _evict_idle(self, excess: int, keep: _Slot | None = None) -> int:
+        """Drop idle caches in the pool, least recently used first, until ``excess`` cells are free."""
+        freed = 0
+        idle = sorted((s for s in self._slots if s.job is None and s is not keep and s.cells),
+                      key=lambda s: s.last_used)
+        for victim in idle:
+            if freed >= excess:
+                break
+            freed += victim.cells
+            self._clear(victim)
+        return freed
+
+    def _preempt(self, job: Job) -> None:
+        slot = job.slot
+        self._clear(slot)
         slot.job = None
         slot.last_used = time.monotonic()
         job.requeue()
