@@ -432,6 +432,10 @@ class Engine:
         self._closing = False
         self._active = 0
         self._preparing = 0  # requests the server is still preparing for this engine
+        # Each generated token's text, looked up once per token id: a ctypes call and a
+        # buffer per token is a measurable share of a decode step's Python work.
+        self._pieces: dict[int, bytes] = {}
+        self._logit_views: dict[tuple[int | None, int], np.ndarray] = {}
         self._load_bytes = max(psutil.Process().memory_info().rss - rss_before,
                                int(llama_cpp.llama_model_size(model)))
 
@@ -459,6 +463,14 @@ class Engine:
         return tokens
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        if not special:
+            piece = self._pieces.get(token)
+            if piece is None:
+                piece = self._pieces[token] = self._token_piece(token, special=False)
+            return piece
+        return self._token_piece(token, special=True)
+
+    def _token_piece(self, token: int, *, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)  # per call: the worker and request threads both use this
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -824,10 +836,11 @@ class Engine:
                 self._decode_failed(rc, undo, live)
                 return
             n_seqs = len(decoding) + sum(1 for j in prefilling if j.cursor > 0)
-            for idx, job in outputs:
+            greedy = self._greedy_tokens(outputs)
+            for row, (idx, job) in enumerate(outputs):
                 job.batch_sum += n_seqs
                 job.batch_steps += 1
-                self._sample(job, idx)
+                self._sample(job, idx, None if greedy is None else int(greedy[row]))
         if image_job is not None and not image_job.done:
             self._prefill_image(image_job)
 
@@ -966,15 +979,40 @@ class Engine:
         for job, *_ in undo:
             self._finish(job, error=EngineError(f"llama_decode failed with status {rc}"))
 
-    def _sample(self, job: Job, idx: int) -> None:
+    def _greedy_tokens(self, outputs: list[tuple[int, Job]]) -> np.ndarray | None:
+        """Argmax of every output row in one call, when any plain-greedy job wants one.
+
+        Rows of ``llama_get_logits`` follow the batch order of the rows that asked for
+        logits, which is the order of ``outputs``. One vectorised argmax replaces a
+        ctypes lookup, an array view and an argmax per sequence each step.
+        """
+        if not any(job.sampler is None for _, job in outputs):
+            return None
+        logits = llama_cpp.llama_get_logits(self.ctx)
+        if not logits:
+            return None
+        # A view is costlier to make than the argmax; the buffer moves only when
+        # llama.cpp grows it, so views are kept per (address, rows).
+        key = (ctypes.cast(logits, ctypes.c_void_p).value, len(outputs))
+        view = self._logit_views.get(key)
+        if view is None:
+            if len(self._logit_views) >= 16:
+                self._logit_views.clear()
+            view = self._logit_views[key] = np.ctypeslib.as_array(logits, shape=(len(outputs), self.n_vocab))
+        return view.argmax(axis=1)
+
+    def _sample(self, job: Job, idx: int, greedy: int | None = None) -> None:
         if job.sampler is None:
             # Plain greedy: the first maximal logit, exactly what llama.cpp's greedy sampler
             # picks, without copying 49k candidates into a token-data array each step.
-            row = llama_cpp.llama_get_logits_ith(self.ctx, idx)
-            if not row:
-                self._finish(job, error=EngineError(f"llama.cpp returned no logits for batch row {idx}"))
-                return
-            tok = int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
+            if greedy is not None:
+                tok = greedy
+            else:
+                row = llama_cpp.llama_get_logits_ith(self.ctx, idx)
+                if not row:
+                    self._finish(job, error=EngineError(f"llama.cpp returned no logits for batch row {idx}"))
+                    return
+                tok = int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
         else:
             tok = int(llama_cpp.llama_sampler_sample(job.sampler, self.ctx, idx))
         now = time.perf_counter()

@@ -100,6 +100,30 @@ def test_argmax_greedy_picks_what_llama_cpp_greedy_sampler_picks(engine: Engine,
     assert all(r.finish == "length" for r in fast + chained)
 
 
+def test_greedy_rows_stay_exact_beside_sampled_requests_in_one_step(engine: Engine) -> None:
+    # Greedy tokens come from one argmax over the step's logits rows while sampled
+    # requests read their own row through a sampler chain: rows must not get mixed up.
+    greedy_prompts = [chat(engine, p) for p in PROMPTS[:2]]
+    alone = [submit(engine, p, max_tokens=32).wait().text for p in greedy_prompts]
+
+    def sampled(prompt: str, seed: int) -> Run:
+        run = Run()
+        run.record = RequestRecord(operation="chat", model=engine.info)
+        req = GenerationRequest([engine.tokenize(chat(engine, prompt))], SamplingParams(temperature=0.9, seed=seed),
+                                32, run.record, ignore_eos=True)
+        run.job = engine.submit(req, run, max_queue=16)
+        return run
+
+    with engine.preparing():  # all four start in the same step
+        runs = [sampled(PROMPTS[2], 1), submit(engine, greedy_prompts[0], max_tokens=32),
+                sampled(PROMPTS[3], 2), submit(engine, greedy_prompts[1], max_tokens=32)]
+    for r in runs:
+        r.wait()
+    assert [runs[1].text, runs[3].text] == alone
+    assert all(r.record.batch_size_mean == 4 for r in runs)
+    assert all(r.record.output_tokens == 32 and r.finish == "length" for r in runs)
+
+
 def test_requests_arriving_together_share_the_idle_engines_first_step(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
