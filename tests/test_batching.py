@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import re
 import threading
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ import llama_cpp
 import pytest
 
 import models.engine as engine_module
+import models.llama_lib as llama_lib
 from models.engine import (Engine, EngineConfig, Failed, Finished, GenerationRequest, Job,
                            PromptTooLong, TextDelta)
 from models.sampling import SamplingParams
@@ -254,6 +257,62 @@ def test_a_parked_cache_that_cannot_be_restored_is_prefilled_again(
     assert warm.record.restored_tokens == 0
     assert warm.record.cached_tokens == 0
     assert warm.text == _cold(tiny_llm, prompt2).text
+
+
+class KvCellLog:
+    """llama.cpp's own account of the shared pool at each allocation (``LLAMA_KV_CACHE_DEBUG``).
+
+    ``n`` is one past the highest cell in use: attention spans that many cells (padded to
+    256), however few of them are in use.
+    """
+
+    PATTERN = re.compile(rb"find_slot: stream\[0\], n = +(\d+), used = +(\d+)")
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            match = self.PATTERN.search(text or b"")
+            if match:
+                self.seen.append((int(match.group(1)), int(match.group(2))))
+
+        self._callback = callback  # llama.cpp holds only the C pointer
+
+    def __enter__(self) -> "KvCellLog":
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        llama_cpp.llama_log_set(llama_lib._log_callback, ctypes.c_void_p(0))
+
+
+def test_a_burst_restores_parked_caches_into_the_cells_it_freed(
+        tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")  # read when the context is made
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=4))
+
+    def burst(tag: str) -> list[Run]:
+        with eng.preparing():
+            runs = [submit(eng, chat(eng, f"Shift {tag}{i}: " + "check the line. " * 8), max_tokens=16)
+                    for i in range(4)]
+        return [r.wait() for r in runs]
+
+    try:
+        with KvCellLog() as log:
+            burst("a")
+            long_chat = submit(eng, "river " * (engine_module.PARK_MIN_PREFILL + 300), max_tokens=4).wait()
+            assert sum(s.parked is not None for s in eng._slots) == 3  # the idle short chats left the pool
+            log.seen.clear()
+            runs = burst("b")
+        assert sum(r.record.restored_tokens > 0 for r in runs) == 3  # their shared prefix came back
+        assert any(r.record.slot == long_chat.record.slot for r in runs)  # the long chat gave way
+        # The long chat's cells were trimmed before the parked caches came back, so these
+        # landed in its holes: attention spans the burst's cells, not the old chat's.
+        assert max(used for _, used in log.seen) < long_chat.record.input_tokens  # the long chat's cells went
+        assert max(n for n, _ in log.seen) <= max(used for _, used in log.seen) + 16
+    finally:
+        eng.close()
 
 
 def test_parked_caches_are_bounded_by_the_context_size(tiny_llm: Path) -> None:
