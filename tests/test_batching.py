@@ -103,9 +103,11 @@ def test_argmax_greedy_picks_what_llama_cpp_greedy_sampler_picks(engine: Engine,
     assert all(r.finish == "length" for r in fast + chained)
 
 
-def test_greedy_rows_stay_exact_beside_sampled_requests_in_one_step(engine: Engine) -> None:
+def test_greedy_rows_stay_exact_beside_sampled_requests_in_one_step(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # Greedy tokens come from one argmax over the step's logits rows while sampled
     # requests read their own row through a sampler chain: rows must not get mixed up.
+    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
     greedy_prompts = [chat(engine, p) for p in PROMPTS[:2]]
     alone = [submit(engine, p, max_tokens=32).wait().text for p in greedy_prompts]
 
@@ -290,6 +292,7 @@ class KvCellLog:
 def test_a_burst_restores_parked_caches_into_the_cells_it_freed(
         tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")  # read when the context is made
+    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # each burst starts in one step
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=4))
 
     def burst(tag: str) -> list[Run]:
