@@ -228,6 +228,11 @@ class Job:
         self.preempted_at: list[int] = []  # len(sampled) at each preemption
         self.slot: _Slot | None = None
         self.cursor = 0  # next prompt item to prefill
+        # A request that starts beside another with the same next prompt tokens prefills
+        # them jointly: the leader's batch rows carry both sequence ids up to ``lead_end``.
+        self.lead: Job | None = None
+        self.lead_end = 0
+        self.followers: list[Job] = []
         self.sampler: llama_cpp.llama_sampler_p | None = None
         self.next_token: int | None = None
         self.n_generated = 0
@@ -296,6 +301,9 @@ class _Slot:
     marks: list[tuple[int, int]] = field(default_factory=list)
     # The KV of ``history`` (llama.cpp's sequence state) while it is out of the pool.
     parked: np.ndarray | None = None
+    # Where the last request's prompt ended in ``history``: a prompt that extends past it
+    # is that conversation's next turn (its reply may re-tokenize differently).
+    prompt_end: int = 0
 
     @property
     def cells(self) -> int:
@@ -307,6 +315,7 @@ class _Slot:
         assert self.parked is None or n == 0, "restore a parked slot before truncating it"
         self.parked = None
         self.history = self.history[:n] if n else []
+        self.prompt_end = min(self.prompt_end, n)
         marks = self.marks
         while marks and marks[-1][0] > n:
             marks.pop()
@@ -409,7 +418,8 @@ class Engine:
             n_threads=n_threads,
             n_parallel=cparams.n_seq_max,
         )
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # Token rows may belong to every slot at once (a prefix prefilled jointly).
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, cparams.n_seq_max)
         self._embd_batch = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
         # M-RoPE (Qwen2-VL family): embedding batches carry 4 positions per row, laid out
         # section-major (pos[j * n_tokens + i]); llama_batch_init allocates only one per
@@ -640,6 +650,8 @@ class Engine:
                 self._start(job)
                 if not job.done:
                     running.append(job)
+            if len(running) > 1 and admitted:
+                self._join_prefills(admitted, running)
             try:
                 self._step(running)
             except Exception as exc:  # never let one bad step kill the worker
@@ -677,7 +689,7 @@ class Engine:
             free = [s for s in self._slots if s.job is None]
             if not free:
                 break
-            slot = max(free, key=lambda s: (self._reusable(s, job), -s.last_used))
+            slot = self._choose_slot(free, job)
             committed = sum(j.kv_budget for j in running + admitted)
             need = min(job.kv_budget, self.n_ctx)
             if committed + need > self.n_ctx:
@@ -691,6 +703,25 @@ class Engine:
             admitted.append(job)
             self._active = len(running) + len(admitted)
         return admitted
+
+    def _choose_slot(self, free: list[_Slot], job: Job) -> _Slot:
+        """The free slot that saves the most prefill and destroys the least cache.
+
+        A prefix cached in any other slot's pool cells can be shared into whichever slot
+        the request takes (``_share_cached_prefix``), so among equal savings an empty slot,
+        or the slot of the conversation this prompt continues, beats wiping an idle chat;
+        then the least recently used goes.
+        """
+        common = {s.seq_id: _common_prefix(s.history, job.items) for s in self._slots if s.history}
+        sources = [s for s in self._slots if s.history and s.parked is None]
+
+        def key(slot: _Slot) -> tuple[int, int, float]:
+            shared = max((common[o.seq_id] for o in sources if o is not slot), default=0)
+            own = self._reusable(slot, job)
+            continues = own > 0 and (own >= len(slot.history) or own >= slot.prompt_end)
+            return max(own, shared), 2 if continues else int(not slot.history), -slot.last_used
+
+        return max(free, key=key)
 
     @staticmethod
     def _reusable(slot: _Slot, job: Job) -> int:
@@ -732,17 +763,16 @@ class Engine:
             else:
                 slot.truncate(0)
                 common = 0
-        reuse = min(common, job.n_prompt - 1)
-        if reuse > 0:
-            start, _end, seg = job.segment_at(reuse)
-            if isinstance(seg, ImageSegment) and start < reuse:
-                reuse = start  # never resume in the middle of an image
+        reuse = self._resume_point(job, common)
         if reuse < len(slot.history):
             if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(reuse), -1):
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
                 reuse = 0
             slot.truncate(reuse)
+        own = reuse
+        reuse = self._share_cached_prefix(job, reuse)
         job.cursor = reuse
+        slot.prompt_end = len(job.prompt_items)
         if job.n_prompt - reuse >= PARK_MIN_PREFILL:
             self._park_idle()
         rec.slot = slot.seq_id
@@ -750,6 +780,7 @@ class Engine:
             rec.middleware["engine.preemptions"] = job.preemptions
             return  # sampler, text state and first-admission figures carry on
         rec.cached_tokens = reuse
+        rec.shared_tokens = reuse - own
         rec.prefilled_tokens = job.n_prompt - reuse
         rec.input_tokens = job.n_prompt
         rec.queue_ms = (job.t_admit - job.t_submit) * 1000.0
@@ -759,6 +790,84 @@ class Engine:
             job.sampler = build_sampler(job.req.sampling, self.vocab)
         except Exception as exc:
             self._finish(job, error=EngineError(str(exc), code="invalid_sampling", status=400))
+
+    @staticmethod
+    def _resume_point(job: Job, common: int) -> int:
+        """Where prefill starts given ``common`` cached items: never past the last prompt
+        token (its logits are needed) nor in the middle of an image."""
+        reuse = min(common, job.n_prompt - 1)
+        if reuse > 0:
+            start, _end, seg = job.segment_at(reuse)
+            if isinstance(seg, ImageSegment) and start < reuse:
+                reuse = start
+        return reuse
+
+    def _share_cached_prefix(self, job: Job, reuse: int) -> int:
+        """Extend the job's ``reuse`` cached items with a longer prefix another slot holds.
+
+        In the unified pool ``llama_memory_seq_cp`` only tags the source's cells with this
+        sequence too: no copy, no compute. The shared system prompt of several operators,
+        or a second question about a photo someone else asked about, is prefilled once.
+        """
+        slot = job.slot
+        assert slot is not None
+        best, source = reuse, None
+        for other in self._slots:
+            if other is slot or other.parked is not None or len(other.history) <= best:
+                continue
+            n = _common_prefix(other.history, job.items)
+            if n > best:
+                best, source = n, other
+        if source is None:
+            return reuse
+        n = self._resume_point(job, best)
+        if n <= reuse:
+            return reuse
+        llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, slot.seq_id,
+                                      source.pos_at(reuse), source.pos_at(n))
+        slot.history.extend(source.history[reuse:n])
+        slot.marks = [m for m in source.marks if m[0] <= n]
+        slot.shift = slot.marks[-1][1] if slot.marks else 0
+        return n
+
+    def _join_prefills(self, started: list[Job], running: list[Job]) -> None:
+        """Let requests that start together prefill their common next tokens once.
+
+        A follower's rows ride on a leader's batch rows (one row, both sequence ids) from
+        the point where both caches end, which llama.cpp requires to be the same, up to
+        the last token they share; neither's final prompt token is shared, so each gets
+        its own logits. Text only: image rows and shifted M-RoPE positions stay apart.
+        """
+        for job in started:
+            if job.done or job.preemptions or job.followers or job.lead is not None:
+                continue
+            best, lead = job.cursor, None
+            for other in running:
+                if (other is job or other.done or other.slot is None or other.lead is not None
+                        or other.preemptions or other.cursor != job.cursor
+                        or other.slot.marks != job.slot.marks):
+                    continue
+                end = min(_common_prefix(other.items, job.items), job.n_prompt - 1, other.n_prompt - 1)
+                if end > best:
+                    best, lead = end, other
+            if lead is None:
+                continue
+            end = job.cursor
+            while end < best and isinstance(job.items[end], int):
+                end += 1
+            if end > job.cursor:
+                job.lead, job.lead_end = lead, end
+                lead.followers.append(job)
+
+    @staticmethod
+    def _detach(job: Job) -> None:
+        """End joint prefill for ``job`` as leader or follower; followers go on alone."""
+        if job.lead is not None:
+            job.lead.followers.remove(job)
+            job.lead = None
+        for follower in job.followers:
+            follower.lead = None
+        job.followers = []
 
     def _park_idle(self) -> None:
         """Move every idle slot's KV to host RAM; at most ``n_ctx`` tokens stay parked (LRU)."""
@@ -819,28 +928,22 @@ class Engine:
         if decoding:
             budget = min(budget, PREFILL_CHUNK_WHILE_DECODING)
         image_job: Job | None = None
-        for job in prefilling:
+        followers = [j for j in prefilling if j.lead is not None]
+        # Leaders first: a follower whose shared part ends in this step goes on alone after them.
+        for job in [j for j in prefilling if j.lead is None] + followers:
             if budget <= 0:
                 break
+            if job.lead is not None:
+                if job.cursor < job.lead_end:
+                    continue  # its leader carries its rows
+                self._detach(job)
             start, end, seg = job.segment_at(job.cursor)
             if isinstance(seg, ImageSegment):
                 if image_job is None:
                     image_job = job
                 continue
             take = min(end - job.cursor, budget)
-            slot = job.slot
-            undo.append((job, len(slot.history), job.cursor, len(job.generated)))
-            last_prompt = job.cursor + take == job.n_prompt and not job.resuming
-            base = len(slot.history) + slot.shift
-            for k in range(take):
-                tok = job.items[job.cursor + k]
-                want = last_prompt and k == take - 1
-                self._put(batch, n, tok, base + k, slot.seq_id, want)
-                slot.history.append(tok)
-                if want:
-                    outputs.append((n, job))
-                n += 1
-            job.cursor += take
+            n = self._put_prompt(job, take, n, outputs, undo)
             budget -= take
         if n:
             batch.n_tokens = n
@@ -857,6 +960,39 @@ class Engine:
                 self._sample(job, idx, None if greedy is None else int(greedy[row]))
         if image_job is not None and not image_job.done:
             self._prefill_image(image_job)
+
+    def _put_prompt(self, job: Job, take: int, n: int, outputs: list[tuple[int, Job]],
+                    undo: list[tuple[Job, int, int, int]]) -> int:
+        """Add ``take`` prompt tokens of ``job`` at batch row ``n``; returns the next row.
+
+        Rows its followers share carry their sequence ids too, and advance them.
+        """
+        batch = self._batch
+        slot = job.slot
+        joined = [f for f in job.followers if f.cursor == job.cursor and f.cursor < f.lead_end]
+        for f in [job] + joined:
+            undo.append((f, len(f.slot.history), f.cursor, len(f.generated)))
+        last_prompt = job.cursor + take == job.n_prompt and not job.resuming
+        base = len(slot.history) + slot.shift
+        for k in range(take):
+            tok = job.items[job.cursor + k]
+            want = last_prompt and k == take - 1
+            self._put(batch, n, tok, base + k, slot.seq_id, want)
+            slot.history.append(tok)
+            if joined:
+                joined = [f for f in joined if f.cursor < f.lead_end]
+                for i, f in enumerate(joined, start=1):
+                    batch.seq_id[n][i] = f.slot.seq_id
+                    f.slot.history.append(tok)
+                    f.cursor += 1
+                    f.req.record.shared_tokens += 1
+                    f.req.record.prefilled_tokens -= 1
+                batch.n_seq_id[n] = 1 + len(joined)
+            if want:
+                outputs.append((n, job))
+            n += 1
+        job.cursor += take
+        return n
 
     def _put(self, batch: llama_cpp.llama_batch, i: int, token: int, pos: int, seq: int,
              logits: bool) -> None:
@@ -965,6 +1101,7 @@ class Engine:
 
     def _preempt(self, job: Job) -> None:
         slot = job.slot
+        self._detach(job)
         self._clear(slot)
         slot.job = None
         slot.last_used = time.monotonic()
@@ -1058,6 +1195,7 @@ class Engine:
             return
         job.done = True
         job.next_token = None
+        self._detach(job)
         if job.sampler is not None:
             llama_cpp.llama_sampler_free(job.sampler)
             job.sampler = None

@@ -94,6 +94,8 @@ def record_attributes(record: RequestRecord, capture_content: bool = False) -> A
         a["edgevlm.dropped_tokens"] = record.dropped_tokens
     if record.restored_tokens:
         a["edgevlm.cache.restored_tokens"] = record.restored_tokens
+    if record.shared_tokens:
+        a["edgevlm.cache.shared_tokens"] = record.shared_tokens
     _put(a, "edgevlm.slot", record.slot)
     _put(a, "edgevlm.batch_size_mean", record.batch_size_mean)
 

@@ -74,6 +74,8 @@ class RequestRecord:
     output_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from a reused KV prefix
     restored_tokens: int = 0  # KV tokens copied back from host RAM before reuse
+    # prompt tokens whose KV another request's slot holds or computed in the same step
+    shared_tokens: int = 0
     prefilled_tokens: int = 0  # prompt tokens actually computed
     dropped_tokens: int = 0  # tokens removed by the long-prompt policy
     finish_reason: str | None = None

@@ -210,10 +210,10 @@ def _two_turns(engine: Engine) -> tuple[Run, str]:
     return first, engine.template.render(turn2)
 
 
-def _cold(tiny_llm: Path, prompt: str) -> Run:
+def _cold(tiny_llm: Path, prompt: str, max_tokens: int = 24) -> Run:
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=1))
     try:
-        return submit(eng, prompt).wait()
+        return submit(eng, prompt, max_tokens=max_tokens).wait()
     finally:
         eng.close()
 
@@ -316,6 +316,95 @@ def test_a_burst_restores_parked_caches_into_the_cells_it_freed(
         assert max(n for n, _ in log.seen) <= max(used for _, used in log.seen) + 16
     finally:
         eng.close()
+
+
+MANUAL = "Line 4 safety manual: lock out the press, check the guard, log every stop. " * 12
+
+
+def _operator_prompt(engine: Engine, question: str) -> str:
+    return engine.template.render([{"role": "system", "content": MANUAL}, {"role": "user", "content": question}])
+
+
+def test_requests_starting_together_prefill_their_shared_system_prompt_once(
+        tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")  # read when the context is made
+    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # the burst starts in one step
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=4))
+    prompts = [_operator_prompt(eng, q) for q in PROMPTS]
+    tokens = [eng.tokenize(p) for p in prompts]
+    shared = engine_module._common_prefix(tokens[0], tokens[1])
+    assert shared > 100 and all(engine_module._common_prefix(tokens[0], t) == shared for t in tokens[1:])
+    try:
+        with KvCellLog() as log:
+            with eng.preparing():
+                runs = [submit(eng, p, max_tokens=16) for p in prompts]
+            for r in runs:
+                r.wait()
+    finally:
+        eng.close()
+    records = [r.record for r in runs]
+    assert sorted(rec.shared_tokens for rec in records) == [0, shared, shared, shared]
+    for rec, toks in zip(records, tokens):
+        assert rec.cached_tokens == 0 and rec.input_tokens == len(toks)
+        assert rec.prefilled_tokens == len(toks) - rec.shared_tokens
+        assert rec.batch_size_mean == 4
+    # the manual's cells exist once in the pool, not four times ("used" is read before each
+    # step places its rows: the first nonzero reading counts what the joint prefill left)
+    after_prefill = next(used for _, used in log.seen if used)
+    assert after_prefill == sum(len(t) for t in tokens) - 3 * shared
+    assert [r.text for r in runs] == [_cold(tiny_llm, p, max_tokens=16).text for p in prompts]
+
+
+def test_a_new_conversation_shares_a_cached_system_prompt_and_leaves_idle_chats_alone(
+        tiny_llm: Path, engine: Engine) -> None:
+    first = submit(engine, _operator_prompt(engine, PROMPTS[0])).wait()
+    # Another operator, the same manual: it takes an empty slot and borrows the manual's
+    # cells instead of taking over the first chat's slot.
+    second_prompt = _operator_prompt(engine, PROMPTS[1])
+    second = submit(engine, second_prompt).wait()
+    shared = engine_module._common_prefix(engine.tokenize(_operator_prompt(engine, PROMPTS[0])),
+                                          engine.tokenize(second_prompt))
+    assert second.record.slot != first.record.slot
+    assert second.record.shared_tokens == second.record.cached_tokens == shared
+    assert second.record.prefilled_tokens == second.record.input_tokens - shared
+    assert second.text == _cold(tiny_llm, second_prompt).text
+    # the first operator's chat is still whole: its next turn prefills only the new message
+    turn2 = engine.template.render([{"role": "system", "content": MANUAL},
+                                    {"role": "user", "content": PROMPTS[0]},
+                                    {"role": "assistant", "content": first.text},
+                                    {"role": "user", "content": "And?"}])
+    warm = submit(engine, turn2).wait()
+    assert warm.record.slot == first.record.slot
+    assert warm.record.cached_tokens >= first.record.input_tokens and warm.record.shared_tokens == 0
+    assert warm.text == _cold(tiny_llm, turn2).text
+
+
+def test_a_follower_goes_on_alone_when_its_leader_is_cancelled_mid_prefill(
+        tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2, n_batch=32))
+    put_prompt = eng._put_prompt
+
+    def cancel_leader_after_one_chunk(job: Job, *args: object) -> int:
+        row = put_prompt(job, *args)  # type: ignore[arg-type]
+        if job.followers:
+            job.cancel()  # seen at the start of the next step
+        return row
+
+    monkeypatch.setattr(eng, "_put_prompt", cancel_leader_after_one_chunk)
+    prompts = [_operator_prompt(eng, q) for q in PROMPTS[:2]]
+    try:
+        with eng.preparing():
+            runs = [submit(eng, p, max_tokens=16) for p in prompts]
+        for r in runs:
+            r.wait()
+    finally:
+        eng.close()
+    leader, follower = sorted(runs, key=lambda r: r.record.shared_tokens)
+    assert leader.finish == "cancelled"
+    assert 0 < follower.record.shared_tokens <= 32  # one chunk rode along, then it went on alone
+    assert follower.record.prefilled_tokens == follower.record.input_tokens - follower.record.shared_tokens
+    assert follower.finish == "length" and follower.text == _cold(tiny_llm, prompts[runs.index(follower)], max_tokens=16).text
 
 
 def test_parked_caches_are_bounded_by_the_context_size(tiny_llm: Path) -> None:

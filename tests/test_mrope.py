@@ -269,3 +269,25 @@ def test_parked_image_cache_restores_with_its_mrope_positions(engine: Engine, en
     assert warm.cached_tokens >= sum(len(s) if isinstance(s, list) else s.n_tokens for s in base) - 1
     ref = _reference(engine, encoder, prompt + " and more words here", images)
     assert warm_text == engine.detokenize(ref)
+
+
+def test_a_photo_cached_in_another_slot_is_shared_with_its_mrope_positions(
+        qwen_files, engine: Engine, encoder: VisionEncoder) -> None:
+    llm, mmproj = qwen_files
+    eng = Engine(EngineConfig(model_id="tiny-qwen2vl", path=str(llm), n_ctx=1024, n_parallel=2,
+                              n_batch=64, mmproj_path=str(mmproj)))
+    images = [_image(64, 48, seed=4)]
+    try:
+        _, first = _generate(eng, _segments(encoder, eng, f"look {encoder.media_marker} what is wrong here", images))
+        # a second operator asks about the same photo: an empty slot takes the photo's rows
+        # (and the positions M-RoPE gave them) from the first operator's cache
+        prompt = f"look {encoder.media_marker} is the guard on"
+        segs = _segments(encoder, eng, prompt, images)
+        text, second = _generate(eng, segs)
+        n_image = next(s.n_tokens for s in segs if not isinstance(s, list))
+        assert second.slot != first.slot
+        assert second.shared_tokens == second.cached_tokens >= n_image + 1
+        assert second.prefilled_tokens == second.input_tokens - second.shared_tokens
+        assert text == eng.detokenize(_reference(eng, encoder, prompt, images))
+    finally:
+        eng.close()
