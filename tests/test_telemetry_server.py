@@ -199,3 +199,36 @@ def test_unknown_model_is_traced_as_an_error(traced) -> None:  # type: ignore[no
         assert c.post("/v1/chat/completions", json=chat_body("hi", model="nope")).status_code == 404
     [span] = request_spans(tel, exporter)
     assert span.name == "chat nope" and span.attributes["error.type"] == "model_not_found"
+
+
+def test_operators_sharing_a_system_prompt_report_shared_tokens(traced) -> None:  # type: ignore[no-untyped-def]
+    import concurrent.futures as cf
+
+    import openai
+
+    srv, tel, exporter = traced(parallel=4, ctx_size=4096)
+    manual = "You assist on press line 4. Lock out before clearing jams; log every stop. " * 10
+    questions = ["The press stopped. What now?", "Can I clear a jam while running?",
+                 "Where do I log a stop?", "Who may reset the guard?"]
+    client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
+
+    def ask(question: str) -> Any:
+        return client.chat.completions.create(
+            model=MODEL, temperature=0, max_tokens=12,
+            messages=[{"role": "system", "content": manual}, {"role": "user", "content": question}])
+
+    with cf.ThreadPoolExecutor(len(questions)) as pool:  # four terminals at once, a cold server
+        together = list(pool.map(ask, questions))
+    spans = [s for s in request_spans(tel, exporter) if s.attributes.get("gen_ai.usage.input_tokens", 0) > 100]
+    assert len(spans) == 4
+    spans.sort(key=lambda s: s.attributes.get("edgevlm.cache.shared_tokens", 0))
+    first, others = spans[0].attributes, [s.attributes for s in spans[1:]]
+    n_manual = min(a["edgevlm.cache.shared_tokens"] for a in others)
+    # the manual was prefilled once: the other three took it jointly or from the first one's cells
+    assert n_manual > 100
+    assert first.get("edgevlm.cache.shared_tokens", 0) < 10  # at most the template's first tokens
+    assert first["edgevlm.prefilled_tokens"] > n_manual - 10
+    assert all(a["edgevlm.prefilled_tokens"] <= a["gen_ai.usage.input_tokens"] - n_manual for a in others)
+    # batching and sharing change nothing at temperature 0
+    alone = [ask(q) for q in questions]
+    assert [r.choices[0].message.content for r in together] == [r.choices[0].message.content for r in alone]
