@@ -11,6 +11,10 @@ Per repetition, in alternating server order:
   reply and a short user message. TTFT of each turn; turns 2 and 3 should reuse the
   cached prefix (the prefix-reuse check). Each repetition's chat starts with a fresh
   nonce, so turn 1 never hits the cache.
+* 4 operators at once with one new ~400-token system prompt (a fresh nonce per
+  repetition, so no slot holds it yet) and their own short questions x 16 tokens:
+  median and last TTFT, useful tok/s. No target: it shows what sharing a prefix
+  between requests is worth, which llama-server does not do.
 
 Targets: concurrent useful tok/s >= llama-server; turn-2/3 TTFT within 10%.
 """
@@ -26,7 +30,7 @@ from typing import Any
 from bench.client import BenchClient, maximum, median, run_concurrent
 from bench.harness import EDGEVLM, LLAMA_SERVER, Results, Target, add_common_args, alternate, start_servers, write_json
 from bench.process import RunningServer
-from bench.prompts import chat_prompt, follow_up
+from bench.prompts import chat_prompt, follow_up, shared_system_prompt
 
 PARALLEL = 4
 CTX_PER_SLOT = 2048
@@ -35,6 +39,10 @@ CONCURRENT_PROMPT_TOKENS = 40
 CHAT_FIRST_TURN_TOKENS = 600
 CHAT_REPLY_TOKENS = 32
 CHAT_TURNS = 3
+SHARED_PROMPT_TOKENS = 400
+SHARED_REPLY_TOKENS = 16
+QUESTIONS = ("The press stopped mid-cycle. What now?", "Can I clear a jam with the guard open?",
+             "Where do I log a stop?", "Who may reset the light curtain?")
 
 within_10pct = Target("<= 1.10x llama", lambda e, l: e <= 1.10 * l)
 
@@ -50,12 +58,22 @@ def define_metrics(results: Results) -> None:
                        target=within_10pct if turn > 1 else None)
     for turn in range(1, CHAT_TURNS + 1):
         results.metric(f"turn{turn}_prompt_tokens", f"  turn {turn} prompt tokens", ".0f")
+    results.metric("shared_ttft_ms", f"{PARALLEL} operators, one new {SHARED_PROMPT_TOKENS}-token system prompt: TTFT (ms)")
+    results.metric("shared_ttft_last_ms", "  last operator's TTFT (ms, median over repetitions)")
+    results.metric("shared_tps", f"  useful tok/s ({PARALLEL}x{SHARED_REPLY_TOKENS})")
 
 
 async def concurrent_round(client: BenchClient, nonce: str) -> Any:
     return await run_concurrent(
         client.chat(chat_prompt(CONCURRENT_PROMPT_TOKENS, f"{nonce}-{i}"), max_tokens=CONCURRENT_TOKENS)
         for i in range(PARALLEL)
+    )
+
+
+async def shared_prompt_burst(client: BenchClient, nonce: str) -> Any:
+    return await run_concurrent(
+        client.chat(shared_system_prompt(SHARED_PROMPT_TOKENS, nonce, q), max_tokens=SHARED_REPLY_TOKENS)
+        for q in QUESTIONS[:PARALLEL]
     )
 
 
@@ -85,6 +103,13 @@ async def measure_repetition(
     for turn, res in enumerate(await chat_session(client, f"{salt}-t{rep}"), start=1):
         results.add(f"turn{turn}_ttft_ms", name, res.ttft_s * 1e3 if res.ttft_s is not None else None)
         results.add(f"turn{turn}_prompt_tokens", name, res.prompt_tokens)
+
+    burst = await shared_prompt_burst(client, f"{salt}-s{rep}")
+    ttfts = [r.ttft_s * 1e3 for r in burst.results if r.ttft_s is not None]
+    for ttft in ttfts:
+        results.add("shared_ttft_ms", name, ttft)
+    results.add("shared_ttft_last_ms", name, max(ttfts, default=None))
+    results.add("shared_tps", name, burst.useful_tps)
 
 
 async def run(args: argparse.Namespace, servers: list[RunningServer]) -> Results:

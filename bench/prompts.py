@@ -62,3 +62,12 @@ def chat_prompt(n_tokens: int, nonce: str) -> list[dict[str, str]]:
 def follow_up(turn: int) -> dict[str, str]:
     """A short user message for turn ``turn`` (2, 3, ...) of a multi-turn chat."""
     return {"role": "user", "content": f"Thanks. Now say more about point {turn}, in other words."}
+
+
+def shared_system_prompt(n_tokens: int, nonce: str, question: str) -> list[dict[str, str]]:
+    """One operator's request: a ~``n_tokens`` system prompt every request with ``nonce``
+    shares (an app's manual), then that operator's own short question."""
+    return [
+        {"role": "system", "content": f"Shift {nonce}. " + filler(n_tokens - CHAT_OVERHEAD_TOKENS, seed=nonce)},
+        {"role": "user", "content": question},
+    ]

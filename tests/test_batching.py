@@ -321,6 +321,13 @@ def test_a_burst_restores_parked_caches_into_the_cells_it_freed(
 MANUAL = "Line 4 safety manual: lock out the press, check the guard, log every stop. " * 12
 
 
+def _start_together(engine: Engine, prompts: list[str], max_tokens: int = 16) -> list[Run]:
+    """Submit ``prompts`` so they start in one step (ARRIVAL_WAIT_S raised) and wait for all."""
+    with engine.preparing():
+        runs = [submit(engine, p, max_tokens=max_tokens) for p in prompts]
+    return [r.wait() for r in runs]
+
+
 def _operator_prompt(engine: Engine, question: str) -> str:
     return engine.template.render([{"role": "system", "content": MANUAL}, {"role": "user", "content": question}])
 
@@ -336,10 +343,7 @@ def test_requests_starting_together_prefill_their_shared_system_prompt_once(
     assert shared > 100 and all(engine_module._common_prefix(tokens[0], t) == shared for t in tokens[1:])
     try:
         with KvCellLog() as log:
-            with eng.preparing():
-                runs = [submit(eng, p, max_tokens=16) for p in prompts]
-            for r in runs:
-                r.wait()
+            runs = _start_together(eng, prompts)
     finally:
         eng.close()
     records = [r.record for r in runs]
@@ -394,10 +398,7 @@ def test_a_follower_goes_on_alone_when_its_leader_is_cancelled_mid_prefill(
     monkeypatch.setattr(eng, "_put_prompt", cancel_leader_after_one_chunk)
     prompts = [_operator_prompt(eng, q) for q in PROMPTS[:2]]
     try:
-        with eng.preparing():
-            runs = [submit(eng, p, max_tokens=16) for p in prompts]
-        for r in runs:
-            r.wait()
+        runs = _start_together(eng, prompts)
     finally:
         eng.close()
     leader, follower = sorted(runs, key=lambda r: r.record.shared_tokens)
