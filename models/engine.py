@@ -17,13 +17,14 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator, Union
+from typing import Callable, Hashable, Iterable, Iterator, Union
 
 import llama_cpp
 import numpy as np
@@ -257,10 +258,14 @@ class Job:
         return len(self.items)
 
     @property
+    def reserve(self) -> int:
+        """Room kept for its next tokens (up to GENERATION_RESERVE)."""
+        return min(max(1, self.req.max_tokens - self.n_generated), GENERATION_RESERVE)
+
+    @property
     def kv_budget(self) -> int:
-        """KV cells this job holds now plus room for its next tokens (up to a reserve)."""
-        held = len(self.prompt_items) + len(self.generated)
-        return held + min(max(1, self.req.max_tokens - self.n_generated), GENERATION_RESERVE)
+        """KV cells this job holds once prefilled plus room for its next tokens."""
+        return len(self.prompt_items) + len(self.generated) + self.reserve
 
     @property
     def resuming(self) -> bool:
@@ -304,22 +309,62 @@ class _Slot:
     # Where the last request's prompt ended in ``history``: a prompt that extends past it
     # is that conversation's next turn (its reply may re-tokenize differently).
     prompt_end: int = 0
+    # Which physical cells hold ``history``, for counting cells that several slots share:
+    # ``runs`` are (run, start, end) spans of history lying in cells of ``run``; from
+    # ``run_end`` on, history lies in the cells of ``tail``, the run this slot appends
+    # to (a follower's tail is its leader's while they prefill jointly).
+    runs: list[tuple[int, int, int]] = field(default_factory=list)
+    run_end: int = 0
+    tail: int = 0
+    run_ids: Iterator[int] = field(default_factory=itertools.count, repr=False)
+
+    def __post_init__(self) -> None:
+        self.tail = next(self.run_ids)
 
     @property
-    def cells(self) -> int:
-        """KV cells this slot holds in the pool."""
-        return 0 if self.parked is not None else len(self.history)
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(run, start, end) of every history span in the pool; none while parked."""
+        if self.parked is not None:
+            return []
+        if len(self.history) > self.run_end:
+            return self.runs + [(self.tail, self.run_end, len(self.history))]
+        return self.runs
+
+    def seal(self, tail: int | None = None) -> None:
+        """Close the span appended so far; what follows lies in run ``tail`` (a new one)."""
+        if len(self.history) > self.run_end:
+            self.runs.append((self.tail, self.run_end, len(self.history)))
+            self.run_end = len(self.history)
+        self.tail = next(self.run_ids) if tail is None else tail
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` history items (and the position shifts that apply to them)."""
         assert self.parked is None or n == 0, "restore a parked slot before truncating it"
         self.parked = None
+        self.seal()  # cells after n are freed; what comes next lies in new cells
+        self.runs = [(r, a, min(b, n)) for r, a, b in self.runs if a < n]
+        self.run_end = min(self.run_end, n)
         self.history = self.history[:n] if n else []
         self.prompt_end = min(self.prompt_end, n)
         marks = self.marks
         while marks and marks[-1][0] > n:
             marks.pop()
         self.shift = marks[-1][1] if marks else 0
+
+    def borrow(self, source: "_Slot", start: int, end: int) -> None:
+        """Take ``source``'s cells of history ``[start, end)`` (after this slot's first ``start``)."""
+        self.seal()
+        self.runs += [(r, max(a, start), min(b, end)) for r, a, b in source.spans if a < end and b > start]
+        self.history.extend(source.history[start:end])
+        self.run_end = end
+        self.marks = [m for m in source.marks if m[0] <= end]
+        self.shift = self.marks[-1][1] if self.marks else 0
+
+    def refill(self) -> None:
+        """The whole history came back into new cells (a parked cache restored)."""
+        self.parked = None
+        self.runs, self.run_end = [], 0
+        self.tail = next(self.run_ids)
 
     def pos_at(self, i: int) -> int:
         """Position of history item ``i`` (valid for ``i <= len(history)``)."""
@@ -329,6 +374,25 @@ class _Slot:
                 break
             shift = value
         return i + shift
+
+
+def pool_cells(slots: Iterable[_Slot]) -> int:
+    """Distinct KV cells the slots' histories occupy: shared cells count once."""
+    by_run: dict[int, list[tuple[int, int]]] = {}
+    for slot in slots:
+        for run, a, b in slot.spans:
+            by_run.setdefault(run, []).append((a, b))
+    total = 0
+    for spans in by_run.values():
+        spans.sort()
+        lo, hi = spans[0]
+        for a, b in spans[1:]:
+            if a > hi:
+                total += hi - lo
+                lo = a
+            hi = max(hi, b)
+        total += hi - lo
+    return total
 
 
 def _bytes_ptr(buf: np.ndarray) -> ctypes._Pointer:
@@ -435,7 +499,8 @@ class Engine:
             # is a view of the field and would follow the reassignment below.
             self._embd_pos_orig = ctypes.cast(self._embd_batch.pos, ctypes.c_void_p).value
             self._embd_batch.pos = ctypes.cast(self._mrope_pos, ctypes.POINTER(llama_cpp.llama_pos))
-        self._slots = [_Slot(seq_id=i) for i in range(cparams.n_seq_max)]
+        run_ids = itertools.count()  # one numbering for every slot's cell runs
+        self._slots = [_Slot(seq_id=i, run_ids=run_ids) for i in range(cparams.n_seq_max)]
         self._waiting: deque[Job] = deque()
         self._outbox: list[tuple[Sink, Event]] = []  # events waiting for the next flush
         self._cond = threading.Condition()
@@ -680,6 +745,7 @@ class Engine:
 
     def _admit_locked(self, running: list[Job]) -> list[Job]:
         admitted: list[Job] = []
+        needs: list[int] = []  # cells each admitted job adds to the pool
         if any(j.cancelled or j.done for j in self._waiting):
             for job in [j for j in self._waiting if j.cancelled or j.done]:
                 self._waiting.remove(job)
@@ -689,14 +755,24 @@ class Engine:
             free = [s for s in self._slots if s.job is None]
             if not free:
                 break
-            slot = self._choose_slot(free, job)
-            committed = sum(j.kv_budget for j in running + admitted)
-            need = min(job.kv_budget, self.n_ctx)
-            if committed + need > self.n_ctx:
+            common = {s.seq_id: _common_prefix(s.history, job.items) for s in self._slots if s.history}
+            slot = self._choose_slot(free, job, common)
+            # Cells the running requests hold or will fill, shared cells once; then what
+            # this one adds beyond a prefix already in their cells, or anywhere in the pool.
+            busy = [j.slot for j in running if j.slot is not None]
+            committed = (pool_cells(busy) + sum(j.n_prompt - j.cursor + j.reserve for j in running)
+                         + sum(needs))
+            in_busy = max((common.get(s.seq_id, 0) for s in busy if s.parked is None), default=0)
+            if committed + min(job.kv_budget - in_busy, self.n_ctx) > self.n_ctx:
                 break  # fits later, when a running request finishes
-            # idle caches in the pool, plus this slot's history (a parked one comes back)
-            cached = sum(s.cells for s in free if s is not slot) + len(slot.history)
-            self._evict_idle(committed + need + cached - self.n_ctx, keep=slot)
+            in_pool = max([in_busy] + [common[s.seq_id] for s in self._slots
+                                       if s.parked is None and s.seq_id in common])
+            need = min(job.kv_budget - min(in_pool, job.n_prompt - 1), self.n_ctx)
+            # idle caches stay in the pool unless room runs short (a parked slot comes back)
+            restored = len(slot.history) if slot.parked is not None else 0
+            self._evict_idle(committed + need + pool_cells(self._slots) - pool_cells(busy)
+                             + restored - self.n_ctx, keep=slot)
+            needs.append(need)
             self._waiting.popleft()
             job.slot = slot
             slot.job = job
@@ -704,7 +780,7 @@ class Engine:
             self._active = len(running) + len(admitted)
         return admitted
 
-    def _choose_slot(self, free: list[_Slot], job: Job) -> _Slot:
+    def _choose_slot(self, free: list[_Slot], job: Job, common: dict[int, int]) -> _Slot:
         """The free slot that saves the most prefill and destroys the least cache.
 
         A prefix cached in any other slot's pool cells can be shared into whichever slot
@@ -712,7 +788,6 @@ class Engine:
         or the slot of the conversation this prompt continues, beats wiping an idle chat;
         then the least recently used goes.
         """
-        common = {s.seq_id: _common_prefix(s.history, job.items) for s in self._slots if s.history}
         sources = [s for s in self._slots if s.history and s.parked is None]
 
         def key(slot: _Slot) -> tuple[int, int, float]:
@@ -825,9 +900,7 @@ class Engine:
             return reuse
         llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, slot.seq_id,
                                       source.pos_at(reuse), source.pos_at(n))
-        slot.history.extend(source.history[reuse:n])
-        slot.marks = [m for m in source.marks if m[0] <= n]
-        slot.shift = slot.marks[-1][1] if slot.marks else 0
+        slot.borrow(source, reuse, n)
         return n
 
     def _join_prefills(self, started: list[Job], running: list[Job]) -> None:
@@ -858,6 +931,7 @@ class Engine:
             if end > job.cursor:
                 job.lead, job.lead_end = lead, end
                 lead.followers.append(job)
+                job.slot.seal(lead.slot.tail)  # the rows it gets lie in the leader's cells
 
     @staticmethod
     def _detach(job: Job) -> None:
@@ -865,14 +939,18 @@ class Engine:
         if job.lead is not None:
             job.lead.followers.remove(job)
             job.lead = None
+            if job.slot is not None:
+                job.slot.seal()  # its own rows from here on
         for follower in job.followers:
             follower.lead = None
+            if follower.slot is not None:
+                follower.slot.seal()
         job.followers = []
 
     def _park_idle(self) -> None:
         """Move every idle slot's KV to host RAM; at most ``n_ctx`` tokens stay parked (LRU)."""
         for slot in self._slots:
-            if slot.job is not None or not slot.cells:
+            if slot.job is not None or not slot.spans:
                 continue
             size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
             blob = np.empty(size, dtype=np.uint8)
@@ -894,6 +972,7 @@ class Engine:
         blob, slot.parked = slot.parked, None
         assert blob is not None
         if llama_cpp.llama_state_seq_set_data(self.ctx, _bytes_ptr(blob), blob.nbytes, slot.seq_id) == blob.nbytes:
+            slot.refill()
             return True
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         log.warning("could not restore a parked KV cache of %s; prefilling it again", self.config.model_id)
@@ -1057,7 +1136,7 @@ class Engine:
 
     def _ensure_room(self, live: list[Job], n_new: int) -> None:
         """Free KV cells before a step: idle caches first, then preempt the youngest request."""
-        used = sum(s.cells for s in self._slots)
+        used = pool_cells(self._slots)
         # Cells this step may add: a token per decoding sequence, the step's prompt chunk
         # (shared by all prefilling jobs) and possibly one image chunk of up to n_batch rows.
         remaining = sum(j.n_prompt - j.cursor for j in live if j.cursor < j.n_prompt)
@@ -1075,13 +1154,13 @@ class Engine:
                         self._finish(j, reason="length")
                 break
             youngest = max(holders, key=lambda j: (j.t_admit, j.t_submit))
-            used -= len(youngest.slot.history)
             if youngest.next_token is not None and not youngest.resuming:
                 n_new -= 1
             else:
                 remaining -= youngest.n_prompt - youngest.cursor
             need = n_new + min(remaining, chunk + self.n_batch)
             self._preempt(youngest)
+            used = pool_cells(self._slots)  # its cells that others share stay
 
     def _clear(self, slot: _Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
@@ -1089,15 +1168,17 @@ class Engine:
 
     def _evict_idle(self, excess: int, keep: _Slot | None = None) -> int:
         """Drop idle caches in the pool, least recently used first, until ``excess`` cells are free."""
-        freed = 0
-        idle = sorted((s for s in self._slots if s.job is None and s is not keep and s.cells),
+        if excess <= 0:
+            return 0
+        idle = sorted((s for s in self._slots if s.job is None and s is not keep and s.spans),
                       key=lambda s: s.last_used)
+        before = used = pool_cells(self._slots)
         for victim in idle:
-            if freed >= excess:
+            if before - used >= excess:
                 break
-            freed += victim.cells
             self._clear(victim)
-        return freed
+            used = pool_cells(self._slots)  # cells another slot shares stay in the pool
+        return before - used
 
     def _preempt(self, job: Job) -> None:
         slot = job.slot
@@ -1113,6 +1194,8 @@ class Engine:
 
     def _decode_failed(self, rc: int, undo: list[tuple[Job, int, int, int]], live: list[Job]) -> None:
         """Undo what the failed batch added; on "no KV room" free some and retry next step."""
+        for job, *_ in undo:
+            self._detach(job)  # followers go on alone: their undone rows were the leader's
         for job, n_hist, cursor, n_gen in undo:
             slot = job.slot
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(n_hist), -1)

@@ -431,9 +431,8 @@ def test_prompt_that_never_fits_is_refused_and_one_that_fits_later_is_served(tin
         with pytest.raises(PromptTooLong) as exc:
             submit(eng, "hello " * 600)
         assert exc.value.status == 400 and "512" in str(exc.value)
-        long_prompt = "word " * 200
-        a = submit(eng, long_prompt + "a", max_tokens=100)
-        b = submit(eng, long_prompt + "b", max_tokens=100)  # 2 x (200 + 100) > 512: must wait
+        a = submit(eng, "word " * 200, max_tokens=100)
+        b = submit(eng, "river " * 200, max_tokens=100)  # 2 x (200 + 100) > 512: must wait
         b.wait()
         a.wait()
         assert a.error is None and b.error is None
@@ -441,6 +440,38 @@ def test_prompt_that_never_fits_is_refused_and_one_that_fits_later_is_served(tin
         assert b.first_delta_at >= a.done_at  # queued until `a` released its KV cells
     finally:
         eng.close()
+
+
+def test_requests_sharing_a_prefix_fit_together_where_two_copies_would_not(
+        tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=512, n_parallel=2))
+    decode = llama_cpp.llama_decode
+    checked: list[tuple[int, int]] = []  # (engine's count, llama.cpp's count) before each step
+
+    def counted_decode(ctx: object, batch: llama_cpp.llama_batch) -> int:
+        ours = engine_module.pool_cells(eng._slots) - batch.n_tokens  # this step's rows are in history
+        seen = len(log.seen)
+        rc = decode(ctx, batch)
+        checked.append((ours, log.seen[seen][1]))
+        return rc
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", counted_decode)
+    manual = "word " * 200
+    try:
+        with KvCellLog() as log:
+            a = submit(eng, manual + "a", max_tokens=100)
+            b = submit(eng, manual + "b", max_tokens=100)  # 2 x (200 + 100) > 512, but one manual
+            a.wait(), b.wait()
+    finally:
+        eng.close()
+        monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    assert a.record.output_tokens == b.record.output_tokens == 100
+    assert b.first_delta_at < a.done_at  # they ran side by side
+    assert b.record.shared_tokens >= 200 and "engine.preemptions" not in b.record.middleware
+    assert checked and all(ours == theirs for ours, theirs in checked), checked
+    assert max(theirs for _, theirs in checked) < 2 * 200  # the manual's cells exist once
+    assert b.text == _cold(tiny_llm, manual + "b", max_tokens=100).text
 
 
 def test_kv_pressure_preempts_the_youngest_request_which_resumes_later(tiny_llm: Path) -> None:
