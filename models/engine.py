@@ -5,11 +5,13 @@ sequences over a unified KV cache. Every step runs a single ``llama_decode`` ove
 next token of every generating sequence plus a chunk of any prompt still being
 prefilled, so concurrent requests share the matrix multiplications instead of taking
 turns, and a long prompt never stalls running streams for more than one chunk. Each
-slot remembers what its KV holds, so a request that repeats a previous prompt prefix
-(the next turn of a chat, a shared system prompt, the same photo) prefills only what
-is new. Before a long prompt prefills, idle slots' KV moves to host RAM so the prompt
-attends over its own cells only; it comes back on that conversation's next turn.
-Running requests are never interrupted by new ones.
+slot remembers what its KV holds, so a request that repeats a prompt prefix held by
+any slot (the next turn of a chat, a shared system prompt, the same photo) prefills
+only what is new, and requests that start together prefill their common prefix once;
+shared cells are counted once when deciding what fits. Before a long prompt
+prefills, idle slots' KV moves to host RAM so the prompt attends over its own cells
+only; it comes back on that conversation's next turn. Running requests are never
+interrupted by new ones.
 """
 
 from __future__ import annotations
