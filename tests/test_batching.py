@@ -474,6 +474,53 @@ def test_requests_sharing_a_prefix_fit_together_where_two_copies_would_not(
     assert b.text == _cold(tiny_llm, manual + "b", max_tokens=100).text
 
 
+def test_a_mixed_load_keeps_the_engines_cell_count_equal_to_llama_cpps(
+        tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bursts and stragglers with two manuals or none, cancellations, a small context:
+    # borrowing, joint prefill, eviction and parking all happen; none may fail a request
+    # or let the engine's account of the pool drift from llama.cpp's.
+    import random
+
+    monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=512, n_parallel=4, n_batch=64))
+    decode = llama_cpp.llama_decode
+    checked: list[tuple[int, int]] = []
+
+    def counted_decode(ctx: object, batch: llama_cpp.llama_batch) -> int:
+        ours = engine_module.pool_cells(eng._slots) - batch.n_tokens
+        seen = len(log.seen)
+        rc = decode(ctx, batch)
+        checked.append((ours, log.seen[seen][1]))
+        return rc
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", counted_decode)
+    rng = random.Random(5)
+    manuals = [MANUAL, "Line 2: check the guard before every shift. " * 15, ""]
+    runs: list[Run] = []
+    try:
+        with KvCellLog() as log:
+            for _ in range(8):
+                with eng.preparing():
+                    for _ in range(rng.randint(1, 6)):
+                        system = rng.choice(manuals)
+                        question = " ".join(rng.choice(["press", "jam", "guard", "stop", "log"])
+                                            for _ in range(rng.randint(1, 12)))
+                        messages = ([{"role": "system", "content": system}] if system else []) + \
+                            [{"role": "user", "content": question}]
+                        runs.append(submit(eng, eng.template.render(messages), max_tokens=rng.randint(1, 120)))
+                        if rng.random() < 0.15:
+                            runs[-1].job.cancel()
+                time.sleep(rng.random() * 0.2)
+            for r in runs:
+                r.wait()
+    finally:
+        eng.close()
+        monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    assert all(r.error is None and r.finish in ("length", "cancelled") for r in runs)
+    assert sum(r.record.shared_tokens > 0 for r in runs) > len(runs) // 3
+    assert len(checked) > 100 and all(ours == theirs for ours, theirs in checked)
+
+
 def test_kv_pressure_preempts_the_youngest_request_which_resumes_later(tiny_llm: Path) -> None:
     # Two long generations are admitted side by side (each reserves only its prompt plus
     # 256 cells), then outgrow the shared 1024-cell context together.
