@@ -767,8 +767,7 @@ class Engine:
             in_busy = max((common.get(s.seq_id, 0) for s in busy if s.parked is None), default=0)
             if committed + min(job.kv_budget - in_busy, self.n_ctx) > self.n_ctx:
                 break  # fits later, when a running request finishes
-            in_pool = max([in_busy] + [common[s.seq_id] for s in self._slots
-                                       if s.parked is None and s.seq_id in common])
+            in_pool = max((n for seq, n in common.items() if self._slots[seq].parked is None), default=0)
             need = min(job.kv_budget - min(in_pool, job.n_prompt - 1), self.n_ctx)
             # idle caches stay in the pool unless room runs short (a parked slot comes back)
             restored = len(slot.history) if slot.parked is not None else 0
@@ -794,22 +793,21 @@ class Engine:
 
         def key(slot: _Slot) -> tuple[int, int, float]:
             shared = max((common[o.seq_id] for o in sources if o is not slot), default=0)
-            own = self._reusable(slot, job)
+            own = self._reusable(common.get(slot.seq_id, 0), job)
             continues = own > 0 and (own >= len(slot.history) or own >= slot.prompt_end)
             return max(own, shared), 2 if continues else int(not slot.history), -slot.last_used
 
         return max(free, key=key)
 
     @staticmethod
-    def _reusable(slot: _Slot, job: Job) -> int:
-        """Prefix of ``job`` that ``slot`` would save, if worth the cache it overwrites.
+    def _reusable(n: int, job: Job) -> int:
+        """Of a slot's ``n`` matching items, what it would save ``job``, if worth the cache it overwrites.
 
         A match of under a tenth of the prompt (a BOS, a template's first tokens) counts
         as none, so a new conversation takes the least recently used slot (an empty one
         first) instead of wiping an idle chat to save a few tokens; llama-server's
         default slot-prompt similarity is the same 0.1.
         """
-        n = _common_prefix(slot.history, job.items)
         return n if n * 10 >= len(job.items) else 0
 
     @staticmethod
