@@ -3,7 +3,8 @@
     python -m bench.batching [--threads N] [--model PATH_OR_ID] [--runs 5] [--rounds 1]
                              [--skip-llama-server]
 
-Per repetition, in alternating server order:
+Per repetition, each measurement below runs on one server and then at once on the
+other (the order flips every time), so both figures of a pair see the same machine:
 
 * 4 concurrent streaming clients x 64 tokens, ``--rounds`` times: useful tok/s (total
   completion tokens / wall time), median and max request latency,
@@ -16,7 +17,9 @@ Per repetition, in alternating server order:
   median and last TTFT, useful tok/s. No target: it shows what sharing a prefix
   between requests is worth, which llama-server does not do.
 
-Targets: concurrent useful tok/s >= llama-server; turn-2/3 TTFT within 10%.
+Targets: concurrent useful tok/s >= llama-server; turn-2/3 TTFT within 10%. Besides the
+medians, the paired ratios (edgevlm/llama-server per round or repetition) are printed
+with their geometric mean and how many pairs met the target.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.client import BenchClient, maximum, median, run_concurrent
-from bench.harness import EDGEVLM, LLAMA_SERVER, Results, Target, add_common_args, alternate, start_servers, write_json
+from bench.harness import (EDGEVLM, LLAMA_SERVER, Results, Step, Target, add_common_args, alternate, start_servers,
+                           write_json)
 from bench.process import RunningServer
 from bench.prompts import chat_prompt, follow_up, shared_system_prompt
 
@@ -88,35 +92,41 @@ async def chat_session(client: BenchClient, nonce: str) -> list[Any]:
     return turns
 
 
-async def measure_repetition(
-    server: RunningServer, client: BenchClient, rep: int, salt: str, results: Results, rounds: int = 1
-) -> None:
-    name = server.name
-    for rnd in range(rounds):
+def concurrent_step(results: Results, rnd: int) -> Step:
+    async def step(server: RunningServer, client: BenchClient, rep: int, salt: str) -> None:
         conc = await concurrent_round(client, f"{salt}-c{rep}.{rnd}")
-        results.add("useful_tps", name, conc.useful_tps)
-        results.add("useful_tps_max", name, conc.useful_tps)
+        results.add("useful_tps", server.name, conc.useful_tps)
+        results.add("useful_tps_max", server.name, conc.useful_tps)
         for latency in conc.latencies_s:
-            results.add("latency_median_s", name, latency)
-            results.add("latency_max_s", name, latency)
+            results.add("latency_median_s", server.name, latency)
+            results.add("latency_max_s", server.name, latency)
+    return step
 
-    for turn, res in enumerate(await chat_session(client, f"{salt}-t{rep}"), start=1):
-        results.add(f"turn{turn}_ttft_ms", name, res.ttft_s * 1e3 if res.ttft_s is not None else None)
-        results.add(f"turn{turn}_prompt_tokens", name, res.prompt_tokens)
 
-    burst = await shared_prompt_burst(client, f"{salt}-s{rep}")
-    ttfts = [r.ttft_s * 1e3 for r in burst.results if r.ttft_s is not None]
-    for ttft in ttfts:
-        results.add("shared_ttft_ms", name, ttft)
-    results.add("shared_ttft_last_ms", name, max(ttfts, default=None))
-    results.add("shared_tps", name, burst.useful_tps)
+def chat_step(results: Results) -> Step:
+    async def step(server: RunningServer, client: BenchClient, rep: int, salt: str) -> None:
+        for turn, res in enumerate(await chat_session(client, f"{salt}-t{rep}"), start=1):
+            results.add(f"turn{turn}_ttft_ms", server.name, res.ttft_s * 1e3 if res.ttft_s is not None else None)
+            results.add(f"turn{turn}_prompt_tokens", server.name, res.prompt_tokens)
+    return step
+
+
+def shared_prompt_step(results: Results) -> Step:
+    async def step(server: RunningServer, client: BenchClient, rep: int, salt: str) -> None:
+        burst = await shared_prompt_burst(client, f"{salt}-s{rep}")
+        ttfts = [r.ttft_s * 1e3 for r in burst.results if r.ttft_s is not None]
+        for ttft in ttfts:
+            results.add("shared_ttft_ms", server.name, ttft)
+        results.add("shared_ttft_last_ms", server.name, max(ttfts, default=None))
+        results.add("shared_tps", server.name, burst.useful_tps)
+    return step
 
 
 async def run(args: argparse.Namespace, servers: list[RunningServer]) -> Results:
     results = Results()
     define_metrics(results)
-    await alternate(servers, args.runs,
-                    lambda s, client, rep, salt: measure_repetition(s, client, rep, salt, results, args.rounds))
+    steps = [concurrent_step(results, rnd) for rnd in range(args.rounds)]
+    await alternate(servers, args.runs, *steps, chat_step(results), shared_prompt_step(results))
     return results
 
 
@@ -144,9 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if LLAMA_SERVER not in names:
         print("(no llama-server figures: comparison skipped)")
     elif EDGEVLM in names:
-        paired = results.paired_ratios("useful_tps")
-        print(f"useful tok/s, edgevlm/llama per round (both servers back to back): median {median(paired):.2f} "
-              f"(range {min(paired):.2f}-{max(paired):.2f}, {len(paired)} rounds)")
+        print(results.paired_summary("useful_tps", "useful tok/s per round"))
+        for turn in range(2, CHAT_TURNS + 1):
+            print(results.paired_summary(f"turn{turn}_ttft_ms", f"chat turn {turn} TTFT per repetition"))
     write_json(args.json, {"benchmark": "batching", "threads": args.threads, "model": args.model,
                            "runs": args.runs, "rounds": args.rounds, "metrics": results.to_json()})
     return 0

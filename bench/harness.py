@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import statistics
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.client import BenchClient, fmt, print_table, ratio
+from bench.client import BenchClient, fmt, median, print_table, ratio
 from bench.edgevlm_server import edgevlm_server
 from bench.llama_server import ensure_llama_server, llama_server
 from bench.model_files import DEFAULT_MODEL_ID, resolve_model
@@ -42,7 +44,7 @@ def add_common_args(parser: argparse.ArgumentParser, runs_default: int) -> None:
     parser.add_argument("--traces", default=None, help="edgevlm --traces PATH (default: none)")
     parser.add_argument("--json", type=Path, default=None, help="also write raw figures to this JSON file")
     parser.add_argument("--edgevlm-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for `edgevlm serve` (repeatable), e.g. --edgevlm-arg=--kv-split")
+                        help="extra argument for `edgevlm serve` (repeatable), e.g. --edgevlm-arg=--batch=256")
 
 
 @contextlib.contextmanager
@@ -85,12 +87,16 @@ async def warm_up(client: BenchClient, nonce: str) -> None:
     await client.chat(chat_prompt(40, nonce), max_tokens=8)
 
 
-async def alternate(servers: list[RunningServer], runs: int,
-                    measure: Callable[[RunningServer, BenchClient, int, str], Awaitable[None]]) -> None:
-    """Warm every server up, then call ``measure`` per repetition, server order alternating.
+Step = Callable[[RunningServer, BenchClient, int, str], Awaitable[None]]
 
-    Alternating (and measuring both in one run) exposes both servers to the same
-    machine noise, which on a shared box is larger than the differences measured.
+
+async def alternate(servers: list[RunningServer], runs: int, *steps: Step) -> None:
+    """Warm every server up, then per repetition run each step on every server in turn.
+
+    Each step (a measurement, called as ``step(server, client, rep, salt)``) visits all
+    servers before the next step starts, in an order that flips every step and every
+    repetition. The two figures of a pair are then taken seconds apart, so the drift of
+    a shared machine (often larger than the differences measured) hits both alike.
     """
     salt = new_salt()
     clients = {s.name: BenchClient(s.base_url, s.model) for s in servers}
@@ -98,8 +104,9 @@ async def alternate(servers: list[RunningServer], runs: int,
         for s in servers:
             await warm_up(clients[s.name], f"{salt}-warm")
         for rep in range(runs):
-            for s in in_order(servers, rep):
-                await measure(s, clients[s.name], rep, salt)
+            for i, step in enumerate(steps):
+                for s in in_order(servers, rep + i):
+                    await step(s, clients[s.name], rep, salt)
             print(f"[bench] repetition {rep + 1}/{runs} done", flush=True)
     finally:
         for c in clients.values():
@@ -160,11 +167,26 @@ class Results:
         print_table(headers, rows, title=title)
 
     def paired_ratios(self, key: str) -> list[float]:
-        """edgevlm/llama-server per repetition: both servers measured back to back, so
-        drift on a shared machine, larger than the differences measured, cancels."""
+        """edgevlm/llama-server per measurement: the two figures were taken back to back,
+        so drift on a shared machine, larger than the differences measured, cancels."""
         m = self.metrics[key]
         pairs = zip(m.values.get(EDGEVLM, []), m.values.get(LLAMA_SERVER, []))
         return [e / l for e, l in pairs if e is not None and l]
+
+    def paired_summary(self, key: str, label: str) -> str:
+        """One line: median, geometric mean and range of the paired ratios, and how many
+        pairs met the metric's target (which reads only the ratio of the two figures)."""
+        paired = self.paired_ratios(key)
+        if not paired:
+            return f"{label}: no pairs"
+        geomean = math.exp(statistics.fmean(math.log(r) for r in paired))
+        line = (f"{label}, edgevlm/llama: median {median(paired):.2f}, geomean {geomean:.2f} "
+                f"(range {min(paired):.2f}-{max(paired):.2f}, {len(paired)} pairs)")
+        target = self.metrics[key].target
+        if target is not None:
+            met = sum(1 for r in paired if target.check(r, 1.0))
+            line += f"; target {target.text} met in {met}/{len(paired)}"
+        return line
 
     def to_json(self) -> dict[str, Any]:
         return {

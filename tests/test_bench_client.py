@@ -245,3 +245,38 @@ def test_paired_ratios_compare_each_repetition_back_to_back() -> None:
         results.add("tps", EDGEVLM, e)
         results.add("tps", LLAMA_SERVER, l)
     assert results.paired_ratios("tps") == [0.8, 1.2]
+
+
+def test_paired_summary_gives_geomean_and_how_many_pairs_met_the_target() -> None:
+    from bench.harness import EDGEVLM, LLAMA_SERVER, Results, Target
+
+    results = Results()
+    results.metric("tps", "tok/s", target=Target(">= llama", lambda e, l: e >= l))
+    for e, l in [(80.0, 100.0), (125.0, 100.0), (100.0, 100.0)]:
+        results.add("tps", EDGEVLM, e)
+        results.add("tps", LLAMA_SERVER, l)
+    line = results.paired_summary("tps", "tok/s per round")
+    assert "median 1.00" in line and "geomean 1.00" in line  # (0.8 * 1.25 * 1.0) ** (1/3) == 1
+    assert "range 0.80-1.25, 3 pairs" in line and "met in 2/3" in line
+    results.metric("none", "no figures")
+    assert results.paired_summary("none", "empty") == "empty: no pairs"
+
+
+def test_alternate_runs_each_step_on_every_server_before_the_next_order_flipping(fake: FakeServer) -> None:
+    from bench.harness import alternate
+    from bench.process import RunningServer
+
+    fake.script.first_delay_s, fake.script.gap_s = 0.0, 0.0
+    servers = [RunningServer(name, fake.base_url, "fake-model", process=None, log_path=None)  # type: ignore[arg-type]
+               for name in ("a", "b")]
+    visits: list[tuple[int, str, str]] = []
+
+    def step(label: str):
+        async def measure(server: RunningServer, client: BenchClient, rep: int, salt: str) -> None:
+            visits.append((rep, label, server.name))
+        return measure
+
+    asyncio.run(alternate(servers, 2, step("x"), step("y")))
+    assert visits == [(0, "x", "a"), (0, "x", "b"), (0, "y", "b"), (0, "y", "a"),
+                      (1, "x", "b"), (1, "x", "a"), (1, "y", "a"), (1, "y", "b")]
+    assert len(fake.bodies) == 2  # one discarded warm-up request per server
