@@ -1048,29 +1048,35 @@ class Engine:
         """
         batch = self._batch
         slot = job.slot
-        joined = [f for f in job.followers if f.cursor == job.cursor and f.cursor < f.lead_end]
-        for f in [job] + joined:
+        start = job.cursor
+        # each follower rides on the first ``k`` rows, the longest riders first
+        riders = sorted(((f, min(take, f.lead_end - start)) for f in job.followers
+                         if f.cursor == start and f.cursor < f.lead_end), key=lambda fk: -fk[1])
+        for f in [job] + [f for f, _ in riders]:
             undo.append((f, len(f.slot.history), f.cursor, len(f.generated)))
-        last_prompt = job.cursor + take == job.n_prompt and not job.resuming
+        last_prompt = start + take == job.n_prompt and not job.resuming
         base = len(slot.history) + slot.shift
+        width = len(riders)
         for k in range(take):
-            tok = job.items[job.cursor + k]
+            tok = job.items[start + k]
             want = last_prompt and k == take - 1
             self._put(batch, n, tok, base + k, slot.seq_id, want)
-            slot.history.append(tok)
-            if joined:
-                joined = [f for f in joined if f.cursor < f.lead_end]
-                for i, f in enumerate(joined, start=1):
-                    batch.seq_id[n][i] = f.slot.seq_id
-                    f.slot.history.append(tok)
-                    f.cursor += 1
-                    f.req.record.shared_tokens += 1
-                    f.req.record.prefilled_tokens -= 1
-                batch.n_seq_id[n] = 1 + len(joined)
+            if riders:
+                while width and riders[width - 1][1] <= k:
+                    width -= 1
+                for i in range(width):
+                    batch.seq_id[n][i + 1] = riders[i][0].slot.seq_id
+                batch.n_seq_id[n] = 1 + width
             if want:
                 outputs.append((n, job))
             n += 1
+        slot.history.extend(job.items[start:start + take])
         job.cursor += take
+        for f, k in riders:
+            f.slot.history.extend(job.items[start:start + k])
+            f.cursor += k
+            f.req.record.shared_tokens += k
+            f.req.record.prefilled_tokens -= k
         return n
 
     def _put(self, batch: llama_cpp.llama_batch, i: int, token: int, pos: int, seq: int,
