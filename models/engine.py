@@ -32,7 +32,7 @@ import llama_cpp
 import numpy as np
 import psutil
 
-from models import gguf_info
+from models import cpu_info, cpu_paths, gguf_info
 from models.llama_lib import ensure_backend, meta_str
 from models.sampling import SamplingParams, build_sampler
 from models.templates import CHATML_TEMPLATE, ChatTemplate
@@ -96,6 +96,7 @@ class EngineConfig:
     n_batch: int = 512
     chat_template: str | None = None  # overrides the GGUF's template
     mmproj_path: str | None = None
+    repack: str = "auto"  # CPU fast paths: auto (self-tested) | on | off; see models.cpu_paths
 
 
 @dataclass
@@ -416,9 +417,14 @@ class Engine:
         ensure_backend()
         self.config = config
         rss_before = psutil.Process().memory_info().rss
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 0 if os.environ.get("EDGEVLM_CPU_ONLY") else 999
-        model = llama_cpp.llama_model_load_from_file(config.path.encode(), mparams)
+        n_threads = config.n_threads or default_threads()
+        self.fast_paths = _choose_fast_paths(config, n_threads)
+        log.info("model %s: %s", config.model_id, self.fast_paths.describe())
+        warning = cpu_info.threads_warning(n_threads)
+        if warning:
+            log.warning("model %s: %s", config.model_id, warning)
+        model = cpu_paths.load_model(config.path, self.fast_paths.allowed,
+                                     gpu_layers=0 if os.environ.get("EDGEVLM_CPU_ONLY") else 999)
         if not model:
             raise EngineError(f"could not load model file {config.path}", code="model_load_failed")
         self.model = model
@@ -440,7 +446,7 @@ class Engine:
         """Context, template, batches and slots; any failure is cleaned up by the caller."""
         model = self.model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
-        n_threads = config.n_threads or default_threads()
+        n_threads = config.n_threads or default_threads()  # as chosen in __init__
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         n_ctx = config.n_ctx or min(n_ctx_train, 4096)
         n_batch = max(32, min(config.n_batch, n_ctx))
@@ -1318,6 +1324,18 @@ def default_parallel() -> int:
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     free_gib = psutil.virtual_memory().available / 2**30
     return max(1, min(4, 2 * cores, int(free_gib)))
+
+
+def _choose_fast_paths(config: EngineConfig, n_threads: int) -> cpu_paths.Verdict:
+    """The self-tested fast paths; a file the self-test cannot read gets the plain path
+    (its load then fails with llama.cpp's own clear error)."""
+    if config.repack not in cpu_paths.REPACK_MODES:
+        raise EngineError(f"repack must be one of {', '.join(cpu_paths.REPACK_MODES)}, not {config.repack!r}",
+                          code="invalid_config")
+    try:
+        return cpu_paths.choose(config.path, config.repack, n_threads)
+    except Exception as exc:  # unreadable or not GGUF: nothing to test
+        return cpu_paths.Verdict(config.repack, (), (), f"not self-tested ({exc})")
 
 
 def default_threads() -> int:

@@ -47,13 +47,14 @@ class ModelSpec:
     chat_template: str | None = None
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
+    repack: str = "auto"  # CPU fast paths: auto | on | off (models.cpu_paths)
     owned_by: str = "edgevlm"
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             model_id=self.id, path=self.path, n_ctx=self.ctx_size, n_threads=self.threads,
             n_parallel=self.parallel, n_batch=self.batch, chat_template=self.chat_template,
-            mmproj_path=self.mmproj,
+            mmproj_path=self.mmproj, repack=self.repack,
         )
 
 
@@ -73,7 +74,7 @@ def default_model_path() -> Path | None:
 
 _SPEC_KEYS = {
     "id", "path", "mmproj", "ctx_size", "threads", "parallel", "batch", "chat_template",
-    "image_min_tokens", "image_max_tokens",
+    "image_min_tokens", "image_max_tokens", "repack",
 }
 
 
@@ -91,6 +92,8 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
     if "chat_template_file" in table:
         values["chat_template"] = (base / table["chat_template_file"]).read_text()
     spec = ModelSpec(**values)
+    if spec.repack not in ("auto", "on", "off"):
+        raise ConfigError(f"model {spec.id}: repack must be auto, on or off, not {spec.repack!r}")
     if not Path(spec.path).is_file():
         raise ConfigError(f"model {spec.id}: GGUF file not found: {spec.path}")
     if spec.mmproj and not Path(spec.mmproj).is_file():
@@ -105,6 +108,9 @@ def load_config(path: str | Path, defaults: dict[str, Any] | None = None) -> lis
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read model config {path}: {exc}") from exc
+    unknown = set(data) - {"models"}
+    if unknown:
+        raise ConfigError(f"model config {path}: unknown keys {sorted(unknown)} (only [[models]] tables)")
     base = path.parent.resolve()
     return [_spec_from_table(t, base, defaults or {}) for t in data.get("models", [])]
 
@@ -120,6 +126,8 @@ def scan_dir(directory: str | Path, defaults: dict[str, Any] | None = None) -> l
     the only projector in a directory holding exactly one model.
     """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"--models-dir {directory}: no such directory")
     files = sorted(p for p in directory.glob("*.gguf") if p.is_file())
     projectors = [p for p in files if p.name.lower().startswith("mmproj")]
     llms = [p for p in files if p not in projectors]

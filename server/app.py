@@ -36,7 +36,7 @@ def telemetry_settings(settings: Settings) -> TelemetrySettings:
 
 def registry_from(settings: Settings) -> Registry:
     defaults = {"ctx_size": settings.ctx_size, "threads": settings.threads,
-                "parallel": settings.parallel, "batch": settings.batch}
+                "parallel": settings.parallel, "batch": settings.batch, "repack": settings.repack}
     return build_registry(
         model=settings.model, mmproj=settings.mmproj, config=settings.config,
         models_dir=settings.models_dir, defaults=defaults,

@@ -1,4 +1,4 @@
-"""``edgevlm`` command line: ``serve``, ``models list``, ``report``.
+"""``edgevlm`` command line: ``serve``, ``doctor``, ``models list``, ``report``.
 
 Every ``serve`` flag falls back to its ``EDGEVLM_*`` environment variable, then to the
 default, so containers and systemd units can configure the server without flags.
@@ -27,6 +27,8 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--threads", "threads", int, "CPU threads per model (default: physical cores)"),
     ("--parallel", "parallel", int, "parallel sequences (slots) per model (default: 4, or fewer on 1 core / < 4 GiB free)"),
     ("--batch", "batch", int, "max tokens per llama_decode call (default 512)"),
+    ("--repack", "repack", str, "CPU fast paths (AMX, repacked weights): auto = self-tested in a "
+                                "child process and cached (default) | on | off"),
     ("--max-queue", "max_queue", int, "requests that may wait per model before 429 (default 8)"),
     ("--max-loaded-models", "max_loaded_models", int, "models kept in memory at once (default 2)"),
     ("--max-model-memory-mb", "max_model_memory_mb", int, "evict LRU models above this memory"),
@@ -55,9 +57,11 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
 ]
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("serve", help="start the OpenAI-compatible server",
-                       description="Start the server. Each flag also reads EDGEVLM_<FLAG> "
+def _serve_parser(sub: argparse._SubParsersAction, name: str = "serve",
+                  help_text: str = "start the OpenAI-compatible server",
+                  description: str = "Start the server.") -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text,
+                       description=description + " Each flag also reads EDGEVLM_<FLAG> "
                                    "(e.g. EDGEVLM_CTX_SIZE, EDGEVLM_API_KEY=key1,key2).")
     for flag, dest, kind, help_text in _SERVE_FLAGS:
         env = "EDGEVLM_" + dest.upper()
@@ -108,7 +112,34 @@ def models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _startup_error(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            name = ".".join(str(x) for x in err["loc"])
+            parts.append(f"--{name.replace('_', '-')} / EDGEVLM_{name.upper()}: {err['msg']}")
+        return "; ".join(parts)
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; start-up mistakes print one ``edgevlm: error:`` line, never a traceback."""
+    from pydantic import ValidationError
+
+    from models.registry import ConfigError
+
+    try:
+        return _main(argv)
+    except (ConfigError, ValidationError, OSError) as exc:
+        print(f"edgevlm: error: {_startup_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         from telemetry.report import main as report_main
@@ -119,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"edgevlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _serve_parser(sub, "doctor", "check this machine and every configured model (run this first)",
+                  "Check the CPU, llama.cpp's fast paths, threads, memory, energy meters, every "
+                  "configured model and the trace file; takes the same flags as serve.")
     models = sub.add_parser("models", help="inspect configured models")
     msub = models.add_subparsers(dest="models_command", required=True)
     lp = msub.add_parser("list", help="list the models the server would offer")
@@ -129,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "doctor":
+        from server import doctor
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return doctor.run(_settings_from(args))
     if args.command == "models":
         for _, dest, _, _ in _SERVE_FLAGS:
             if not hasattr(args, dest):

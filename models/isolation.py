@@ -1,0 +1,46 @@
+"""Run native code in a child Python process, so that its crash is a result, not our death.
+
+llama.cpp and libmtmd end the process on a failed assert or a bad kernel (SIGSEGV,
+SIGILL, abort). Anything that may hit one of those before we know the machine and the
+model get along - the fast-path self-test, ``edgevlm doctor``'s load check - runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ChildOutcome:
+    """How a child ended: ``ok`` with its JSON report, or why not in one phrase."""
+
+    ok: bool
+    reason: str = ""
+    report: dict = field(default_factory=dict)
+
+
+def run_module(module: str, args: list[str], timeout: float) -> ChildOutcome:
+    """``python -m module args...``; its last stdout line starting with ``{`` is the report."""
+    cmd = [sys.executable, "-m", module, *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return ChildOutcome(False, f"hung (no answer in {timeout:.0f} s)")
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        return ChildOutcome(False, f"crashed ({name})")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return ChildOutcome(False, f"failed (exit {proc.returncode}: {tail})")
+    try:
+        return ChildOutcome(True, report=json.loads(lines[-1]))
+    except ValueError:
+        return ChildOutcome(False, f"answered garbage: {lines[-1][:120]}")
