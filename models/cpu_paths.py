@@ -264,7 +264,7 @@ def selftest_child(path: str, allowed: tuple[str, ...], n_threads: int) -> dict:
     agree = float(np.mean(np.argmax(got, axis=1) == np.argmax(ref, axis=1)))
     return {"median_rel_err": float(np.median(err)), "max_rel_err": float(err.max()),
             "top1_agree": agree, "rows": int(len(err)),
-            "buffers_mib": {k: round(v, 1) for k, v in buffers.items() if k in allowed}}
+            "buffers_mib": {k: round(v, 2) for k, v in buffers.items() if k in available_extra_buffers()}}
 
 
 # ------------------------------------------------------------------ the verdict (parent side)
@@ -291,7 +291,9 @@ class Verdict:
                 chosen += f" ({'+'.join(off)} off)"
         extra = ""
         if self.buffers_mib:
-            extra = " [" + ", ".join(f"{k} {v:g} MiB" for k, v in self.buffers_mib.items()) + "]"
+            extra = " [" + ", ".join(f"{k} holds {v:g} MiB" for k, v in self.buffers_mib.items()) + "]"
+        elif self.allowed and self.mode == "auto":
+            extra = " [no weights of this model's types use them]"
         how = "cached verdict" if self.cached else (f"self-test {self.seconds:.1f} s" if self.seconds else self.mode)
         return f"CPU fast paths: {chosen}{extra}: {self.reason} ({how})"
 

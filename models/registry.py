@@ -309,8 +309,11 @@ def build_registry(*, model: str | None = None, mmproj: str | None = None,
                              mmproj=str(Path(mmproj).resolve()) if mmproj else None, **defaults)
             specs[spec.id] = spec
             default_id = spec.id
+        elif "/" in model or model.endswith(".gguf"):
+            raise ConfigError(f"--model {model}: no such file")
         else:
-            raise ConfigError(f"--model {model!r} is neither a configured model id nor a GGUF file")
+            raise ConfigError(f"--model {model!r} is neither a configured model id nor a GGUF file "
+                              f"(configured: {', '.join(specs) or 'none'})")
     if mmproj and not Path(mmproj).is_file():
         raise ConfigError(f"--mmproj file not found: {mmproj}")
     if not specs:

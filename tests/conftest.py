@@ -18,6 +18,15 @@ from server.app import create_app
 from server.settings import Settings
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fast_path_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh fast-path verdict cache per session: every model is self-tested on this machine."""
+    path = tmp_path_factory.mktemp("edgevlm-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEVLM_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     path = default_model_path()
