@@ -90,12 +90,31 @@ def span_to_otlp_json(span: ReadableSpan) -> dict[str, Any]:
 
 # --- JSONL file -----------------------------------------------------------------------
 
+# Spans can hold prompts and answers (--capture-content): only the server's user reads them.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def make_private_dirs(path: str) -> None:
+    """Create ``path`` and any missing parents as 0700 (``os.makedirs`` applies the mode
+    only to the last one); directories that already exist are left as they are."""
+    if not path or os.path.isdir(path):
+        return
+    make_private_dirs(os.path.dirname(os.path.abspath(path)))
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)  # the umask may have removed bits, never added: make it exact
+
+
 class JsonlSpanExporter(SpanExporter):
     """Appends one OTLP-JSON span per line; one write + fsync per batch; size-rotated.
 
     A crash loses at most the batch being written. If the previous process died in the
     middle of a line, a newline is written first so the torn line stays a single bad
-    line instead of corrupting the next good one.
+    line instead of corrupting the next good one. Files are 0600 and the directories
+    created for them 0700 (see :data:`FILE_MODE`).
     """
 
     def __init__(self, path: str, max_bytes: int = 50_000_000, keep: int = 5, fsync: bool = True) -> None:
@@ -109,10 +128,9 @@ class JsonlSpanExporter(SpanExporter):
 
     def _open(self) -> int:
         if self._fd is None:
-            d = os.path.dirname(self.path)
-            if d:
-                os.makedirs(d, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            make_private_dirs(os.path.dirname(self.path))
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            os.fchmod(fd, FILE_MODE)  # a file left by an older version may be world-readable
             size = os.fstat(fd).st_size
             if size > 0 and not self._ends_with_newline():
                 size += os.write(fd, b"\n")

@@ -235,3 +235,22 @@ def test_operators_sharing_a_system_prompt_report_shared_tokens(traced) -> None:
     alone = [ask(q).choices[0].message.content for q in questions]
     for t, a in zip(together, alone):
         assert t.choices[0].message.content[:8] == a[:8], (t.choices[0].message.content, a)
+
+
+def test_trace_files_and_their_directories_are_private(make_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import stat
+
+    traces = tmp_path / "private" / "spans" / "t.jsonl"
+    srv = make_server(traces=str(traces), traces_max_bytes=1024, capture_content=True)
+    with srv.client() as c:
+        for word in ("zebra", "okapi"):  # one flushed batch each: the second rotates the first
+            assert c.post("/v1/chat/completions", json=chat_body(f"The secret word is {word}.",
+                                                                 max_tokens=3)).status_code == 200
+            srv.app.state.telemetry.force_flush()
+    files = sorted(traces.parent.iterdir())
+    assert [f.name for f in files] == ["t.jsonl", "t.jsonl.1"]
+    assert b"zebra" in (traces.parent / "t.jsonl.1").read_bytes()  # prompts are in there
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    for d in (traces.parent, traces.parent.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
