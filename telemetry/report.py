@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .exporters import from_key_values
+from .otlp_json import flat_spans, from_key_values
 
 log = logging.getLogger("edgevlm.telemetry.report")
 
@@ -43,7 +43,8 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
 
 
 def load_spans(paths: Iterable[str]) -> tuple[list[dict[str, Any]], int]:
-    """Every parseable span line (deduplicated by trace/span id) and the count of bad lines.
+    """Every span (deduplicated by trace/span id, each with its resource) and the count of
+    bad lines. Lines are OTLP JSON export requests, or single spans in older files.
 
     A truncated last line (crash mid-write) or any torn line is skipped, not fatal.
     """
@@ -57,18 +58,19 @@ def load_spans(paths: Iterable[str]) -> tuple[list[dict[str, Any]], int]:
                 if not line:
                     continue
                 try:
-                    span = json.loads(line)
+                    parsed = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     bad += 1
                     continue
-                if not isinstance(span, dict):
+                if not isinstance(parsed, dict):
                     bad += 1
                     continue
-                key = (span.get("traceId", ""), span.get("spanId", ""))
-                if key in seen:
-                    continue
-                seen.add(key)
-                spans.append(span)
+                for span in flat_spans(parsed):
+                    key = (span.get("traceId", ""), span.get("spanId", ""))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    spans.append(span)
     return spans, bad
 
 

@@ -10,6 +10,9 @@ from telemetry.report import load_spans, main
 from telemetry.testing import sample_record
 
 PNG = b"\x89PNG\r\n\x1a\n"
+# Written by a real server run before trace lines became OTLP export requests: one
+# flattened span per line, its resource on the line (3 chats, 1 unknown model).
+FLAT_SPANS = Path(__file__).parent / "data" / "traces-flat-spans.jsonl"
 
 
 def write_traces(path: Path, model: str, quant: str, bpw: float, ttfts: list[float], **kw) -> None:
@@ -26,12 +29,15 @@ def as_other_device(src: Path, dst: Path, host: str) -> None:
     """The same spans as if recorded on another machine (resource host.name changed)."""
     out = []
     for line in src.read_text().splitlines():
-        span = json.loads(line)
-        span["traceId"] = "ff" + span["traceId"][2:]  # a different trace, not a duplicate line
-        for kv in span["resource"]["attributes"]:
-            if kv["key"] == "host.name":
-                kv["value"] = {"stringValue": host}
-        out.append(json.dumps(span))
+        request = json.loads(line)
+        for rs in request["resourceSpans"]:
+            for kv in rs["resource"]["attributes"]:
+                if kv["key"] == "host.name":
+                    kv["value"] = {"stringValue": host}
+            for ss in rs["scopeSpans"]:
+                for span in ss["spans"]:
+                    span["traceId"] = "ff" + span["traceId"][2:]  # a different trace, not a duplicate
+        out.append(json.dumps(request))
     dst.write_text("\n".join(out) + "\n")
 
 
@@ -117,3 +123,27 @@ def test_ttft_prediction_error_is_reported(tmp_path):
     [row] = [ln for ln in lines if ln.startswith("| ") and "profile=fast" in ln]
     # errors 20%, 25%, 0% -> median 20%
     assert [c.strip() for c in row.strip("|").split("|")][col] == "20.0"
+
+
+def test_report_reads_old_flat_span_files_beside_new_ones(tmp_path):
+    old_spans, bad = load_spans([str(FLAT_SPANS)])
+    assert bad == 0 and len(old_spans) == 13
+    chats = [s for s in old_spans if s["name"].startswith("chat ")]
+    assert len(chats) == 4
+    new = tmp_path / "new.jsonl"
+    write_traces(new, "smollm2-135m-instruct-q4_1", "Q4_1", 5.74, [40.0, 60.0])
+    spans, bad = load_spans([str(FLAT_SPANS), str(new)])
+    assert bad == 0 and len(spans) == 13 + 10
+    out = tmp_path / "o"
+    assert main([str(FLAT_SPANS), str(new), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "report.md").read_text()
+    assert "6 requests from 2 file(s)" in md  # 3 chats + 1 unknown model, and 2 new ones
+    header = next(line for line in md.splitlines() if line.startswith("| device")).split(" | ")
+    col = {name.strip("| "): i for i, name in enumerate(header)}
+    rows = {tuple(c.strip("| ") for c in r.split(" | ")[:4]): r.split(" | ")
+            for r in md.splitlines() if r.startswith("| ") and not r.startswith("| device")}
+    old_chats = rows[("vm (AMD EPYC)", "smollm2-135m-instruct-q4_1", "Q4_1", "default")]
+    assert old_chats[col["requests"]] == "3" and old_chats[col["energy source"]] == "estimate"
+    assert rows[("vm (AMD EPYC)", "no-such-model", "?", "default")][col["errors"]] == "1"
+    new_chats = [r for k, r in rows.items() if k[1] == "smollm2-135m-instruct-q4_1" and k[3] != "default"]
+    assert [r[col["requests"]] for r in new_chats] == ["2"]
