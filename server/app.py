@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     settings = settings or Settings()
     registry = registry or registry_from(settings)
     telemetry = telemetry or Telemetry(telemetry_settings(settings), service_version=__version__)
+    telemetry.label_models(spec.id for spec in registry.list())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -254,3 +254,39 @@ def test_trace_files_and_their_directories_are_private(make_server, tmp_path) ->
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     for d in (traces.parent, traces.parent.parent):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_unknown_model_names_cannot_grow_the_metrics(traced) -> None:  # type: ignore[no-untyped-def]
+    import random
+    import string
+
+    srv, tel, exporter = traced()
+    rng = random.Random(0)
+
+    def series() -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+        text = httpx.get(srv.base_url + "/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(text)
+                for s in f.samples}
+
+    names = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 300))) for _ in range(60)]
+    with srv.client() as c:
+        assert c.post("/v1/chat/completions", json=chat_body("hi", max_tokens=2)).status_code == 200
+
+        def ask(name: str) -> int:
+            if len(name) % 2:
+                return c.post("/v1/completions", json={"model": name, "prompt": "hi"}).status_code
+            return c.post("/v1/chat/completions", json=chat_body("hi", model=name)).status_code
+
+        assert [ask(n) for n in names[:30]] == [404] * 30
+        after_30 = series()
+        assert [ask(n) for n in names[30:]] == [404] * 30
+    after_60 = series()
+    models = {dict(labels).get("gen_ai_request_model") for _, labels in after_60} - {None}
+    assert models == {MODEL, "unknown"}
+    assert after_60 == after_30  # 30 more unknown names, not one more series
+    assert len(after_60) < 200
+    tel.force_flush()
+    refused = [s for s in exporter.get_finished_spans() if s.attributes.get("error.type") == "model_not_found"]
+    assert len(refused) == 60
+    sent = {s.attributes["gen_ai.request.model"] for s in refused}
+    assert sent == {n[:128] for n in names}  # the span keeps what the client sent, cut to 128 chars
