@@ -47,6 +47,7 @@ class ModelSpec:
     chat_template: str | None = None
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
+    image_cache_mb: int = 256  # image-embedding cache of a vision model; 0 = off
     owned_by: str = "edgevlm"
 
     def engine_config(self) -> EngineConfig:
@@ -74,6 +75,7 @@ def default_model_path() -> Path | None:
 _SPEC_KEYS = {
     "id", "path", "mmproj", "ctx_size", "threads", "parallel", "batch", "chat_template",
     "image_min_tokens", "image_max_tokens",
+    "image_cache_mb",
 }
 
 
@@ -91,6 +93,8 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
     if "chat_template_file" in table:
         values["chat_template"] = (base / table["chat_template_file"]).read_text()
     spec = ModelSpec(**values)
+    if isinstance(spec.image_cache_mb, bool) or not isinstance(spec.image_cache_mb, int) or spec.image_cache_mb < 0:
+        raise ConfigError(f"model {spec.id}: image_cache_mb must be a whole number of MiB >= 0")
     if not Path(spec.path).is_file():
         raise ConfigError(f"model {spec.id}: GGUF file not found: {spec.path}")
     if spec.mmproj and not Path(spec.mmproj).is_file():
@@ -143,7 +147,9 @@ class LoadedModel:
 
     @property
     def memory_bytes(self) -> int:
-        return self.engine.memory_bytes
+        """The engine's memory plus what the image-embedding cache holds now."""
+        cached = self.vision.cache.nbytes if self.vision is not None else 0
+        return self.engine.memory_bytes + cached
 
     def close(self) -> None:
         if self.vision is not None:
@@ -161,6 +167,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             vision = VisionEncoder(
                 spec.mmproj, engine.model, n_threads=engine.n_threads,
                 image_min_tokens=spec.image_min_tokens, image_max_tokens=spec.image_max_tokens,
+                cache_bytes=spec.image_cache_mb << 20,
             )
         except Exception:
             engine.close()

@@ -7,7 +7,7 @@ import resource as _resource
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -113,6 +113,12 @@ class Telemetry:
         """Only these ids become ``gen_ai_request_model`` label values; any other model a
         client names is counted as ``unknown``, so random names cannot grow /metrics."""
         self._model_labels = frozenset(model_ids)
+
+    def watch_image_caches(self, stats: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        """Show the image-embedding caches in /metrics; ``stats()`` maps model id -> counters
+        (entries, bytes, max_bytes, hits, misses, evictions) and is read at each scrape."""
+        if self.metrics is not None:
+            self.metrics.watch_image_caches(stats)
 
     def model_label(self, model_id: str) -> str:
         """The metric label for ``model_id`` (itself until :meth:`label_models` is called)."""
