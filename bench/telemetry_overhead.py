@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,8 @@ from bench.harness import in_order
 from bench.model_files import resolve_model
 from bench.process import default_threads
 from bench.prompts import chat_prompt, new_salt
+from telemetry.otlp_json import from_key_values
+from telemetry.report import load_spans
 
 TARGET_OVERHEAD = 0.02
 
@@ -52,10 +53,8 @@ async def run(args: argparse.Namespace) -> int:
         for c in clients.values():
             await c.aclose()
         metrics_ok = "gen_ai_server_time_to_first_token" in (await _get(on.base_url + "/metrics"))
-    lines = traces.read_text().splitlines() if traces.exists() else []
-    spans = [json.loads(ln) for ln in lines if ln.strip()]
-    energy_src = {a["value"].get("stringValue") for s in spans for a in s.get("attributes", [])
-                  if a["key"] == "edgevlm.energy.source"}
+    spans, _ = load_spans([str(traces)]) if traces.exists() else ([], 0)
+    energy_src = {from_key_values(s.get("attributes")).get("edgevlm.energy.source") for s in spans}
     m_on, m_off = median(tps["telemetry on"]), median(tps["telemetry off"])
     overhead = 1.0 - m_on / m_off if m_on and m_off else None
     print_table(["configuration", "decode tok/s (median)", "runs"],

@@ -48,6 +48,7 @@ class ModelSpec:
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
     repack: str = "auto"  # CPU fast paths: auto | on | off (models.cpu_paths)
+    image_cache_mb: int = 256  # image-embedding cache of a vision model; 0 = off
     owned_by: str = "edgevlm"
 
     def engine_config(self) -> EngineConfig:
@@ -75,6 +76,7 @@ def default_model_path() -> Path | None:
 _SPEC_KEYS = {
     "id", "path", "mmproj", "ctx_size", "threads", "parallel", "batch", "chat_template",
     "image_min_tokens", "image_max_tokens", "repack",
+    "image_cache_mb",
 }
 
 
@@ -94,6 +96,8 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
     spec = ModelSpec(**values)
     if spec.repack not in ("auto", "on", "off"):
         raise ConfigError(f"model {spec.id}: repack must be auto, on or off, not {spec.repack!r}")
+    if isinstance(spec.image_cache_mb, bool) or not isinstance(spec.image_cache_mb, int) or spec.image_cache_mb < 0:
+        raise ConfigError(f"model {spec.id}: image_cache_mb must be a whole number of MiB >= 0")
     if not Path(spec.path).is_file():
         raise ConfigError(f"model {spec.id}: GGUF file not found: {spec.path}")
     if spec.mmproj and not Path(spec.mmproj).is_file():
@@ -151,7 +155,9 @@ class LoadedModel:
 
     @property
     def memory_bytes(self) -> int:
-        return self.engine.memory_bytes
+        """The engine's memory plus what the image-embedding cache holds now."""
+        cached = self.vision.cache.nbytes if self.vision is not None else 0
+        return self.engine.memory_bytes + cached
 
     def close(self) -> None:
         if self.vision is not None:
@@ -169,6 +175,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             vision = VisionEncoder(
                 spec.mmproj, engine.model, n_threads=engine.n_threads,
                 image_min_tokens=spec.image_min_tokens, image_max_tokens=spec.image_max_tokens,
+                cache_bytes=spec.image_cache_mb << 20,
             )
         except Exception:
             engine.close()

@@ -36,7 +36,8 @@ def telemetry_settings(settings: Settings) -> TelemetrySettings:
 
 def registry_from(settings: Settings) -> Registry:
     defaults = {"ctx_size": settings.ctx_size, "threads": settings.threads,
-                "parallel": settings.parallel, "batch": settings.batch, "repack": settings.repack}
+                "parallel": settings.parallel, "batch": settings.batch, "repack": settings.repack,
+                "image_cache_mb": settings.image_cache_mb}
     return build_registry(
         model=settings.model, mmproj=settings.mmproj, config=settings.config,
         models_dir=settings.models_dir, defaults=defaults,
@@ -45,11 +46,18 @@ def registry_from(settings: Settings) -> Registry:
     )
 
 
+def image_cache_stats(registry: Registry) -> dict[str, dict[str, int]]:
+    """Each loaded vision model's image-embedding cache counters, for /metrics."""
+    return {lm.spec.id: lm.vision.cache.stats() for lm in registry.loaded() if lm.vision is not None}
+
+
 def create_app(settings: Settings | None = None, *, registry: Registry | None = None,
                telemetry: Telemetry | None = None, preload: bool = True) -> FastAPI:
     settings = settings or Settings()
     registry = registry or registry_from(settings)
     telemetry = telemetry or Telemetry(telemetry_settings(settings), service_version=__version__)
+    telemetry.label_models(spec.id for spec in registry.list())
+    telemetry.watch_image_caches(lambda: image_cache_stats(registry))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -49,6 +49,7 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-image-bytes", "max_image_bytes", int, "largest encoded image accepted (default 20 MiB)"),
     ("--max-image-pixels", "max_image_pixels", int, "largest decoded image (default 40 MP)"),
     ("--max-images", "max_images", int, "images per request (default 8)"),
+    ("--image-cache-mb", "image_cache_mb", int, "image-embedding cache per vision model, MiB (default 256; 0 = off)"),
     ("--allow-file-dir", "allow_file_dirs", "append", "allow file:// images under this directory"),
     ("--allow-http-images", "allow_http_images", bool, "allow http(s):// image URLs (off: offline)"),
     ("--profile", "profile", str, "default middleware profile: quality | balanced | fast"),

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images: int = Field(8, ge=0)
+    image_cache_mb: int | None = Field(None, ge=0, description="Image-embedding cache per vision model, MiB.")
     allow_file_dirs: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allow_http_images: bool = False
     http_image_timeout_s: float = 5.0

@@ -9,6 +9,12 @@ from .record import RequestRecord
 
 PROVIDER = "llama.cpp"
 Attrs = dict[str, Any]
+MAX_MODEL_ID_CHARS = 128  # a client may name any model: spans keep what it sent, this much
+
+
+def span_model_id(model_id: str) -> str:
+    """The model id as sent, cut to :data:`MAX_MODEL_ID_CHARS` for the span."""
+    return model_id[:MAX_MODEL_ID_CHARS]
 
 # Middleware keys that also get a short, well-known attribute name.
 MIDDLEWARE_ALIASES = {
@@ -53,7 +59,7 @@ def request_attributes(record: RequestRecord) -> Attrs:
     a: Attrs = {
         "gen_ai.operation.name": record.operation,
         "gen_ai.provider.name": PROVIDER,
-        "gen_ai.request.model": record.model.model_id,
+        "gen_ai.request.model": span_model_id(record.model.model_id),
         "gen_ai.request.stream": record.stream,
     }
     _put(a, "gen_ai.request.max_tokens", record.max_tokens)
@@ -72,7 +78,7 @@ def record_attributes(record: RequestRecord, capture_content: bool = False) -> A
         a["gen_ai.response.finish_reasons"] = [record.finish_reason]
     if record.request_id:
         a["gen_ai.response.id"] = record.request_id
-    a["gen_ai.response.model"] = record.model.model_id
+    a["gen_ai.response.model"] = span_model_id(record.model.model_id)
     if record.error_type:
         a["error.type"] = record.error_type
 

@@ -1,5 +1,5 @@
-"""Span exporters: an append-only JSONL file (OTLP-JSON shaped) and a guard that keeps
-exporter failures off the request path."""
+"""Span exporters: an append-only JSONL file of OTLP JSON export requests and a guard
+that keeps exporter failures off the request path."""
 
 from __future__ import annotations
 
@@ -9,93 +9,47 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.trace import format_span_id, format_trace_id
+
+from .otlp_json import export_request
 
 log = logging.getLogger("edgevlm.telemetry.export")
 
 
-# --- OTLP/JSON encoding ---------------------------------------------------------------
-
-def any_value(value: Any) -> dict[str, Any]:
-    """One attribute value as OTLP JSON ``AnyValue`` (64-bit ints as strings, per the spec)."""
-    if isinstance(value, bool):
-        return {"boolValue": value}
-    if isinstance(value, int):
-        return {"intValue": str(value)}
-    if isinstance(value, float):
-        return {"doubleValue": value}
-    if isinstance(value, str):
-        return {"stringValue": value}
-    if isinstance(value, (list, tuple)):
-        return {"arrayValue": {"values": [any_value(v) for v in value]}}
-    return {"stringValue": str(value)}
-
-
-def key_values(attrs: Any) -> list[dict[str, Any]]:
-    """Attributes mapping as OTLP JSON ``[{key, value}]``."""
-    return [{"key": k, "value": any_value(v)} for k, v in (attrs or {}).items()]
-
-
-def from_any_value(value: dict[str, Any]) -> Any:
-    """Inverse of :func:`any_value`, for readers of the JSONL files."""
-    if "stringValue" in value:
-        return value["stringValue"]
-    if "intValue" in value:
-        return int(value["intValue"])
-    if "doubleValue" in value:
-        return float(value["doubleValue"])
-    if "boolValue" in value:
-        return bool(value["boolValue"])
-    if "arrayValue" in value:
-        return [from_any_value(v) for v in value["arrayValue"].get("values", [])]
-    return None
-
-
-def from_key_values(items: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """OTLP JSON ``[{key, value}]`` back to a dict."""
-    return {kv["key"]: from_any_value(kv.get("value", {})) for kv in items or []}
-
-
-def span_to_otlp_json(span: ReadableSpan) -> dict[str, Any]:
-    """One span in the OTLP/JSON ``Span`` shape plus its resource and scope.
-
-    Carrying the resource on every line lets files from several devices be concatenated
-    and still grouped per device.
-    """
-    ctx = span.context
-    out: dict[str, Any] = {
-        "traceId": format_trace_id(ctx.trace_id) if ctx else "",
-        "spanId": format_span_id(ctx.span_id) if ctx else "",
-        "parentSpanId": format_span_id(span.parent.span_id) if span.parent else "",
-        "name": span.name,
-        "kind": span.kind.value + 1,  # OTLP enum: INTERNAL=1, SERVER=2, ...
-        "startTimeUnixNano": str(span.start_time or 0),
-        "endTimeUnixNano": str(span.end_time or 0),
-        "attributes": key_values(span.attributes),
-        "status": {"code": span.status.status_code.value, "message": span.status.description or ""},
-        "events": [
-            {"timeUnixNano": str(e.timestamp), "name": e.name, "attributes": key_values(e.attributes)}
-            for e in span.events
-        ],
-        "resource": {"attributes": key_values(span.resource.attributes)},
-    }
-    if span.instrumentation_scope is not None:
-        out["scope"] = {"name": span.instrumentation_scope.name, "version": span.instrumentation_scope.version or ""}
-    return out
-
-
 # --- JSONL file -----------------------------------------------------------------------
 
+# Spans per line: a line is one OTLP export request; this keeps lines far below the
+# Collector file receiver's default 1 MiB line limit unless prompts are captured.
+LINE_SPANS = 64
+
+# Spans can hold prompts and answers (--capture-content): only the server's user reads them.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def make_private_dirs(path: str) -> None:
+    """Create ``path`` and any missing parents as 0700 (``os.makedirs`` applies the mode
+    only to the last one); directories that already exist are left as they are."""
+    if not path or os.path.isdir(path):
+        return
+    make_private_dirs(os.path.dirname(os.path.abspath(path)))
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)  # the umask may have removed bits, never added: make it exact
+
+
 class JsonlSpanExporter(SpanExporter):
-    """Appends one OTLP-JSON span per line; one write + fsync per batch; size-rotated.
+    """Appends each batch as OTLP JSON ``ExportTraceServiceRequest`` lines (up to
+    :data:`LINE_SPANS` spans each); one write + fsync per batch; size-rotated.
 
     A crash loses at most the batch being written. If the previous process died in the
     middle of a line, a newline is written first so the torn line stays a single bad
-    line instead of corrupting the next good one.
+    line instead of corrupting the next good one. Files are 0600 and the directories
+    created for them 0700 (see :data:`FILE_MODE`).
     """
 
     def __init__(self, path: str, max_bytes: int = 50_000_000, keep: int = 5, fsync: bool = True) -> None:
@@ -109,10 +63,9 @@ class JsonlSpanExporter(SpanExporter):
 
     def _open(self) -> int:
         if self._fd is None:
-            d = os.path.dirname(self.path)
-            if d:
-                os.makedirs(d, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            make_private_dirs(os.path.dirname(self.path))
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            os.fchmod(fd, FILE_MODE)  # a file left by an older version may be world-readable
             size = os.fstat(fd).st_size
             if size > 0 and not self._ends_with_newline():
                 size += os.write(fd, b"\n")
@@ -140,7 +93,10 @@ class JsonlSpanExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if not spans:
             return SpanExportResult.SUCCESS
-        blob = "".join(json.dumps(span_to_otlp_json(s), separators=(",", ":")) + "\n" for s in spans).encode()
+        blob = "".join(
+            json.dumps(export_request(spans[i:i + LINE_SPANS]), separators=(",", ":")) + "\n"
+            for i in range(0, len(spans), LINE_SPANS)
+        ).encode()
         with self._lock:
             self._open()
             if self._size > 0 and self._size + len(blob) > self.max_bytes:

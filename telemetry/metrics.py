@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 # Bucket boundaries from the GenAI semantic conventions (gen_ai.server.* metrics).
@@ -11,6 +14,44 @@ REQUEST_DURATION_BUCKETS = TTFT_BUCKETS
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 MODEL_OP = ("gen_ai_request_model", "gen_ai_operation_name")
+
+# model id -> cache counters (entries, bytes, max_bytes, hits, misses, evictions)
+CacheStats = Callable[[], Mapping[str, Mapping[str, int]]]
+
+
+class ImageCacheCollector:
+    """Reads each vision model's image-embedding cache counters at scrape time.
+
+    The cache lives with the model and keeps its own counts; reading them when
+    /metrics is asked keeps telemetry free of model code and adds nothing per request.
+    """
+
+    GAUGES = (("entries", "edgevlm_image_cache_entries", "Image embeddings held in the cache"),
+              ("bytes", "edgevlm_image_cache_bytes", "Bytes of image embeddings held in the cache"),
+              ("max_bytes", "edgevlm_image_cache_max_bytes", "Size limit of the image-embedding cache"))
+    COUNTERS = (("hits", "edgevlm_image_cache_hits", "Images whose embeddings came from the cache"),
+                ("misses", "edgevlm_image_cache_misses", "Images encoded because they were not cached"),
+                ("evictions", "edgevlm_image_cache_evictions", "Embeddings dropped to stay under the limit"))
+
+    def __init__(self, stats: CacheStats) -> None:
+        self.stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []  # families depend on which models are loaded
+
+    def collect(self) -> Iterator[Metric]:
+        per_model = self.stats()
+        labels = ["gen_ai_request_model"]
+        for key, name, doc in self.GAUGES:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            for model, s in per_model.items():
+                g.add_metric([model], s.get(key, 0))
+            yield g
+        for key, name, doc in self.COUNTERS:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            for model, s in per_model.items():
+                c.add_metric([model], s.get(key, 0))
+            yield c
 
 
 class Metrics:
@@ -57,6 +98,10 @@ class Metrics:
             "edgevlm_telemetry_export_failures", "Span export batches that failed, by exporter",
             ("exporter",), registry=r,
         )
+
+    def watch_image_caches(self, stats: CacheStats) -> None:
+        """Report the image-embedding caches ``stats()`` describes on every scrape."""
+        self.registry.register(ImageCacheCollector(stats))
 
     def render(self) -> tuple[bytes, str]:
         """Prometheus text exposition body and its content type."""

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .exporters import from_key_values
+from .otlp_json import flat_spans, from_key_values
 
 log = logging.getLogger("edgevlm.telemetry.report")
 
@@ -43,7 +43,8 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
 
 
 def load_spans(paths: Iterable[str]) -> tuple[list[dict[str, Any]], int]:
-    """Every parseable span line (deduplicated by trace/span id) and the count of bad lines.
+    """Every span (deduplicated by trace/span id, each with its resource) and the count of
+    bad lines. Lines are OTLP JSON export requests, or single spans in older files.
 
     A truncated last line (crash mid-write) or any torn line is skipped, not fatal.
     """
@@ -57,18 +58,19 @@ def load_spans(paths: Iterable[str]) -> tuple[list[dict[str, Any]], int]:
                 if not line:
                     continue
                 try:
-                    span = json.loads(line)
+                    parsed = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     bad += 1
                     continue
-                if not isinstance(span, dict):
+                if not isinstance(parsed, dict):
                     bad += 1
                     continue
-                key = (span.get("traceId", ""), span.get("spanId", ""))
-                if key in seen:
-                    continue
-                seen.add(key)
-                spans.append(span)
+                for span in flat_spans(parsed):
+                    key = (span.get("traceId", ""), span.get("spanId", ""))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    spans.append(span)
     return spans, bad
 
 
@@ -101,13 +103,37 @@ def device_label(res: dict[str, Any]) -> str:
 
 
 def middleware_label(a: dict[str, Any]) -> str:
+    """What the request asked of the middleware: its profile and the options it set
+    itself (image token budget or detail, pruning, TTFT budget).
+
+    Settings the profile implies, and what was achieved (e.g. the share of image tokens
+    kept, which varies with each image's token count), are not part of it, so one
+    setting stays one row.
+    """
     parts = []
     if a.get("edgevlm.profile") is not None:
         parts.append(f"profile={a['edgevlm.profile']}")
-    if a.get("edgevlm.prune.method"):
-        keep = a.get("edgevlm.prune.keep")
-        parts.append(f"prune={a['edgevlm.prune.method']}" + (f"@{keep:.2f}" if isinstance(keep, float) else ""))
+    parts.extend(sorted({_image_budget_label(a, k) for k in a if k.endswith(".budget_source")
+                         and k.startswith("edgevlm.middleware.images.") and a[k] in ("request", "detail")}))
+    method, source = a.get("edgevlm.middleware.prune_method"), a.get("edgevlm.middleware.prune_source")
+    if source == "request":
+        keep = a.get("edgevlm.middleware.prune_keep")
+        asked = f"{keep:.2f}" if isinstance(keep, float) else f"{keep} rows"
+        parts.append(f"prune={method}@{asked}" if keep is not None else f"prune={method}")
+    elif source is None and a.get("edgevlm.prune.method"):  # spans without the decision recorded
+        parts.append(f"prune={a['edgevlm.prune.method']}")
+    budget = a.get("edgevlm.budget.ttft_ms")
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        parts.append(f"ttft_budget={budget:g}ms")
     return " ".join(parts) or "default"
+
+
+def _image_budget_label(a: dict[str, Any], source_key: str) -> str:
+    """``max_image_tokens=N`` or ``detail=low|high`` for one image's asked budget."""
+    prefix = source_key[: -len("budget_source")]
+    if a[source_key] == "request":
+        return f"max_image_tokens={a.get(prefix + 'budget_tokens')}"
+    return str(a.get(prefix + "budget_reason", "detail")).split(" ")[0]  # "detail=low -> 64 tokens"
 
 
 # --- aggregation ----------------------------------------------------------------------
@@ -159,6 +185,12 @@ class Group:
                   for r in self.rows
                   if r.ok and isinstance(r.attrs.get("edgevlm.predicted_ttft_ms"), (int, float))
                   and isinstance(r.attrs.get("edgevlm.ttft_ms"), (int, float)) and r.attrs["edgevlm.ttft_ms"] > 0]
+        # Share of image tokens left after pruning: what was achieved, next to what was asked.
+        kept = [float(r.attrs["edgevlm.image.tokens_after"]) / float(r.attrs["edgevlm.image.tokens_before"])
+                for r in self.rows
+                if r.ok and isinstance(r.attrs.get("edgevlm.image.tokens_before"), int)
+                and r.attrs["edgevlm.image.tokens_before"] > 0
+                and isinstance(r.attrs.get("edgevlm.image.tokens_after"), int)]
         return {
             "requests": len(self.rows),
             "errors": sum(1 for r in self.rows if not r.ok),
@@ -172,6 +204,7 @@ class Group:
             "energy_overlapped": overlapped,
             "peak_rss_mib": max(rss) / 2**20 if rss else None,
             "ttft_pred_err_pct": percentile(errors, 50),
+            "image_kept": percentile(kept, 50),
             "ttft_values": ttft,
         }
 
@@ -199,6 +232,7 @@ COLUMNS = [
     ("j_per_request", "J/request", "{:.3f}"), ("j_per_token", "J/token", "{:.4f}"),
     ("energy_source", "energy source", "{}"), ("peak_rss_mib", "peak RSS (MiB)", "{:.0f}"),
     ("ttft_pred_err_pct", "TTFT prediction error p50 (%)", "{:.1f}"),
+    ("image_kept", "image tokens kept p50", "{:.2f}"),
 ]
 KEYS = [("device", "device"), ("model", "model"), ("quantization", "quant"), ("middleware", "middleware")]
 

@@ -7,7 +7,7 @@ import resource as _resource
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .attributes import PROVIDER, record_attributes
+from .attributes import PROVIDER, record_attributes, span_model_id
 from .energy import EnergyMeter, EnergyTracker, EnergyWindow, detect_meter
 from .exporters import GuardedSpanExporter
 from .metrics import Metrics
@@ -28,6 +28,7 @@ log = logging.getLogger("edgevlm.telemetry")
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _MS = 1_000_000  # ns per ms
+UNKNOWN_MODEL = "unknown"  # metric label for a model id the server does not offer
 
 
 def peak_rss_bytes() -> int:
@@ -41,13 +42,13 @@ class RequestTrace:
 
     def __init__(
         self, telemetry: Telemetry, span: trace.Span, window: EnergyWindow | None,
-        operation: str, model_id: str, start_ns: int, start_perf: float,
+        operation: str, model_label: str, start_ns: int, start_perf: float,
     ) -> None:
         self._telemetry = telemetry
         self.span = span
         self._window = window
         self.operation = operation
-        self.model_id = model_id
+        self.model_label = model_label  # the metric label, not necessarily the id sent
         self.start_ns = start_ns
         self._start_perf = start_perf
         self._done = False
@@ -106,6 +107,24 @@ class Telemetry:
         self.energy_skipped: dict[str, str] = {}
         self._tracer: trace.Tracer | None = None
         self._start_lock = threading.Lock()
+        self._model_labels: frozenset[str] | None = None
+
+    def label_models(self, model_ids: Iterable[str]) -> None:
+        """Only these ids become ``gen_ai_request_model`` label values; any other model a
+        client names is counted as ``unknown``, so random names cannot grow /metrics."""
+        self._model_labels = frozenset(model_ids)
+
+    def watch_image_caches(self, stats: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        """Show the image-embedding caches in /metrics; ``stats()`` maps model id -> counters
+        (entries, bytes, max_bytes, hits, misses, evictions) and is read at each scrape."""
+        if self.metrics is not None:
+            self.metrics.watch_image_caches(stats)
+
+    def model_label(self, model_id: str) -> str:
+        """The metric label for ``model_id`` (itself until :meth:`label_models` is called)."""
+        if self._model_labels is None or model_id in self._model_labels:
+            return model_id
+        return UNKNOWN_MODEL
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -161,21 +180,23 @@ class Telemetry:
         carrier = {k.lower(): v for k, v in headers.items() if k.lower() in ("traceparent", "tracestate")}
         parent = _PROPAGATOR.extract(carrier) if carrier else None
         start_ns = time.time_ns()
+        span_model = span_model_id(model_id)
         span = self._tracer.start_span(
-            f"{operation} {model_id}",
+            f"{operation} {span_model}",
             context=parent,
             kind=SpanKind.SERVER,
             attributes={
                 "gen_ai.operation.name": operation,
                 "gen_ai.provider.name": PROVIDER,
-                "gen_ai.request.model": model_id,
+                "gen_ai.request.model": span_model,
             },
             start_time=start_ns,
         )
         window = self.energy.open() if self.energy.meter is not None else None
+        label = self.model_label(model_id)
         if self.metrics is not None:
-            self.metrics.in_flight.labels(model_id).inc()
-        return RequestTrace(self, span, window, operation, model_id, start_ns, time.perf_counter())
+            self.metrics.in_flight.labels(label).inc()
+        return RequestTrace(self, span, window, operation, label, start_ns, time.perf_counter())
 
     def _finish(
         self, rt: RequestTrace, record: RequestRecord, error: BaseException | None, end_ns: int, elapsed_ms: float
@@ -242,8 +263,8 @@ class Telemetry:
         if m is None:
             return
         try:
-            labels = (rt.model_id, rt.operation)
-            m.in_flight.labels(rt.model_id).dec()
+            labels = (rt.model_label, rt.operation)
+            m.in_flight.labels(rt.model_label).dec()
             m.duration.labels(*labels).observe(record.e2e_ms / 1000.0)
             if record.output_tokens > 0 and record.ttft_ms > 0:
                 m.ttft.labels(*labels).observe(record.ttft_ms / 1000.0)
@@ -262,12 +283,12 @@ class Telemetry:
     def rejected(self, model_id: str) -> None:
         """Count a request refused with 429 (queue full)."""
         if self.metrics is not None:
-            self.metrics.rejected.labels(model_id).inc()
+            self.metrics.rejected.labels(self.model_label(model_id)).inc()
 
     def set_queue_depth(self, model_id: str, depth: int) -> None:
         """Current number of requests waiting for this model's engine."""
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(model_id).set(depth)
+            self.metrics.queue_depth.labels(self.model_label(model_id)).set(depth)
 
     def metrics_response(self) -> tuple[bytes, str]:
         """(body, content-type) for GET /metrics; empty body when metrics are off."""

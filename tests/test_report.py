@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from telemetry import ModelInfo, Telemetry, TelemetrySettings
@@ -10,6 +11,9 @@ from telemetry.report import load_spans, main
 from telemetry.testing import sample_record
 
 PNG = b"\x89PNG\r\n\x1a\n"
+# Written by a real server run before trace lines became OTLP export requests: one
+# flattened span per line, its resource on the line (3 chats, 1 unknown model).
+FLAT_SPANS = Path(__file__).parent / "data" / "traces-flat-spans.jsonl"
 
 
 def write_traces(path: Path, model: str, quant: str, bpw: float, ttfts: list[float], **kw) -> None:
@@ -26,12 +30,15 @@ def as_other_device(src: Path, dst: Path, host: str) -> None:
     """The same spans as if recorded on another machine (resource host.name changed)."""
     out = []
     for line in src.read_text().splitlines():
-        span = json.loads(line)
-        span["traceId"] = "ff" + span["traceId"][2:]  # a different trace, not a duplicate line
-        for kv in span["resource"]["attributes"]:
-            if kv["key"] == "host.name":
-                kv["value"] = {"stringValue": host}
-        out.append(json.dumps(span))
+        request = json.loads(line)
+        for rs in request["resourceSpans"]:
+            for kv in rs["resource"]["attributes"]:
+                if kv["key"] == "host.name":
+                    kv["value"] = {"stringValue": host}
+            for ss in rs["scopeSpans"]:
+                for span in ss["spans"]:
+                    span["traceId"] = "ff" + span["traceId"][2:]  # a different trace, not a duplicate
+        out.append(json.dumps(request))
     dst.write_text("\n".join(out) + "\n")
 
 
@@ -56,7 +63,8 @@ def test_report_end_to_end_writes_markdown_html_and_plots(tmp_path):
     assert q4[col["TTFT p95 (ms)"]] == "118.0"
     assert q4[col["decode tok/s"]] == "100.0"  # 32 tokens after the first in 320 ms
     assert q4[col["energy source"]] == "estimate"
-    assert q4[col["middleware"]] == "profile=balanced prune=divprune@0.50"
+    assert q4[col["middleware"]] == "profile=balanced prune=divprune ttft_budget=250ms"
+    assert q4[col["image tokens kept p50"]].strip("| ") == "0.50"  # 32 of 64
     assert "1 unreadable line(s) skipped" in md
     assert "not a measurement" in md
     for png in ("ttft.png", "decode_vs_bpw.png", "energy_per_token.png"):
@@ -117,3 +125,66 @@ def test_ttft_prediction_error_is_reported(tmp_path):
     [row] = [ln for ln in lines if ln.startswith("| ") and "profile=fast" in ln]
     # errors 20%, 25%, 0% -> median 20%
     assert [c.strip() for c in row.strip("|").split("|")][col] == "20.0"
+
+
+def test_report_reads_old_flat_span_files_beside_new_ones(tmp_path):
+    old_spans, bad = load_spans([str(FLAT_SPANS)])
+    assert bad == 0 and len(old_spans) == 13
+    chats = [s for s in old_spans if s["name"].startswith("chat ")]
+    assert len(chats) == 4
+    new = tmp_path / "new.jsonl"
+    write_traces(new, "smollm2-135m-instruct-q4_1", "Q4_1", 5.74, [40.0, 60.0])
+    spans, bad = load_spans([str(FLAT_SPANS), str(new)])
+    assert bad == 0 and len(spans) == 13 + 10
+    out = tmp_path / "o"
+    assert main([str(FLAT_SPANS), str(new), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "report.md").read_text()
+    assert "6 requests from 2 file(s)" in md  # 3 chats + 1 unknown model, and 2 new ones
+    header = next(line for line in md.splitlines() if line.startswith("| device")).split(" | ")
+    col = {name.strip("| "): i for i, name in enumerate(header)}
+    rows = {tuple(c.strip("| ") for c in r.split(" | ")[:4]): r.split(" | ")
+            for r in md.splitlines() if r.startswith("| ") and not r.startswith("| device")}
+    old_chats = rows[("vm (AMD EPYC)", "smollm2-135m-instruct-q4_1", "Q4_1", "default")]
+    assert old_chats[col["requests"]] == "3" and old_chats[col["energy source"]] == "estimate"
+    assert rows[("vm (AMD EPYC)", "no-such-model", "?", "default")][col["errors"]] == "1"
+    new_chats = [r for k, r in rows.items() if k[1] == "smollm2-135m-instruct-q4_1" and k[3] != "default"]
+    assert [r[col["requests"]] for r in new_chats] == ["2"]
+
+
+def test_one_row_per_asked_setting_with_the_achieved_share_beside_it(tmp_path):
+    """Pruning keeps round(n * keep) of each image's n tokens, so the share achieved varies
+    with the image; the report groups by what was asked and shows the achieved share."""
+    from models.registry import model_id_for
+    from models.tinymodels import tiny_vlm
+    from tests.conftest import live_server
+    from tests.test_vision_api import image_message, png_uri
+
+    llm, mmproj = tiny_vlm(tmp_path / "vlm", "pixtral")
+    traces = tmp_path / "traces.jsonl"
+    asked = [({"prune": {"method": "diverse", "keep": 0.5}}, "auto", size) for size in (384, 24, 88, 104)]
+    asked += [({"profile": "fast"}, "auto", size) for size in (384, 200)]
+    asked += [({}, "low", 384)]
+    achieved = []
+    with live_server(tmp_path, model=str(llm), mmproj=str(mmproj), ctx_size=4096, traces=str(traces)) as srv:
+        with srv.client() as c:
+            for i, (ext, detail, size) in enumerate(asked):
+                body = {"model": model_id_for(llm), "max_tokens": 2, "edgevlm": ext,
+                        "messages": [image_message(png_uri(size, size + 8, seed=i), "Describe.", detail)]}
+                r = c.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                im = r.json()["timings"]["images"][0]
+                achieved.append(im["tokens_after"] / im["tokens_before"])
+    assert len({f"{x:.2f}" for x in achieved[:4]}) > 1  # one setting, several achieved shares (e.g. 6 of 11)
+    out = tmp_path / "report"
+    assert main([str(traces), "--out", str(out), "--no-plots"]) == 0
+    lines = (out / "report.md").read_text().splitlines()
+    header = [c.strip() for c in next(ln for ln in lines if ln.startswith("| device")).strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
+            for ln in lines if ln.startswith("| ") and not ln.startswith("| device")]
+    by_setting = {r["middleware"]: r for r in rows}
+    assert sorted(by_setting) == ["profile=fast", "profile=quality detail=low", "profile=quality prune=diverse@0.50"]
+    pruned = by_setting["profile=quality prune=diverse@0.50"]
+    assert pruned["requests"] == "4"
+    assert pruned["image tokens kept p50"] == f"{statistics.median(achieved[:4]):.2f}"
+    assert by_setting["profile=fast"]["requests"] == "2"
+    assert by_setting["profile=quality detail=low"]["image tokens kept p50"] == "1.00"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import copy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,10 +17,15 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from google.protobuf.json_format import Parse
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry import Telemetry, TelemetrySettings
-from telemetry.exporters import JsonlSpanExporter, from_key_values
+from telemetry.exporters import LINE_SPANS, JsonlSpanExporter
+from telemetry.otlp_json import from_key_values
 from telemetry.testing import sample_record
 from telemetry.tracing import otlp_traces_endpoint
 
@@ -35,26 +43,71 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_jsonl_lines_are_otlp_json_spans_with_resource(tmp_path):
+def spans_of(path: Path) -> list[dict]:
+    """Every span in a trace file, in file order (each line is an export request)."""
+    return [s for line in read_lines(path) for rs in line["resourceSpans"] for ss in rs["scopeSpans"]
+            for s in ss["spans"]]
+
+
+def as_protobuf_json(line: dict) -> dict:
+    """The line with ids in base64: OTLP JSON writes bytes ids as hex, the generic
+    protobuf JSON mapping (what ``json_format.Parse`` reads) as base64."""
+    line = copy.deepcopy(line)
+    for rs in line["resourceSpans"]:
+        for ss in rs["scopeSpans"]:
+            for span in ss["spans"]:
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
+    return line
+
+
+def test_every_line_is_an_otlp_json_export_request(tmp_path):
     path = tmp_path / "traces" / "t.jsonl"
-    t = file_telemetry(path)
+    sent = InMemorySpanExporter()  # what the OTLP/HTTP exporter would send for the same spans
+    t = Telemetry(TelemetrySettings(traces_path=str(path), energy_meters=("estimate",)), "0.0.1",
+                  span_exporter_override=sent)
     t.begin("chat", "m", {}).finish(sample_record())
+    t.begin("chat", "m", {}).finish(sample_record(), error=RuntimeError("boom"))
     t.shutdown()  # flushes the batch
-    lines = read_lines(path)
-    [req] = [s for s in lines if s["name"] == "chat m"]
-    assert {s["name"] for s in lines} == {"chat m", "queue", "image_encode", "prefill", "decode"}
-    assert len(req["traceId"]) == 32 and len(req["spanId"]) == 16 and req["parentSpanId"] == ""
-    assert req["kind"] == 2  # OTLP SPAN_KIND_SERVER
+    lines = path.read_text().splitlines()
+    assert lines
+    parsed = []
+    for text in lines:
+        Parse(text, ExportTraceServiceRequest())  # the receiver's schema: names, types, enums
+        parsed.append(Parse(json.dumps(as_protobuf_json(json.loads(text))), ExportTraceServiceRequest()))
+    wire = {s.span_id: s for m in [encode_spans(sent.get_finished_spans())] for rs in m.resource_spans
+            for ss in rs.scope_spans for s in ss.spans}
+    in_file = {s.span_id: s for m in parsed for rs in m.resource_spans for ss in rs.scope_spans for s in ss.spans}
+    assert in_file == wire and len(wire) == 10
+
+    spans = spans_of(path)
+    [req, failed] = [s for s in spans if s["name"] == "chat m"]
+    assert re.fullmatch("[0-9a-f]{32}", req["traceId"]) and re.fullmatch("[0-9a-f]{16}", req["spanId"])
+    assert "parentSpanId" not in req  # a root span
+    assert req["kind"] == 2  # OTLP SPAN_KIND_SERVER, as an integer
+    assert failed["status"]["code"] == 2  # STATUS_CODE_ERROR
     assert int(req["endTimeUnixNano"]) > int(req["startTimeUnixNano"])
     attrs = {kv["key"]: kv["value"] for kv in req["attributes"]}
     assert attrs["gen_ai.usage.output_tokens"] == {"intValue": "33"}
     assert attrs["edgevlm.ttft_ms"] == {"doubleValue": 95.0}
     assert attrs["gen_ai.request.stream"] == {"boolValue": True}
     assert attrs["gen_ai.response.finish_reasons"] == {"arrayValue": {"values": [{"stringValue": "stop"}]}}
-    res = from_key_values(req["resource"]["attributes"])
+    [rs] = read_lines(path)[0]["resourceSpans"]
+    res = from_key_values(rs["resource"]["attributes"])
     assert res["service.name"] == "edgevlm" and "host.name" in res
-    kids = [s for s in lines if s["name"] != "chat m"]
-    assert all(k["parentSpanId"] == req["spanId"] and k["traceId"] == req["traceId"] for k in kids)
+    assert rs["scopeSpans"][0]["scope"]["name"] == "edgevlm.telemetry"
+    kids = [s for s in spans if s["name"] != "chat m" and s["traceId"] == req["traceId"]]
+    assert len(kids) == 4 and all(k["parentSpanId"] == req["spanId"] for k in kids)
+
+
+def test_a_big_batch_is_split_into_bounded_lines(tmp_path):
+    path = tmp_path / "t.jsonl"
+    exporter = JsonlSpanExporter(str(path), fsync=False)
+    exporter.export(_span_batch(LINE_SPANS * 2 + 1))
+    exporter.shutdown()
+    assert [sum(len(ss["spans"]) for rs in line["resourceSpans"] for ss in rs["scopeSpans"])
+            for line in read_lines(path)] == [LINE_SPANS, LINE_SPANS, 1]
 
 
 def _span_batch(n: int):
@@ -82,9 +135,23 @@ def test_rotation_keeps_n_files_and_every_line_parses(tmp_path):
     assert files == ["t.jsonl", "t.jsonl.1", "t.jsonl.2"]
     for name in files:
         assert (tmp_path / name).stat().st_size <= 8000
-        assert all(line["name"].startswith("s") for line in read_lines(tmp_path / name))
-    names = [s["name"] for n in ("t.jsonl.2", "t.jsonl.1", "t.jsonl") for s in read_lines(tmp_path / n)]
+        assert all(span["name"].startswith("s") for span in spans_of(tmp_path / name))
+    names = [s["name"] for n in ("t.jsonl.2", "t.jsonl.1", "t.jsonl") for s in spans_of(tmp_path / n)]
     assert names == [f"s{i}" for i in range(40 - len(names), 40)]  # newest kept, in order
+
+
+def test_rotated_files_differ_in_their_first_1000_bytes(tmp_path):
+    """The Collector's file receiver identifies a file by its first 1000 bytes: rotated
+    files must not look alike there, or the new one would be taken as already read."""
+    path = tmp_path / "t.jsonl"
+    t = file_telemetry(path, traces_max_bytes=4000)
+    for _ in range(3):
+        t.begin("chat", "m", {}).finish(sample_record())
+        t.force_flush()  # one batch each, so each starts a new file
+    t.shutdown()
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 3
+    assert len({f.read_bytes()[:1000] for f in files}) == 3
 
 
 def test_a_torn_last_line_does_not_corrupt_the_next_run(tmp_path):
@@ -96,7 +163,7 @@ def test_a_torn_last_line_does_not_corrupt_the_next_run(tmp_path):
     lines = path.read_text().splitlines()
     assert json.loads(lines[0]) == {"name": "ok"}
     assert lines[1] == '{"name":"torn", "attri'
-    assert json.loads(lines[2])["name"] == "s0"
+    assert json.loads(lines[2])["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["name"] == "s0"
 
 
 def test_unwritable_path_never_fails_a_request_and_is_counted(tmp_path):
@@ -137,9 +204,9 @@ def test_sigkill_mid_run_leaves_only_whole_lines_except_maybe_the_last(tmp_path)
         proc.wait()
     lines = path.read_bytes().split(b"\n")
     tail = lines.pop()  # b"" when the file ends on a newline, else the torn line
-    assert len(lines) > 10
-    for line in lines:
-        assert json.loads(line)["traceId"]
+    spans = [s for line in lines for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]
+             for s in ss["spans"]]
+    assert len(spans) > 10 and all(s["traceId"] for s in spans)
     if tail:
         assert not tail.endswith(b"}")
 

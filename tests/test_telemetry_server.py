@@ -159,10 +159,10 @@ def test_jsonl_traces_survive_sigkill_mid_load(tmp_path) -> None:  # type: ignor
             proc.kill()
     lines = traces.read_bytes().split(b"\n")
     complete, last = lines[:-1], lines[-1]
-    assert len(complete) >= 5
-    for line in complete:
-        span = json.loads(line)
-        assert span["traceId"] and span["name"]
+    spans = [s for line in complete for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]
+             for s in ss["spans"]]
+    assert len(spans) >= 5
+    assert all(s["traceId"] and s["name"] for s in spans)
     if last:  # a partial last line is allowed, nothing else
         with pytest.raises(json.JSONDecodeError):
             json.loads(last)
@@ -235,3 +235,58 @@ def test_operators_sharing_a_system_prompt_report_shared_tokens(traced) -> None:
     alone = [ask(q).choices[0].message.content for q in questions]
     for t, a in zip(together, alone):
         assert t.choices[0].message.content[:8] == a[:8], (t.choices[0].message.content, a)
+
+
+def test_trace_files_and_their_directories_are_private(make_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import stat
+
+    traces = tmp_path / "private" / "spans" / "t.jsonl"
+    srv = make_server(traces=str(traces), traces_max_bytes=1024, capture_content=True)
+    with srv.client() as c:
+        for word in ("zebra", "okapi"):  # one flushed batch each: the second rotates the first
+            assert c.post("/v1/chat/completions", json=chat_body(f"The secret word is {word}.",
+                                                                 max_tokens=3)).status_code == 200
+            srv.app.state.telemetry.force_flush()
+    files = sorted(traces.parent.iterdir())
+    assert [f.name for f in files] == ["t.jsonl", "t.jsonl.1"]
+    assert b"zebra" in (traces.parent / "t.jsonl.1").read_bytes()  # prompts are in there
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    for d in (traces.parent, traces.parent.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_unknown_model_names_cannot_grow_the_metrics(traced) -> None:  # type: ignore[no-untyped-def]
+    import random
+    import string
+
+    srv, tel, exporter = traced()
+    rng = random.Random(0)
+
+    def series() -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+        text = httpx.get(srv.base_url + "/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(text)
+                for s in f.samples}
+
+    names = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 300))) for _ in range(60)]
+    with srv.client() as c:
+        assert c.post("/v1/chat/completions", json=chat_body("hi", max_tokens=2)).status_code == 200
+
+        def ask(name: str) -> int:
+            if len(name) % 2:
+                return c.post("/v1/completions", json={"model": name, "prompt": "hi"}).status_code
+            return c.post("/v1/chat/completions", json=chat_body("hi", model=name)).status_code
+
+        assert [ask(n) for n in names[:30]] == [404] * 30
+        after_30 = series()
+        assert [ask(n) for n in names[30:]] == [404] * 30
+    after_60 = series()
+    models = {dict(labels).get("gen_ai_request_model") for _, labels in after_60} - {None}
+    assert models == {MODEL, "unknown"}
+    assert after_60 == after_30  # 30 more unknown names, not one more series
+    assert len(after_60) < 200
+    tel.force_flush()
+    refused = [s for s in exporter.get_finished_spans() if s.attributes.get("error.type") == "model_not_found"]
+    assert len(refused) == 60
+    sent = {s.attributes["gen_ai.request.model"] for s in refused}
+    assert sent == {n[:128] for n in names}  # the span keeps what the client sent, cut to 128 chars
