@@ -25,6 +25,7 @@ import binascii
 import hashlib
 import io
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,18 +129,27 @@ def load_image(url: str, index: int, limits: ImageLimits) -> LoadedImage:
     if not isinstance(url, str) or not url.strip():
         raise ImageError("image URL is empty", index=index, code="invalid_image_url")
     url = url.strip()
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    # A scheme is RFC 3986's letter-led name before ':'; one letter is a Windows drive.
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):", url)
+    scheme = m.group(1).lower() if m else ""
     if scheme == "data":
         data, source = _read_data_uri(url, index, limits), "data"
     elif scheme == "file":
         data, source = _read_file_url(url, index, limits), "file"
     elif scheme in ("http", "https"):
         data, source = _fetch_http(url, index, limits), "http"
-    else:
-        shown = f"'{scheme}:'" if scheme else "a bare path"
+    elif not scheme:
         raise ImageError(
-            f"unsupported image source {shown}; use a data: URI"
-            + (", a file:// URL in an allowed directory" if limits.allow_file_dirs else "")
+            "the image URL is a bare file path; send the image as a data: URI "
+            "(data:image/png;base64,...) or as a file:// URL (file:///abs/path.png"
+            + (", inside an allowed directory)" if limits.allow_file_dirs
+               else ", which the server must allow with --allow-file-dir DIR)"),
+            index=index,
+            code="unsupported_image_source",
+        )
+    else:
+        raise ImageError(
+            f"unsupported image source '{scheme}:'; use a data: URI, a file:// URL"
             + (" or an http(s):// URL" if limits.allow_http else ""),
             index=index,
             code="unsupported_image_source",
@@ -195,7 +205,8 @@ def _read_data_uri(url: str, index: int, limits: ImageLimits) -> bytes:
 def _read_file_url(url: str, index: int, limits: ImageLimits) -> bytes:
     if not limits.allow_file_dirs:
         raise ImageError(
-            "file:// image URLs are disabled on this server",
+            "file:// image URLs are disabled on this server; send the image as a data: URI, "
+            "or start the server with --allow-file-dir DIR to allow files under DIR",
             index=index,
             code="unsupported_image_source",
         )
@@ -241,7 +252,8 @@ def _read_file_url(url: str, index: int, limits: ImageLimits) -> bytes:
 def _fetch_http(url: str, index: int, limits: ImageLimits) -> bytes:
     if not limits.allow_http:
         raise ImageError(
-            "http(s) image URLs are disabled on this server; send the image as a data: URI",
+            "http(s) image URLs are disabled on this server; send the image as a data: URI, "
+            "or start the server with --allow-http-images",
             index=index,
             code="unsupported_image_source",
         )

@@ -39,6 +39,8 @@ def registry_from(settings: Settings) -> Registry:
                 "parallel": settings.parallel, "batch": settings.batch}
     return build_registry(
         model=settings.model, mmproj=settings.mmproj, config=settings.config,
+        model_options={"image_min_tokens": settings.image_min_tokens,
+                       "image_max_tokens": settings.image_max_tokens},
         models_dir=settings.models_dir, defaults=defaults,
         max_loaded=settings.max_loaded_models,
         max_memory_bytes=settings.max_model_memory_mb * 2**20 if settings.max_model_memory_mb else None,

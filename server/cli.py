@@ -23,6 +23,8 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--models-dir", "models_dir", str, "directory of *.gguf models, mmproj-<name>.gguf beside them"),
     ("--model", "model", str, "default model: a configured id or a path to a GGUF file"),
     ("--mmproj", "mmproj", str, "vision projector GGUF for --model (makes it a VLM)"),
+    ("--image-min-tokens", "image_min_tokens", int, "fewest tokens one image may cost on --model (dynamic-resolution projectors)"),
+    ("--image-max-tokens", "image_max_tokens", int, "most tokens one image may cost on --model (dynamic-resolution projectors)"),
     ("--ctx-size", "ctx_size", int, "context tokens per model, shared by its slots (default 4096)"),
     ("--threads", "threads", int, "CPU threads per model (default: physical cores)"),
     ("--parallel", "parallel", int, "parallel sequences (slots) per model (default: 4, or fewer on 1 core / < 4 GiB free)"),
