@@ -15,6 +15,7 @@ from models.registry import LoadedModel, ModelSpec, Registry, build_registry
 from server import __version__
 from server.errors import install_handlers
 from server.limits import BodySizeLimit
+from server.openapi import install_openapi
 from server.routes import chat, completions, health, metrics, models
 from server.settings import Settings
 from server.warmup import measure_cost_model
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.load_error = None
     app.state.cost_models = {}  # model id -> server.policy.budget.CostModel (TTFT budgets)
     install_handlers(app)
+    install_openapi(app)
     _warm_on_load(app, registry)
 
     for module in (chat, completions, models, health, metrics):

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.engine import EngineError
@@ -26,6 +27,38 @@ _TYPES = {
 }
 
 
+_WHEN = {
+    400: "Bad JSON or field value, unsupported parameter, bad image, prompt too long",
+    401: "API keys are set and the request has none or a wrong one",
+    404: "Unknown model id",
+    409: "The server is busy (idle power can only be sampled when idle)",
+    413: "Request body larger than --max-body-bytes",
+    429: "The model's wait queue is full (retry after Retry-After seconds)",
+    503: "The model is loading, failed to load, or was unloaded while the request waited",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The one error shape every status uses (OpenAI's)."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route: each status the route can answer, with the body."""
+    return {status: {"model": ErrorBody, "description": _WHEN[status]} for status in statuses}
+
+
+GENERATION_ERRORS = error_responses(400, 401, 404, 413, 429, 503)
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
@@ -37,8 +70,9 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=_TYPES.get(self.status, "server_error"),
+                             param=self.param, code=self.code)
+        return ErrorBody(error=detail).model_dump()
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)

@@ -13,7 +13,7 @@ from models.engine import EngineError, segment_tokens
 from models.registry import LoadedModel
 from models.templates import ChatTemplateError
 from server.auth import check_api_key
-from server.errors import APIError
+from server.errors import GENERATION_ERRORS, APIError
 from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, new_id,
                                sampling_params, trace_refusal)
 from server.images import cost_observer, prepare_images
@@ -42,7 +42,7 @@ def grammar_for(body: ChatCompletionRequest) -> str | None:
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion,
-             dependencies=[Depends(check_api_key)])
+             dependencies=[Depends(check_api_key)], responses=GENERATION_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     check_unsupported(body)
     if body.tools:

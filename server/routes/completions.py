@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from models.engine import EngineError
 from models.registry import LoadedModel
 from server.auth import check_api_key
-from server.errors import APIError
+from server.errors import GENERATION_ERRORS, APIError
 from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, new_id,
                                sampling_params, trace_refusal)
 from server.protocol.completions import Completion, CompletionRequest
@@ -20,7 +20,8 @@ from telemetry.record import RequestRecord
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=Completion, dependencies=[Depends(check_api_key)])
+@router.post("/v1/completions", response_model=Completion, dependencies=[Depends(check_api_key)],
+             responses=GENERATION_ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     check_unsupported(body)
     if body.suffix:
