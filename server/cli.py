@@ -51,6 +51,7 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-images", "max_images", int, "images per request (default 8)"),
     ("--allow-file-dir", "allow_file_dirs", "append", "allow file:// images under this directory"),
     ("--allow-http-images", "allow_http_images", bool, "allow http(s):// image URLs (off: offline)"),
+    ("--allow-image-host", "allow_image_hosts", "append", "host name or CIDR that http(s) images may come from although loopback, private or link-local (repeat for several)"),
     ("--profile", "profile", str, "default middleware profile: quality | balanced | fast"),
     ("--ttft-budget-ms", "ttft_budget_ms", float, "default time-to-first-token budget per request"),
     ("--truncate-prompts", "truncate_prompts", bool, "drop oldest turns instead of rejecting long chats"),

@@ -56,13 +56,15 @@ class Settings(BaseSettings):
     max_images: int = Field(8, ge=0)
     allow_file_dirs: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allow_http_images: bool = False
+    allow_image_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts or CIDRs http(s) images may come from although private.")
     http_image_timeout_s: float = 5.0
     # middleware
     profile: Literal["quality", "balanced", "fast"] = Field("quality", description="Default middleware profile.")
     ttft_budget_ms: float | None = Field(None, gt=0)
     truncate_prompts: bool = False
 
-    @field_validator("api_key", "allow_file_dirs", mode="before")
+    @field_validator("api_key", "allow_file_dirs", "allow_image_hosts", mode="before")
     @classmethod
     def _lists(cls, v: object) -> object:
         return _split_list(v)
