@@ -67,6 +67,11 @@ class SamplingFields(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+# Left out of each streamed chunk: the stream adds ``timings`` to the last chunk and
+# ``usage`` to its own final one, so per-token chunks stay as small as OpenAI's.
+NOT_IN_CHUNKS = frozenset({"usage", "system_fingerprint", "timings"})
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
