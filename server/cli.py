@@ -40,7 +40,7 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--traces-keep", "traces_keep", int, "rotated trace files kept (default 5)"),
     ("--traces-flush-ms", "traces_flush_ms", int, "trace batch interval; a crash loses at most this"),
     ("--otlp-endpoint", "otlp_endpoint", str, "also export spans by OTLP/HTTP to this collector URL"),
-    ("--console-traces", "console_traces", bool, "print spans to stdout (debugging)"),
+    ("--console-traces", "console_traces", bool, "print spans to stderr (debugging)"),
     ("--capture-content", "capture_content", bool, "record prompt and completion text in spans"),
     ("--no-energy", "energy", "false", "disable energy metering"),
     ("--energy-sysfs-root", "energy_sysfs_root", str, "root of /sys for energy meters (testing)"),
