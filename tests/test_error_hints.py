@@ -98,3 +98,12 @@ def test_image_token_flags_need_model(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="--image-min-tokens apply to --model"):
         registry_from(Settings(image_min_tokens=64))
+
+
+def test_unknown_fields_are_ignored_but_unhonoured_known_ones_refused(server) -> None:  # type: ignore[no-untyped-def]
+    with server.client() as c:
+        newer = chat_body("hi", max_tokens=2, store=True, metadata={"app": "x"}, service_tier="auto")
+        assert c.post("/v1/chat/completions", json=newer).status_code == 200
+        assert_error(c.post("/v1/chat/completions", json=chat_body("hi", n=2)), 400, param="n")
+        assert_error(c.post("/v1/chat/completions", json=chat_body("hi", edgevlm={"profle": "fast"})), 400,
+                     param="edgevlm.profle")

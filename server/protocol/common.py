@@ -27,7 +27,12 @@ class ResponseFormat(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """OpenAI sampling parameters plus the llama.cpp extras edgevlm accepts."""
+    """OpenAI sampling parameters plus the llama.cpp extras edgevlm accepts.
+
+    Unknown fields are ignored: newer OpenAI clients send parameters this server has
+    never heard of (``store``, ``metadata``, ...). Known ones it cannot honour are refused
+    in ``server.generation.check_unsupported``; the ``edgevlm`` extension is strict.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
