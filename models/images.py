@@ -4,7 +4,8 @@ Every image a client sends passes through :func:`load_image` before anything rea
 llama.cpp (whose GGML asserts abort the whole process). The loader
 
 * accepts ``data:`` URIs (base64 or percent-encoded), ``file://`` paths inside
-  operator-approved directories, and ``http(s)://`` only when the operator opts in;
+  operator-approved directories, and ``http(s)://`` only when the operator opts in,
+  and then never from non-public addresses the operator did not list (SSRF);
 * caps the encoded size (checked before base64-decoding, reading or downloading all
   of it) and the pixel count (checked from the header, *before* pixels are decoded, so
   a 50 kB PNG that claims 100k x 100k pixels never allocates 30 GB);
@@ -24,13 +25,17 @@ import base64
 import binascii
 import hashlib
 import io
+import ipaddress
 import os
+import re
+import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
+import httpx
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -63,6 +68,12 @@ class ImageLimits:
     http_timeout_s: float = 5.0
     http_max_bytes: int = 20 * _MB
     http_max_redirects: int = 3
+    # Host names, addresses or CIDR ranges http(s) fetches may reach although they are
+    # private, loopback or link-local (which are refused by default: SSRF).
+    allow_hosts: tuple[str, ...] = ()
+    allow_host_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(), init=False, repr=False)  # parsed from allow_hosts
+    allow_host_names: frozenset[str] = field(default=frozenset(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels", "max_images", "http_max_bytes"):
@@ -71,13 +82,21 @@ class ImageLimits:
         if self.http_timeout_s <= 0:
             raise ValueError("ImageLimits.http_timeout_s must be > 0")
         object.__setattr__(self, "allow_file_dirs", tuple(Path(d) for d in self.allow_file_dirs))
+        nets, names = [], []
+        for entry in self.allow_hosts:
+            try:
+                nets.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError:
+                names.append(entry.strip().lower().rstrip("."))
+        object.__setattr__(self, "allow_host_nets", tuple(nets))
+        object.__setattr__(self, "allow_host_names", frozenset(names))
 
 
 class ImageError(ValueError):
     """An image the server refuses; ``code`` is stable and ``index`` names the image.
 
     Codes: ``invalid_image_url``, ``unsupported_image_source``, ``image_not_found``,
-    ``image_fetch_failed``, ``image_too_large``, ``too_many_images``,
+    ``image_fetch_failed``, ``image_host_refused``, ``image_too_large``, ``too_many_images``,
     ``unsupported_image_format``, ``empty_image``, ``invalid_image``.
     """
 
@@ -128,18 +147,27 @@ def load_image(url: str, index: int, limits: ImageLimits) -> LoadedImage:
     if not isinstance(url, str) or not url.strip():
         raise ImageError("image URL is empty", index=index, code="invalid_image_url")
     url = url.strip()
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    # A scheme is RFC 3986's letter-led name before ':'; one letter is a Windows drive.
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):", url)
+    scheme = m.group(1).lower() if m else ""
     if scheme == "data":
         data, source = _read_data_uri(url, index, limits), "data"
     elif scheme == "file":
         data, source = _read_file_url(url, index, limits), "file"
     elif scheme in ("http", "https"):
         data, source = _fetch_http(url, index, limits), "http"
-    else:
-        shown = f"'{scheme}:'" if scheme else "a bare path"
+    elif not scheme:
         raise ImageError(
-            f"unsupported image source {shown}; use a data: URI"
-            + (", a file:// URL in an allowed directory" if limits.allow_file_dirs else "")
+            "the image URL is a bare file path; send the image as a data: URI "
+            "(data:image/png;base64,...) or as a file:// URL (file:///abs/path.png"
+            + (", inside an allowed directory)" if limits.allow_file_dirs
+               else ", which the server must allow with --allow-file-dir DIR)"),
+            index=index,
+            code="unsupported_image_source",
+        )
+    else:
+        raise ImageError(
+            f"unsupported image source '{scheme}:'; use a data: URI, a file:// URL"
             + (" or an http(s):// URL" if limits.allow_http else ""),
             index=index,
             code="unsupported_image_source",
@@ -195,7 +223,8 @@ def _read_data_uri(url: str, index: int, limits: ImageLimits) -> bytes:
 def _read_file_url(url: str, index: int, limits: ImageLimits) -> bytes:
     if not limits.allow_file_dirs:
         raise ImageError(
-            "file:// image URLs are disabled on this server",
+            "file:// image URLs are disabled on this server; send the image as a data: URI, "
+            "or start the server with --allow-file-dir DIR to allow files under DIR",
             index=index,
             code="unsupported_image_source",
         )
@@ -238,38 +267,73 @@ def _read_file_url(url: str, index: int, limits: ImageLimits) -> bytes:
     return data
 
 
+def _blocked_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why a fetch must not reach ``ip`` by default (None: a public address)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind, hit in (("loopback", ip.is_loopback), ("link-local (cloud metadata)", ip.is_link_local),
+                      ("unspecified", ip.is_unspecified), ("multicast", ip.is_multicast),
+                      ("private", ip.is_private), ("non-public", not ip.is_global)):
+        if hit:
+            return kind
+    return None
+
+
+def _checked_addresses(url: httpx.URL, index: int, limits: ImageLimits) -> list[str]:
+    """Resolve ``url``'s host once and return the addresses to connect to.
+
+    Private, loopback, link-local and other non-public addresses are refused unless the
+    operator listed the host name or an address range covering them. Connecting to the
+    address checked here (not resolving again) leaves no room for DNS rebinding.
+    """
+    host = url.host
+    try:
+        infos = socket.getaddrinfo(host, url.port or (443 if url.scheme == "https" else 80),
+                                   type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ImageError(f"cannot resolve image host '{host}' ({exc})", index=index,
+                         code="image_fetch_failed") from None
+    addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+    if host.lower().rstrip(".") in limits.allow_host_names:
+        return [str(ip) for ip in addresses]
+    for ip in addresses:
+        kind = _blocked_kind(ip)
+        if kind and not any(ip in net for net in limits.allow_host_nets):
+            raise ImageError(
+                f"image host '{host}' resolves to {ip}, a {kind} address; the server does not "
+                "fetch from it unless the operator allows it with --allow-image-host",
+                index=index, code="image_host_refused")
+    return [str(ip) for ip in addresses]
+
+
 def _fetch_http(url: str, index: int, limits: ImageLimits) -> bytes:
     if not limits.allow_http:
         raise ImageError(
-            "http(s) image URLs are disabled on this server; send the image as a data: URI",
+            "http(s) image URLs are disabled on this server; send the image as a data: URI, "
+            "or start the server with --allow-http-images",
             index=index,
             code="unsupported_image_source",
         )
-    import httpx  # only needed when the operator enables fetching
-
     cap = min(limits.http_max_bytes, limits.max_bytes)
     try:
-        with httpx.Client(
-            timeout=limits.http_timeout_s,
-            follow_redirects=True,
-            max_redirects=limits.http_max_redirects,
-        ) as client:
-            with client.stream("GET", url, headers={"Accept": "image/*"}) as resp:
-                if resp.status_code != 200:
-                    raise ImageError(
-                        f"fetching the image URL returned HTTP {resp.status_code}",
-                        index=index,
-                        code="image_fetch_failed",
-                    )
-                declared = resp.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > cap:
-                    raise _too_large(int(declared), cap, index)
-                buf = bytearray()
-                for piece in resp.iter_bytes():
-                    buf += piece
-                    if len(buf) > cap:
-                        raise _too_large(f"more than {cap}", cap, index)
-                return bytes(buf)
+        target = httpx.URL(url)
+        # Redirects are followed here, not by httpx, so every hop's address is checked.
+        with httpx.Client(timeout=limits.http_timeout_s, follow_redirects=False) as client:
+            for _hop in range(limits.http_max_redirects + 1):
+                if target.scheme not in ("http", "https") or not target.host:
+                    raise ImageError(f"image URL redirected to an unsupported URL '{target}'",
+                                     index=index, code="invalid_image_url")
+                resp = _get_pinned(client, target, _checked_addresses(target, index, limits))
+                try:
+                    location = resp.headers.get("location")
+                    if resp.is_redirect and location:
+                        target = target.join(location)
+                        continue
+                    return _read_capped(resp, cap, index)
+                finally:
+                    resp.close()
+            raise ImageError(f"fetching the image URL took more than {limits.http_max_redirects} redirects",
+                             index=index, code="image_fetch_failed")
     except ImageError:
         raise
     except httpx.InvalidURL as exc:
@@ -282,6 +346,40 @@ def _fetch_http(url: str, index: int, limits: ImageLimits) -> bytes:
         ) from None
     except httpx.HTTPError as exc:
         raise ImageError(f"fetching the image URL failed ({type(exc).__name__})", index=index, code="image_fetch_failed") from None
+
+
+def _get_pinned(client: httpx.Client, target: httpx.URL, addresses: list[str]) -> httpx.Response:
+    """GET ``target`` from the first of ``addresses`` that accepts a connection, sending the
+    original host name as ``Host`` (and as TLS SNI, so certificates still verify)."""
+    headers = {"Accept": "image/*", "Host": target.netloc.decode("ascii")}
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    for i, address in enumerate(addresses):
+        request = client.build_request("GET", target.copy_with(host=address), headers=headers,
+                                       extensions=extensions)
+        try:
+            return client.send(request, stream=True)
+        except httpx.ConnectError:
+            if i == len(addresses) - 1:
+                raise
+    raise AssertionError("no address to connect to")  # getaddrinfo never returns an empty list
+
+
+def _read_capped(resp: httpx.Response, cap: int, index: int) -> bytes:
+    if resp.status_code != 200:
+        raise ImageError(
+            f"fetching the image URL returned HTTP {resp.status_code}",
+            index=index,
+            code="image_fetch_failed",
+        )
+    declared = resp.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise _too_large(int(declared), cap, index)
+    buf = bytearray()
+    for piece in resp.iter_bytes():
+        buf += piece
+        if len(buf) > cap:
+            raise _too_large(f"more than {cap}", cap, index)
+    return bytes(buf)
 
 
 # --------------------------------------------------------------------------- decoding

@@ -289,9 +289,18 @@ class Registry:
 def build_registry(*, model: str | None = None, mmproj: str | None = None,
                    config: str | None = None, models_dir: str | None = None,
                    defaults: dict[str, Any] | None = None, max_loaded: int = 2,
-                   max_memory_bytes: int | None = None) -> Registry:
-    """Assemble the registry from CLI/config inputs; ``model`` may be an id or a GGUF path."""
+                   max_memory_bytes: int | None = None,
+                   model_options: dict[str, Any] | None = None) -> Registry:
+    """Assemble the registry from CLI/config inputs; ``model`` may be an id or a GGUF path.
+
+    ``model_options`` (ModelSpec fields such as ``image_min_tokens``) apply to the model
+    ``model`` names only, over what its TOML table says: they are that model's flags.
+    """
     defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
+    options = {k: v for k, v in (model_options or {}).items() if v is not None}
+    if options and not model:
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in options)} apply to "
+                          "--model; set them in the model's TOML table instead")
     specs: dict[str, ModelSpec] = {}
     embedded = default_model_path()
     if embedded is not None:
@@ -321,6 +330,8 @@ def build_registry(*, model: str | None = None, mmproj: str | None = None,
         else:
             raise ConfigError(f"--model {model!r} is neither a configured model id nor a GGUF file "
                               f"(configured: {', '.join(specs) or 'none'})")
+    if options and default_id is not None:
+        specs[default_id] = replace(specs[default_id], **options)
     if mmproj and not Path(mmproj).is_file():
         raise ConfigError(f"--mmproj file not found: {mmproj}")
     if not specs:

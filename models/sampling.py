@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import llama_cpp
 
 
+PENALTY_LAST_N = 64
+"""How many of the latest tokens the penalties look back over (llama.cpp's default)."""
+
+
 class SamplingError(ValueError):
     """Sampling parameters llama.cpp cannot honour (e.g. a grammar that does not parse)."""
 
@@ -47,8 +51,10 @@ def build_sampler(params: SamplingParams, vocab: llama_cpp.llama_vocab_p) -> lla
         if params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0:
             llama_cpp.llama_sampler_chain_add(
                 chain,
+                # The pinned binding takes the vocabulary size first (5 arguments).
                 llama_cpp.llama_sampler_init_penalties(
-                    64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                    llama_cpp.llama_vocab_n_tokens(vocab), PENALTY_LAST_N,
+                    params.repeat_penalty, params.frequency_penalty, params.presence_penalty,
                 ),
             )
         if params.greedy:

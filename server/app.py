@@ -15,6 +15,7 @@ from models.registry import LoadedModel, ModelSpec, Registry, build_registry
 from server import __version__
 from server.errors import install_handlers
 from server.limits import BodySizeLimit
+from server.openapi import install_openapi
 from server.routes import chat, completions, health, metrics, models
 from server.settings import Settings
 from server.warmup import measure_cost_model
@@ -40,6 +41,8 @@ def registry_from(settings: Settings) -> Registry:
                 "image_cache_mb": settings.image_cache_mb}
     return build_registry(
         model=settings.model, mmproj=settings.mmproj, config=settings.config,
+        model_options={"image_min_tokens": settings.image_min_tokens,
+                       "image_max_tokens": settings.image_max_tokens},
         models_dir=settings.models_dir, defaults=defaults,
         max_loaded=settings.max_loaded_models,
         max_memory_bytes=settings.max_model_memory_mb * 2**20 if settings.max_model_memory_mb else None,
@@ -82,6 +85,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.load_error = None
     app.state.cost_models = {}  # model id -> server.policy.budget.CostModel (TTFT budgets)
     install_handlers(app)
+    install_openapi(app)
     _warm_on_load(app, registry)
 
     for module in (chat, completions, models, health, metrics):

@@ -66,7 +66,12 @@ def new_id(prefix: str) -> str:
 
 
 def check_unsupported(body: SamplingFields) -> None:
-    """Parameters we accept in the schema but cannot honour are a 400, never ignored."""
+    """Known OpenAI parameters we cannot honour are a 400, never silently ignored.
+
+    Fields we do not know at all are ignored (``extra="ignore"`` in
+    ``server.protocol.common``): newer OpenAI clients send new parameters, and an
+    OpenAI-compatible server must not refuse them.
+    """
     if body.n != 1:
         raise APIError(400, "Only n=1 is supported; send several requests instead.",
                        param="n", code="unsupported_value")

@@ -56,6 +56,7 @@ def image_limits(settings: Settings) -> ImageLimits:
         max_images=max(1, settings.max_images),
         allow_file_dirs=tuple(settings.allow_file_dirs),
         allow_http=settings.allow_http_images,
+        allow_hosts=tuple(settings.allow_image_hosts),
         http_timeout_s=settings.http_image_timeout_s,
         http_max_bytes=settings.max_image_bytes,
     )

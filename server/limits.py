@@ -6,11 +6,12 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.errors import APIError
+
 
 def _error_body(limit: int) -> bytes:
-    return json.dumps({"error": {
-        "message": f"Request body exceeds the server limit of {limit} bytes.",
-        "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+    err = APIError(413, f"Request body exceeds the server limit of {limit} bytes.", code="request_too_large")
+    return json.dumps(err.body()).encode()
 
 
 class BodySizeLimit:

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     models_dir: str | None = Field(None, description="Directory of *.gguf models (+ mmproj-*.gguf).")
     model: str | None = Field(None, description="Default model: a configured id or a GGUF path.")
     mmproj: str | None = Field(None, description="Vision projector GGUF for --model.")
+    image_min_tokens: int | None = Field(None, ge=1, description="Fewest tokens one image may cost (--model).")
+    image_max_tokens: int | None = Field(None, ge=1, description="Most tokens one image may cost (--model).")
     ctx_size: int | None = Field(None, ge=64, description="Context tokens shared by all slots.")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores).")
     parallel: int | None = Field(None, ge=1, le=64, description="Parallel sequences per model.")
@@ -57,13 +59,15 @@ class Settings(BaseSettings):
     image_cache_mb: int | None = Field(None, ge=0, description="Image-embedding cache per vision model, MiB.")
     allow_file_dirs: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allow_http_images: bool = False
+    allow_image_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts or CIDRs http(s) images may come from although private.")
     http_image_timeout_s: float = 5.0
     # middleware
     profile: Literal["quality", "balanced", "fast"] = Field("quality", description="Default middleware profile.")
     ttft_budget_ms: float | None = Field(None, gt=0)
     truncate_prompts: bool = False
 
-    @field_validator("api_key", "allow_file_dirs", mode="before")
+    @field_validator("api_key", "allow_file_dirs", "allow_image_hosts", mode="before")
     @classmethod
     def _lists(cls, v: object) -> object:
         return _split_list(v)

@@ -107,3 +107,15 @@ def test_api_keys(make_server) -> None:  # type: ignore[no-untyped-def]
                     headers={"Authorization": "Bearer k1"})
         assert ok.status_code == 200
         assert c.get("/health").status_code == 200  # probes need no key
+
+
+def test_non_ascii_api_key_is_401_not_500(make_server) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server(api_key=["k1", "clé"])
+    with srv.client() as c:
+        for header in ("Authorization", "api-key"):
+            prefix = b"Bearer " if header == "Authorization" else b""
+            wrong = c.get("/v1/models", headers={header: prefix + "ключ".encode()})
+            assert_error(wrong, 401, "invalid_api_key")
+            assert_error(c.get("/v1/models", headers={header: prefix + "k1\xe9".encode("latin-1")}), 401)
+            # The operator's non-ASCII key matches the UTF-8 bytes a client sends for it.
+            assert c.get("/v1/models", headers={header: prefix + "clé".encode()}).status_code == 200

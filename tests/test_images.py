@@ -269,6 +269,11 @@ def image_server():
                 body = png
             elif self.path == "/big.png":
                 body = b"\x00" * 5000
+            elif self.path.startswith("/redirect?to="):
+                self.send_response(302)
+                self.send_header("Location", self.path.split("=", 1)[1])
+                self.end_headers()
+                return
             else:
                 self.send_response(404)
                 self.end_headers()
@@ -292,8 +297,36 @@ def image_server():
 
 
 def test_http_when_allowed(image_server: str) -> None:
-    limits = ImageLimits(allow_http=True, http_timeout_s=5, http_max_bytes=4000)
+    limits = ImageLimits(allow_http=True, http_timeout_s=5, http_max_bytes=4000, allow_hosts=("127.0.0.1",))
     loaded = load_image(f"{image_server}/ok.png", 0, limits)
     assert loaded.source == "http" and loaded.width == 32
+    assert load_image(f"{image_server}/redirect?to=/ok.png", 0, limits).sha256 == loaded.sha256
     expect_error(f"{image_server}/big.png", "image_too_large", limits=limits)
     expect_error(f"{image_server}/missing.png", "image_fetch_failed", limits=limits)
+
+
+def test_http_refuses_non_public_addresses_unless_listed(image_server: str) -> None:
+    port = image_server.rsplit(":", 1)[1]
+    unlisted = ImageLimits(allow_http=True, http_timeout_s=5)
+    err = expect_error(f"{image_server}/ok.png", "image_host_refused", limits=unlisted)
+    assert "127.0.0.1" in str(err) and "loopback" in str(err) and "--allow-image-host" in str(err)
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://10.1.2.3/x.png", "http://[::1]/x.png",
+                "http://[::ffff:127.0.0.1]/x.png", "http://0.0.0.0/x.png"):
+        expect_error(url, "image_host_refused", limits=unlisted)
+    by_range = ImageLimits(allow_http=True, http_timeout_s=5, allow_hosts=("127.0.0.0/8",))
+    assert load_image(f"http://127.0.0.1:{port}/ok.png", 0, by_range).width == 32
+    by_name = ImageLimits(allow_http=True, http_timeout_s=5, allow_hosts=("LocalHost",))
+    assert load_image(f"http://localhost:{port}/ok.png", 0, by_name).width == 32
+
+
+def test_http_redirect_to_a_blocked_address_is_refused(image_server: str) -> None:
+    port = image_server.rsplit(":", 1)[1]
+    limits = ImageLimits(allow_http=True, http_timeout_s=5, allow_hosts=("localhost",))
+    allowed = f"http://localhost:{port}"
+    # The unlisted 127.0.0.1 serves the image: only the per-hop check stops the first one.
+    for to in (f"http://127.0.0.1:{port}/ok.png", "http://169.254.169.254/latest/meta-data/"):
+        err = expect_error(f"{allowed}/redirect?to={to}", "image_host_refused", limits=limits)
+        assert to.split("/")[2].split(":")[0] in str(err)
+    err = expect_error(f"{allowed}/redirect?to=/redirect?to=/redirect?to=/redirect?to=/ok.png",
+                       "image_fetch_failed", limits=limits)
+    assert "redirects" in str(err)

@@ -40,11 +40,13 @@ def check_keep(value: float | int | None) -> float | int | None:
 
 
 class PruneRequest(BaseModel):
-    """``{"method": "diverse", "keep": 0.5}``; ``keep`` omitted -> the profile's keep."""
+    """``{"method": "diverse", "keep": 0.5}``; ``keep`` omitted -> the profile's keep,
+    ``method`` omitted -> ``diverse`` (the default method: asking for a ``keep`` alone
+    should prune, not fail)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: PruneMethodName
+    method: PruneMethodName = "diverse"
     keep: StrictInt | StrictFloat | None = None
 
     @field_validator("keep")

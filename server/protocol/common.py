@@ -27,7 +27,12 @@ class ResponseFormat(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """OpenAI sampling parameters plus the llama.cpp extras edgevlm accepts."""
+    """OpenAI sampling parameters plus the llama.cpp extras edgevlm accepts.
+
+    Unknown fields are ignored: newer OpenAI clients send parameters this server has
+    never heard of (``store``, ``metadata``, ...). Known ones it cannot honour are refused
+    in ``server.generation.check_unsupported``; the ``edgevlm`` extension is strict.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
@@ -65,6 +70,11 @@ class SamplingFields(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+# Left out of each streamed chunk: the stream adds ``timings`` to the last chunk and
+# ``usage`` to its own final one, so per-token chunks stay as small as OpenAI's.
+NOT_IN_CHUNKS = frozenset({"usage", "system_fingerprint", "timings"})
 
 
 class PromptTokensDetails(BaseModel):

@@ -13,13 +13,15 @@ from models.engine import EngineError, segment_tokens
 from models.registry import LoadedModel
 from models.templates import ChatTemplateError
 from server.auth import check_api_key
-from server.errors import APIError
+from server.errors import GENERATION_ERRORS, APIError
 from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, new_id,
                                sampling_params, trace_refusal)
 from server.images import cost_observer, prepare_images
 from server.policy.extension import EdgeVLMExtension
 from server.prompt import render_chat
-from server.protocol.chat import ChatCompletion, ChatCompletionRequest
+from server.protocol.chat import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceDelta,
+                                  ChunkChoice)
+from server.protocol.common import NOT_IN_CHUNKS
 from telemetry.record import RequestRecord
 
 router = APIRouter()
@@ -42,7 +44,7 @@ def grammar_for(body: ChatCompletionRequest) -> str | None:
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion,
-             dependencies=[Depends(check_api_key)])
+             dependencies=[Depends(check_api_key)], responses=GENERATION_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     check_unsupported(body)
     if body.tools:
@@ -96,14 +98,15 @@ async def _run_chat(body: ChatCompletionRequest, request: Request, model: Loaded
     model_id = model.spec.id
 
     def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-        delta: dict[str, Any] = {}
+        # Built a few times per stream only: each token reuses a serialised template.
+        delta = ChoiceDelta()
         if text is None and finish is None:
-            delta = {"role": "assistant", "content": ""}
+            delta = ChoiceDelta(role="assistant", content="")
         elif text is not None:
-            delta = {"content": text}
-        return {"id": record.request_id, "object": "chat.completion.chunk", "created": created,
-                "model": model_id, "choices": [{"index": 0, "delta": delta,
-                                                "finish_reason": finish, "logprobs": None}]}
+            delta = ChoiceDelta(content=text)
+        return ChatCompletionChunk(id=record.request_id, created=created, model=model_id,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)]
+                                   ).model_dump(exclude=set(NOT_IN_CHUNKS))
 
     def final(text: str, finish: str | None, usage: Any, timings: dict) -> dict[str, Any]:
         return ChatCompletion(

@@ -11,16 +11,18 @@ from starlette.concurrency import run_in_threadpool
 from models.engine import EngineError
 from models.registry import LoadedModel
 from server.auth import check_api_key
-from server.errors import APIError
+from server.errors import GENERATION_ERRORS, APIError
 from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, new_id,
                                sampling_params, trace_refusal)
-from server.protocol.completions import Completion, CompletionRequest
+from server.protocol.common import NOT_IN_CHUNKS
+from server.protocol.completions import Completion, CompletionChoice, CompletionRequest
 from telemetry.record import RequestRecord
 
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=Completion, dependencies=[Depends(check_api_key)])
+@router.post("/v1/completions", response_model=Completion, dependencies=[Depends(check_api_key)],
+             responses=GENERATION_ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     check_unsupported(body)
     if body.suffix:
@@ -71,9 +73,10 @@ async def _run_completion(body: CompletionRequest, request: Request, model: Load
 
     def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
         piece = delta if delta is not None else (echo if finish is None else "")
-        return {"id": record.request_id, "object": "text_completion", "created": created,
-                "model": model_id, "choices": [{"index": 0, "text": piece,
-                                                "finish_reason": finish, "logprobs": None}]}
+        # A streamed piece is a text_completion object too (OpenAI's legacy stream).
+        return Completion(id=record.request_id, created=created, model=model_id,
+                          choices=[CompletionChoice(text=piece, finish_reason=finish)]
+                          ).model_dump(exclude=set(NOT_IN_CHUNKS))
 
     def final(out: str, finish: str | None, usage: Any, timings: dict) -> dict[str, Any]:
         return Completion(id=record.request_id, created=created, model=model_id,

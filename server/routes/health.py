@@ -8,7 +8,8 @@ from fastapi.responses import JSONResponse
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", responses={503: {"description": "The default model is loading (with Retry-After) "
+                                                     "or failed to load"}})
 async def health(request: Request) -> JSONResponse:
     state = request.app.state
     registry = state.registry

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.auth import check_api_key
-from server.errors import APIError
+from server.errors import APIError, error_responses
 
 router = APIRouter()
 
@@ -19,7 +19,8 @@ async def metrics(request: Request) -> Response:
     return Response(content=body, media_type=content_type)
 
 
-@router.post("/energy/idle-baseline", dependencies=[Depends(check_api_key)])
+@router.post("/energy/idle-baseline", dependencies=[Depends(check_api_key)],
+             responses=error_responses(400, 401, 409, 413, 503))
 async def idle_baseline(request: Request, seconds: float = Query(2.0, gt=0, le=60)) -> JSONResponse:
     """Re-sample idle power (e.g. after the room warmed up); refused while requests run."""
     state = request.app.state

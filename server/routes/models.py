@@ -7,12 +7,14 @@ import os
 from fastapi import APIRouter, Depends, Request
 
 from server.auth import check_api_key
+from server.errors import error_responses
 from server.protocol.models import ModelCard, ModelList
 
 router = APIRouter()
 
 
-@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(check_api_key)])
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(check_api_key)],
+            responses=error_responses(401))
 async def list_models(request: Request) -> ModelList:
     registry = request.app.state.registry
     cards = []
