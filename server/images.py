@@ -44,6 +44,8 @@ __all__ = ["TTFT_BUDGET_HEADER", "cost_model_for", "cost_observer", "image_limit
 
 TTFT_BUDGET_HEADER = "X-EdgeVLM-TTFT-Budget-Ms"
 MIN_PREFILL_TOKENS_TO_LEARN = 32
+# Budget sources that are the client's own choice for an image (see policy.resolution).
+EXPLICIT_SOURCES = ("request", "detail")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -178,22 +180,32 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     marker = vision.media_marker
     text_tokens = len(engine.tokenize(rendered.text.replace(marker, "")))
     ttft_plan: BudgetPlan | None = None
+    # Explicit client choices (max_image_tokens, detail low/high) are final: the budget
+    # plans around them and neither lowers nor prunes those images.
+    locked = [b.source in EXPLICIT_SOURCES for b in budgets]
     if budget_ms is not None:
-        specs = [ImageSpec(max_tokens=p.tokens, grid=grid) for p in plans]
+        specs = [ImageSpec(max_tokens=p.tokens, grid=grid, locked=lk) for p, lk in zip(plans, locked)]
         ttft_plan = plan_for_budget(budget_ms, text_tokens, specs, queue_depth, rates, allow_prune=causal)
         for i, ip in enumerate(ttft_plan.images):
-            if ip.tokens < plans[i].tokens and not facts.is_fixed:
+            if ip.tokens < plans[i].tokens and not facts.is_fixed and not locked[i]:
                 b = budget_for(i, ttft_tokens=ip.tokens)
                 if b.tokens != budgets[i].tokens:
                     budgets[i] = b
                     plans[i] = plan_resize(loaded[i].width, loaded[i].height, b.tokens, grid)
     ttft_keep = ttft_plan.keep_ratio if ttft_plan is not None else None
-    try:
-        prune_decision = decide_prune(extension=extension, profiles=profiles, server_profile=settings.profile,
-                                      ttft_keep=ttft_keep if ttft_keep is not None and ttft_keep < 1.0 else None,
-                                      causal_image_attention=causal)
-    except ValueError as exc:
-        raise APIError(400, f"Invalid pruning request: {exc}", param="edgevlm.prune", code="invalid_value") from exc
+
+    def prune_for(keep: float | None) -> PruneDecision:
+        try:
+            return decide_prune(extension=extension, profiles=profiles, server_profile=settings.profile,
+                                ttft_keep=keep if keep is not None and keep < 1.0 else None,
+                                causal_image_attention=causal)
+        except ValueError as exc:
+            raise APIError(400, f"Invalid pruning request: {exc}", param="edgevlm.prune",
+                           code="invalid_value") from exc
+
+    budget_prune, chosen_prune = prune_for(ttft_keep), prune_for(None)
+    decisions = [chosen_prune if lk else budget_prune for lk in locked]
+    prune_decision = chosen_prune if all(locked) else budget_prune
 
     work: list[_ImageWork] = []
     for im, b, p in zip(loaded, budgets, plans):
@@ -206,7 +218,7 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     # 4. encode (embedding cache inside) and prune, off the event loop
     try:
         chunks, pruned = await run_in_threadpool(_encode_and_prune, vision, rendered.text,
-                                                 [w.encoder_input for w in work], prune_decision)
+                                                 [w.encoder_input for w in work], decisions)
     except VisionError as exc:
         raise APIError(exc.status, f"The images could not be encoded: {exc}",
                        param="messages" if exc.status == 400 else None, code=exc.code) from exc
@@ -265,9 +277,9 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     return segments
 
 
-def _encode_and_prune(vision: Any, text: str, images: list[Any], decision: PruneDecision
+def _encode_and_prune(vision: Any, text: str, images: list[Any], decisions: list[PruneDecision]
                       ) -> tuple[list[Any], dict[int, tuple[Any, str, float, Any]]]:
-    """Tokenize + encode (worker thread), then keep the decided rows of each image.
+    """Tokenize + encode (worker thread), then keep the rows each image's decision asked for.
 
     Per image: (embeddings, method, prune ms, M-RoPE positions or None). Kept rows keep
     their original M-RoPE positions (``positions_mrope``); the image still advances by
@@ -278,6 +290,7 @@ def _encode_and_prune(vision: Any, text: str, images: list[Any], decision: Prune
     for chunk in chunks:
         if not isinstance(chunk, ImageChunk):
             continue
+        decision = decisions[chunk.index]
         keep = decision.keep_for(chunk.n_tokens)
         if decision.active and keep < chunk.n_tokens:
             res = prune(chunk.embeddings, keep, decision.method)  # type: ignore[arg-type]

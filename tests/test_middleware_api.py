@@ -134,3 +134,23 @@ def test_cost_model_is_seeded_by_a_warm_up_at_load(vlm: LiveServer) -> None:
     assert seeded.encode_ms_per_token != default.encode_ms_per_token
     assert seeded.prefill_ms_per_token != default.prefill_ms_per_token
     assert seeded.encode_ms_per_token > 0 and seeded.prefill_ms_per_token > 0
+
+
+@pytest.mark.parametrize("choice", [{"detail": "high"}, {"max_image_tokens": 256}, {"detail": "low"}],
+                         ids=["detail-high", "max-image-tokens", "detail-low"])
+def test_ttft_budget_never_overrides_an_explicit_image_choice(vlm: LiveServer, choice: dict[str, Any]) -> None:
+    free = chat(vlm, seed=40, **choice)
+    # A budget no plan can meet: without the explicit choice it would go to the floor and prune.
+    tight = chat(vlm, seed=40, ttft_budget_ms=1, **choice)
+    done, planned = image(tight), tight["middleware"]
+    assert done["budget_source"] in ("detail", "request")
+    assert done["budget_tokens"] == image(free)["budget_tokens"]
+    assert done["tokens_before"] == done["tokens_after"] == image(free)["tokens_before"]
+    assert done["prune_method"] == "none" and planned["prune_method"] == "none"
+    # What the response (and span) says was planned is what was done.
+    assert planned["ttft_plan_keep"] == planned["ttft_plan_tokens"]
+    assert done["tokens_before"] - 32 <= planned["ttft_plan_tokens"][0] <= done["tokens_before"]
+    assert "floor" not in planned["ttft_plan_reason"] and planned["ttft_achievable"] is False
+    # The same budget without an explicit choice does lower and prune (the control).
+    budgeted = image(chat(vlm, seed=40, ttft_budget_ms=1))
+    assert budgeted["tokens_after"] < done["tokens_after"]

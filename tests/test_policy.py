@@ -350,3 +350,13 @@ def test_truncation_keeps_system_messages_in_the_middle_and_tool_turns_whole() -
     kept, dropped = truncate_messages(msgs, _count, 20)
     assert kept == [msgs[3], msgs[4]]
     assert dropped == _count(msgs) - _count(kept)
+
+
+def test_budget_plan_keeps_locked_images_as_the_client_chose() -> None:
+    cm = CostModel(encode_ms_per_token=2.0, prefill_ms_per_token=1.0, overhead_ms=20.0)
+    chosen, free = ImageSpec(QWEN_MAX, QWEN2VL, locked=True), ImageSpec(QWEN_MAX, QWEN2VL)
+    plan = plan_for_budget(50, 50, [chosen, free], 0, cm.snapshot())
+    assert plan.images[0].tokens == plan.images[0].keep_tokens == QWEN_MAX
+    assert plan.images[1].tokens == 64 and plan.images[1].keep_tokens < 64
+    only = plan_for_budget(50, 50, [chosen], 0, cm.snapshot())
+    assert only.keep_ratio == 1.0 and not only.achievable and "explicit" in only.reason

@@ -172,10 +172,15 @@ class CostModel:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image of the request as the planner sees it: the most tokens it may cost."""
+    """One image of the request as the planner sees it: the most tokens it may cost.
+
+    ``locked``: the client chose this image's detail (``detail`` low/high or
+    ``edgevlm.max_image_tokens``); the plan keeps it as chosen, neither lowered nor pruned.
+    """
 
     max_tokens: int
     grid: ProjectorGrid | None = None
+    locked: bool = False
 
     @property
     def fixed(self) -> bool:
@@ -256,8 +261,10 @@ def plan_for_budget(
 
     Order of levers: full quality if it fits; else lower dynamic images' resolution
     uniformly (down to ``max(floor_tokens, grid.min_tokens)``); else prune every image
-    down to ``min_keep`` (if ``allow_prune``). If even that misses, the cheapest plan is
-    returned with ``achievable=False`` and its (over-budget) predicted TTFT.
+    down to ``min_keep`` (if ``allow_prune``). Locked images (the client's explicit
+    choice) use neither lever: they cost what the client asked for. If even that misses,
+    the cheapest plan is returned with ``achievable=False`` and its (over-budget)
+    predicted TTFT.
     """
     if budget_ms <= 0:
         raise ValueError("budget_ms must be > 0")
@@ -268,7 +275,8 @@ def plan_for_budget(
     base = qwait + est.overhead_ms + pre * text_tokens
 
     ceilings = [im.ceiling for im in images]
-    dynamic = [not im.fixed for im in images]
+    locked = [im.locked for im in images]
+    dynamic = [not im.fixed and not im.locked for im in images]
     floors = [
         c if not d else min(c, max(floor_tokens, (im.grid.min_tokens or 1) if im.grid else 1))
         for im, c, d in zip(images, ceilings, dynamic)
@@ -294,11 +302,15 @@ def plan_for_budget(
         if sum(tokens) <= total:
             return done(tokens, tokens, f"resolution lowered to {sum(tokens)} of {sum(ceilings)} image tokens")
     tokens = floors
+    if all(locked):
+        return done(tokens, tokens, "images kept at the client's explicit detail")
+    floor = "images at floor resolution" + (" (explicit ones as chosen)" if any(locked) else "")
 
-    # Stage 2: prune at the floor resolution: only prefill shrinks.
-    if not allow_prune or pre <= 0 or sum(tokens) == 0:
-        return done(tokens, tokens, "images at floor resolution; pruning not allowed")
-    room = budget_ms - base - enc * sum(tokens)
-    r = min(1.0, max(min_keep, room / (pre * sum(tokens))))
-    keep = [max(1, int(r * t)) for t in tokens]
-    return done(tokens, keep, f"images at floor resolution, pruned to keep {r:.3g}")
+    # Stage 2: prune unlocked images at the floor resolution: only prefill shrinks.
+    prunable = sum(t for t, lk in zip(tokens, locked) if not lk)
+    if not allow_prune or pre <= 0 or prunable == 0:
+        return done(tokens, tokens, f"{floor}; pruning not allowed")
+    room = budget_ms - base - enc * sum(tokens) - pre * (sum(tokens) - prunable)
+    r = min(1.0, max(min_keep, room / (pre * prunable)))
+    keep = [t if lk else max(1, int(r * t)) for t, lk in zip(tokens, locked)]
+    return done(tokens, keep, f"{floor}, pruned to keep {r:.3g}")
