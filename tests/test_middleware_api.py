@@ -154,3 +154,20 @@ def test_ttft_budget_never_overrides_an_explicit_image_choice(vlm: LiveServer, c
     # The same budget without an explicit choice does lower and prune (the control).
     budgeted = image(chat(vlm, seed=40, ttft_budget_ms=1))
     assert budgeted["tokens_after"] < done["tokens_after"]
+
+
+def test_loading_on_first_use_is_not_learned_as_request_cost(tmp_path: Path, tiny_llm: Path) -> None:
+    llm, mmproj = tiny_vlm(tmp_path / "m", "pixtral")
+    config = tmp_path / "models.toml"
+    config.write_text(f'[[models]]\nid = "text"\npath = "{tiny_llm}"\n\n'
+                      f'[[models]]\nid = "vlm"\npath = "{llm}"\nmmproj = "{mmproj}"\nctx_size = 4096\n')
+    with live_server(tmp_path, config=str(config)) as srv:
+        srv.model_id = "vlm"  # type: ignore[attr-defined]
+        assert not srv.app.state.registry.is_loaded("vlm")
+        first = chat(srv, seed=50)  # loads the model (and its warm-up) on the way
+        assert first["load_ms"] > 0 and first["ttft_ms"] > first["load_ms"]
+        est = srv.app.state.cost_models["vlm"].snapshot()
+        # The only overhead observation so far is this request's, without the load.
+        overhead = first["ttft_ms"] - first["load_ms"] - first["queue_ms"] - first["encode_ms"] - first["prefill_ms"]
+        assert est.overhead_ms == pytest.approx(max(0.0, overhead), abs=0.01)
+        assert "load_ms" not in chat(srv, seed=51)  # loaded now: nothing to wait for

@@ -14,8 +14,8 @@ from models.registry import LoadedModel
 from models.templates import ChatTemplateError
 from server.auth import check_api_key
 from server.errors import APIError
-from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, new_id,
-                               sampling_params, trace_refusal)
+from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, model_for,
+                               new_id, sampling_params, trace_refusal)
 from server.images import cost_observer, prepare_images
 from server.policy.extension import EdgeVLMExtension
 from server.prompt import render_chat
@@ -51,21 +51,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     grammar = grammar_for(body)
     # Held until the request is submitted; from then on the busy engine cannot be evicted.
     try:
-        async with request.app.state.registry.use(body.model) as model:
-            return await _run_chat(body, request, model, extension, grammar)
+        async with model_for(request, body.model) as (model, load_ms):
+            return await _run_chat(body, request, model, extension, grammar, load_ms)
     except EngineError as exc:  # unknown model or failed load: no span exists yet
         trace_refusal(request, "chat", body.model, exc)
         raise
 
 
 async def _run_chat(body: ChatCompletionRequest, request: Request, model: LoadedModel,
-                    extension: EdgeVLMExtension | None, grammar: str | None) -> Any:
+                    extension: EdgeVLMExtension | None, grammar: str | None, load_ms: float) -> Any:
     state = request.app.state
     engine = model.engine
     record = RequestRecord(
         operation="chat", model=engine.info, request_id=new_id("chatcmpl"), stream=body.stream,
         max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
-        top_p=body.top_p, seed=body.seed,
+        top_p=body.top_p, seed=body.seed, load_ms=load_ms,
     )
 
     async def prepare() -> Prepared:
