@@ -40,7 +40,8 @@ from server.prompt import RenderedChat
 from server.settings import Settings
 from telemetry.record import ImageRecord, RequestRecord
 
-__all__ = ["TTFT_BUDGET_HEADER", "cost_model_for", "cost_observer", "image_limits", "prepare_images"]
+__all__ = ["TTFT_BUDGET_HEADER", "cost_model_for", "cost_observer", "image_limits", "prepare_images",
+           "segments_from_chunks"]
 
 TTFT_BUDGET_HEADER = "X-EdgeVLM-TTFT-Budget-Ms"
 MIN_PREFILL_TOKENS_TO_LEARN = 32
@@ -227,26 +228,13 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
         raise APIError(400, f"Invalid image: {exc}", param="messages", code="invalid_image") from exc
 
     # 5. segments + records
-    segments: list[Segment] = []
-    first_text = True
+    segments = segments_from_chunks(chunks, engine, pruned)
     for chunk in chunks:
-        if isinstance(chunk, TextChunk):
-            tokens = list(chunk.tokens)
-            if first_text and engine.add_bos and len(tokens) > 1 and tokens[0] == tokens[1] == engine.bos_id:
-                tokens.pop(0)  # the template wrote a BOS already (as engine.tokenize does)
-            first_text = False
-            if tokens:
-                segments.append(tokens)
+        if not isinstance(chunk, ImageChunk):
             continue
-        first_text = False
         w = work[chunk.index]
-        emb, method, prune_ms, positions = pruned[chunk.index]
+        emb, method, prune_ms, _ = pruned[chunk.index]
         kept = int(emb.shape[0])
-        segments.append(ImageSegment(
-            embeddings=emb, key=f"{chunk.image_hash}:{chunk.width}x{chunk.height}:{method}:{kept}",
-            non_causal=chunk.non_causal, positions=positions,
-            n_pos=chunk.n_pos if positions is not None else None,
-        ))
         record.images.append(ImageRecord(
             index=chunk.index, source_width=w.loaded.width, source_height=w.loaded.height,
             encoded_width=chunk.width, encoded_height=chunk.height,
@@ -275,6 +263,36 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     mw.setdefault("predicted_ttft_ms", round(final, 3))
     if facts.is_fixed:
         mw["resize_note"] = "fixed projector: resizing saves nothing, pruning is the lever"
+    return segments
+
+
+def segments_from_chunks(chunks: list[Any], engine: Any,
+                         pruned: dict[int, tuple[Any, str, float, Any]] | None = None) -> list[Segment]:
+    """Engine segments from libmtmd chunks (the one place that turns chunks into a prompt).
+
+    The template's BOS is not doubled (as ``engine.tokenize`` does), and each image's
+    rows are the kept ones from ``pruned`` (``_encode_and_prune``; all rows when absent)
+    with their M-RoPE positions, the image still advancing by its full ``n_pos``.
+    """
+    segments: list[Segment] = []
+    first_text = True
+    for chunk in chunks:
+        if isinstance(chunk, TextChunk):
+            tokens = list(chunk.tokens)
+            if first_text and engine.add_bos and len(tokens) > 1 and tokens[0] == tokens[1] == engine.bos_id:
+                tokens.pop(0)  # the template wrote a BOS already (as engine.tokenize does)
+            first_text = False
+            if tokens:
+                segments.append(tokens)
+            continue
+        first_text = False
+        emb, method, _, positions = (pruned[chunk.index] if pruned is not None
+                                     else (chunk.embeddings, "none", 0.0, chunk.positions))
+        segments.append(ImageSegment(
+            embeddings=emb, key=f"{chunk.image_hash}:{chunk.width}x{chunk.height}:{method}:{int(emb.shape[0])}",
+            non_causal=chunk.non_causal, positions=positions,
+            n_pos=chunk.n_pos if positions is not None else None,
+        ))
     return segments
 
 

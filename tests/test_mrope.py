@@ -209,7 +209,7 @@ def test_server_pruning_keeps_original_positions(encoder: VisionEncoder) -> None
     from server.policy.pruning import PruneDecision
 
     chunks, pruned = _encode_and_prune(encoder, f"x {encoder.media_marker}", [_image(128, 64, seed=5)],
-                                       PruneDecision("uniform", 0.5, "request"))
+                                       [PruneDecision("uniform", 0.5, "request")])
     img = next(c for c in chunks if isinstance(c, ImageChunk))
     emb, method, _, pos = pruned[img.index]
     assert method == "uniform" and emb.shape[0] == 16
