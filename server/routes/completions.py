@@ -8,12 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from models.engine import EngineError
 from models.registry import LoadedModel
 from server.auth import check_api_key
 from server.errors import APIError
 from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, model_for,
-                               new_id, sampling_params, trace_refusal)
+                               new_id, sampling_params)
 from server.protocol.completions import Completion, CompletionRequest
 from telemetry.record import RequestRecord
 
@@ -29,12 +28,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.best_of not in (None, 1):
         raise APIError(400, "Only best_of=1 is supported.", param="best_of", code="unsupported_value")
     # Held until the request is submitted; from then on the busy engine cannot be evicted.
-    try:
-        async with model_for(request, body.model) as (model, load_ms):
-            return await _run_completion(body, request, model, load_ms)
-    except EngineError as exc:  # unknown model or failed load: no span exists yet
-        trace_refusal(request, "text_completion", body.model, exc)
-        raise
+    async with model_for(request, "text_completion", body.model) as (model, load_ms):
+        return await _run_completion(body, request, model, load_ms)
 
 
 async def _run_completion(body: CompletionRequest, request: Request, model: LoadedModel,
