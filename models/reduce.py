@@ -71,6 +71,8 @@ class ProjectorGrid:
     max_tokens: int | None = None
     fixed_tokens: int | None = None
     image_size: int | None = None
+    # Longest side over shortest the encoder accepts; a resize never goes beyond it.
+    max_aspect: float | None = None
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.merge < 1:
@@ -148,6 +150,12 @@ def plan_resize(width: int, height: int, budget_tokens: int | None, grid: Projec
     else:
         cols, rows = _best_grid(width / height, max_cols, max_rows, budget)
         notes.insert(0, f"downscaled to {cols}x{rows} grid for budget {budget}")
+    if grid.max_aspect is not None and max(cols, rows) > grid.max_aspect * min(cols, rows):
+        # Aligning the short side down (4000x20 -> 250x1 cells) must not make a strip the
+        # encoder accepts into one it refuses: trim the long side back to the limit.
+        limit = max(1, int(grid.max_aspect * min(cols, rows)))
+        cols, rows = (limit, rows) if cols > rows else (cols, limit)
+        notes.append(f"long side trimmed to keep the aspect ratio within {grid.max_aspect:g}:1")
     if grid.min_tokens is not None and cols * rows < grid.min_tokens:
         notes.append(f"below projector min {grid.min_tokens}: source too small, not upscaled")
     return ResizePlan(cols * a, rows * a, cols * rows, "; ".join(notes))

@@ -49,6 +49,7 @@ __all__ = [
     "TextChunk",
     "VisionEncoder",
     "VisionError",
+    "check_image_size",
     "decode_embeddings",
     "read_projector_facts",
 ]
@@ -221,6 +222,7 @@ class ProjectorFacts:
             max_tokens=self.max_tokens,
             fixed_tokens=self.fixed_tokens,
             image_size=self.image_size,
+            max_aspect=MAX_ASPECT_RATIO,
         )
 
 
@@ -534,7 +536,7 @@ class VisionEncoder:
 
     def count_tokens(self, width: int, height: int) -> int:
         """LLM tokens an image of this size would cost, without encoding it (placeholder bitmap)."""
-        _check_size(width, height, 0)
+        check_image_size(width, height, 0)
         chunks = self._run_tokenize(self._marker_bytes, [None], [(width, height)], [None], add_special=False)
         try:
             total = 0
@@ -766,7 +768,8 @@ def _repair_row_breaks(emb: np.ndarray, img_break: np.ndarray, aspect: float) ->
         emb[best[1]] = img_break
 
 
-def _check_size(width: int, height: int, index: int) -> None:
+def check_image_size(width: int, height: int, index: int) -> None:
+    """``ValueError`` naming image ``index`` and its size when the encoder cannot take it."""
     if width < 1 or height < 1:
         raise ValueError(f"image {index} has no pixels ({width}x{height})")
     if width * height > MAX_ENCODER_PIXELS:
@@ -783,7 +786,7 @@ def _rgb_pixels(item: ImageInput, index: int) -> tuple[np.ndarray, str]:
         img, known = item, None
     else:
         raise ValueError(f"image {index} is a {type(item).__name__}, expected a PIL image")
-    _check_size(img.width, img.height, index)
+    check_image_size(img.width, img.height, index)
     if img.mode != "RGB":
         img, known = img.convert("RGB"), None
     arr = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))

@@ -29,7 +29,7 @@ from models.engine import ImageSegment, Segment
 from models.images import ImageError, ImageLimits, LoadedImage, load_image
 from models.reduce import ResizePlan, plan_resize, positions_mrope, prune, resize_to_plan
 from models.registry import LoadedModel
-from models.vision import ImageChunk, TextChunk, VisionError
+from models.vision import ImageChunk, TextChunk, VisionError, check_image_size
 from server.errors import APIError
 from server.policy.budget import BudgetPlan, CostModel, ImageSpec, plan_for_budget
 from server.policy.extension import EdgeVLMExtension
@@ -148,8 +148,12 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     for ref in rendered.images:
         try:
             loaded.append(await run_in_threadpool(load_image, ref.url, ref.index, limits))
+            # Judged as the client sent it: the resize below never makes it invalid.
+            check_image_size(loaded[-1].width, loaded[-1].height, ref.index)
         except ImageError as err:
             raise _image_error(err) from None
+        except ValueError as exc:
+            raise APIError(400, f"Invalid image: {exc}", param="messages", code="invalid_image") from None
 
     facts = vision.projector
     grid = facts.grid()

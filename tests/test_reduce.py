@@ -220,3 +220,12 @@ def test_positions_mrope_keep_original_positions_in_both_layouts() -> None:
     np.testing.assert_array_equal(out_n4, out.T)
     with pytest.raises(ValueError):
         positions_mrope(np.zeros((3, 6)), kept)
+
+
+def test_resize_never_pushes_an_accepted_aspect_ratio_over_the_limit() -> None:
+    grid = ProjectorGrid(patch_size=16, max_tokens=1024, max_aspect=200.0)
+    plan = plan_resize(4000, 20, None, grid)  # aligned down, 20 px -> 16 px would be 250:1
+    assert plan.width <= 200 * plan.height and (plan.width, plan.height) == (3200, 16)
+    tall = plan_resize(20, 4000, 150, grid)  # through the budget path as well
+    assert tall.height <= 200 * tall.width and tall.tokens <= 150
+    assert plan_resize(640, 480, None, grid) == plan_resize(640, 480, None, ProjectorGrid(16, max_tokens=1024))

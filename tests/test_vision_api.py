@@ -262,3 +262,18 @@ def test_image_for_a_text_only_model_is_refused_before_loading_it(vlm_files, tin
             ok = c.post("/v1/chat/completions", json={"model": "text", "max_tokens": 2,
                                                       "messages": [{"role": "user", "content": "Hi"}]})
             assert ok.status_code == 200 and registry.is_loaded("text")
+
+
+def test_elongated_strip_within_the_limit_is_read_and_errors_name_the_sent_size(
+        vlm: LiveServer, client: openai.OpenAI) -> None:
+    from models.vision import MAX_ASPECT_RATIO
+
+    # 200:1, the documented limit: aligning 20 px down to the grid must not push it over.
+    im = images_of(ask(client, vlm.model_id, [image_message(png_uri(4000, 20, seed=60))]))[0]
+    assert (im["source_width"], im["source_height"]) == (4000, 20)
+    assert im["encoded_width"] <= MAX_ASPECT_RATIO * im["encoded_height"] and im["tokens_after"] > 0
+    with vlm.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": vlm.model_id, "max_tokens": 2,
+                                                  "messages": [image_message(png_uri(4000, 10, seed=61))]})
+    assert r.status_code == 400
+    assert "image 0 is 4000x10" in r.json()["error"]["message"]  # as sent, not as resized
