@@ -180,7 +180,8 @@ class Registry:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def list(self) -> list[ModelSpec]:
-        return list(self.specs.values())
+        """Every model, the default first (clients often take the first one listed)."""
+        return sorted(self.specs.values(), key=lambda s: s.id != self.default_id)
 
     def resolve(self, model_id: str | None) -> ModelSpec:
         if not model_id:
@@ -274,20 +275,30 @@ class Registry:
 def build_registry(*, model: str | None = None, mmproj: str | None = None,
                    config: str | None = None, models_dir: str | None = None,
                    defaults: dict[str, Any] | None = None, max_loaded: int = 2,
-                   max_memory_bytes: int | None = None) -> Registry:
-    """Assemble the registry from CLI/config inputs; ``model`` may be an id or a GGUF path."""
+                   max_memory_bytes: int | None = None, embedded_model: bool | None = None) -> Registry:
+    """Assemble the registry from CLI/config inputs; ``model`` may be an id or a GGUF path.
+
+    The embedded default model is offered when no models are named, when ``model`` is its
+    id, or when ``embedded_model`` asks for it (``False`` never offers it): an operator who
+    names models should not find a text-only model offered beside them.
+    """
     defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
     specs: dict[str, ModelSpec] = {}
-    embedded = default_model_path()
+    asked = embedded_model
+    if embedded_model is None:
+        embedded_model = not (model or config or models_dir) or model == DEFAULT_MODEL_ID
+    embedded = default_model_path() if embedded_model else None
+    if asked and embedded is None:
+        raise ConfigError(f"--embedded-model: the {DEFAULT_MODEL_DIST} package is not installed")
     if embedded is not None:
         specs[DEFAULT_MODEL_ID] = ModelSpec(id=DEFAULT_MODEL_ID, path=str(embedded), **defaults)
-    if models_dir:
-        for spec in scan_dir(models_dir, defaults):
-            specs[spec.id] = spec
+    scanned = scan_dir(models_dir, defaults) if models_dir else []
+    for spec in scanned:
+        specs[spec.id] = spec
     if config:
         for spec in load_config(config, defaults):
             specs[spec.id] = spec
-    default_id = DEFAULT_MODEL_ID if embedded is not None else None
+    default_id = scanned[0].id if scanned else (DEFAULT_MODEL_ID if embedded is not None else None)
     if config and not model:
         loaded_ids = [s.id for s in load_config(config, defaults)]
         default_id = loaded_ids[0] if loaded_ids else default_id

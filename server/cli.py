@@ -23,6 +23,7 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--models-dir", "models_dir", str, "directory of *.gguf models, mmproj-<name>.gguf beside them"),
     ("--model", "model", str, "default model: a configured id or a path to a GGUF file"),
     ("--mmproj", "mmproj", str, "vision projector GGUF for --model (makes it a VLM)"),
+    ("--embedded-model", "embedded_model", bool, "also offer the embedded SmolLM2 when --model/--config/--models-dir name models"),
     ("--ctx-size", "ctx_size", int, "context tokens per model, shared by its slots (default 4096)"),
     ("--threads", "threads", int, "CPU threads per model (default: physical cores)"),
     ("--parallel", "parallel", int, "parallel sequences (slots) per model (default: 4, or fewer on 1 core / < 4 GiB free)"),
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag, dest in (("--config", "config"), ("--models-dir", "models_dir"), ("--model", "model"),
                        ("--mmproj", "mmproj")):
         lp.add_argument(flag, dest=dest, default=None)
+    lp.add_argument("--embedded-model", dest="embedded_model", action="store_const", const=True, default=None)
     sub.add_parser("report", help="summarise trace files: edgevlm report TRACES.jsonl [--out DIR]")
     args = parser.parse_args(argv)
     if args.command == "serve":

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     models_dir: str | None = Field(None, description="Directory of *.gguf models (+ mmproj-*.gguf).")
     model: str | None = Field(None, description="Default model: a configured id or a GGUF path.")
     mmproj: str | None = Field(None, description="Vision projector GGUF for --model.")
+    embedded_model: bool | None = Field(None, description="Offer the embedded SmolLM2 beside named models.")
     ctx_size: int | None = Field(None, ge=64, description="Context tokens shared by all slots.")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores).")
     parallel: int | None = Field(None, ge=1, le=64, description="Parallel sequences per model.")
