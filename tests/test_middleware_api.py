@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import pytest
 
 from models.registry import model_id_for
-from models.tinymodels import tiny_vlm
+from bench.tinymodels import tiny_vlm
 from tests.conftest import LiveServer, live_server
 from tests.test_vision_api import image_message, png_uri
 

@@ -14,7 +14,7 @@ from PIL import Image
 from models.engine import Engine, EngineConfig
 from models.reduce import positions_mrope, prune
 from models.registry import model_id_for
-from models.tinymodels import tiny_vlm
+from bench.tinymodels import tiny_vlm
 from models.vision import ImageChunk, TextChunk, VisionEncoder
 from tests.conftest import LiveServer, live_server
 from tests.test_vision_api import check_second_turn_reuses_the_image_prefix, image_message, images_of, png_uri

@@ -13,7 +13,7 @@ from PIL import Image
 
 from models.images import ImageLimits, load_image
 from models.llama_lib import ensure_backend
-from models.tinymodels import tiny_vlm, write_tiny_mmproj
+from bench.tinymodels import tiny_vlm, write_tiny_mmproj
 from models.vision import (
     EmbeddingCache,
     ImageChunk,

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from models.registry import model_id_for
-from models.tinymodels import tiny_vlm
+from bench.tinymodels import tiny_vlm
 from tests.conftest import LiveServer, live_server
 
 

@@ -31,7 +31,7 @@ def test_a_failed_warm_up_request_raises_instead_of_measuring_zero(tiny_llm: Pat
 
 def test_a_failed_warm_up_at_load_is_logged_and_leaves_the_defaults(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from models.tinymodels import tiny_vlm
+    from bench.tinymodels import tiny_vlm
 
     llm, mmproj = tiny_vlm(tmp_path / "m", "pixtral")
     caplog.set_level(logging.WARNING, logger="edgevlm.app")
