@@ -11,7 +11,8 @@ only carries the decision out, so it stays free of request types and never impor
   The only lever for fixed-token projectors (LLaVA-1.5: 576, Gemma 3: 256); saves
   prefill time, not encoder time.
 
-``positions_1d`` / ``positions_mrope`` give the LLM positions for the kept rows.
+``positions_mrope`` gives M-RoPE models the original positions of the kept rows (1-D
+RoPE models number kept rows consecutively; the engine does that as it prefills).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ __all__ = [
     "ResizePlan",
     "keep_count",
     "plan_resize",
-    "positions_1d",
     "positions_mrope",
     "prune",
     "resize_to_plan",
@@ -348,17 +348,6 @@ def _merge_adjacent(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- positions
-
-
-def positions_1d(n_past: int, n_kept: int) -> np.ndarray:
-    """Consecutive positions for kept image rows in a 1-D RoPE model.
-
-    llama.cpp rejects gaps in a sequence's positions, so kept tokens are renumbered
-    ``n_past, n_past + 1, ...`` rather than keeping their original slots.
-    """
-    if n_past < 0 or n_kept < 0:
-        raise ValueError("n_past and n_kept must be >= 0")
-    return np.arange(n_past, n_past + n_kept, dtype=np.int32)
 
 
 def positions_mrope(original_pos: np.ndarray, indices: np.ndarray) -> np.ndarray:

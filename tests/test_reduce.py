@@ -14,7 +14,6 @@ from models.reduce import (
     ProjectorGrid,
     keep_count,
     plan_resize,
-    positions_1d,
     positions_mrope,
     prune,
     resize_to_plan,
@@ -203,12 +202,6 @@ def test_prune_cost_is_reported_for_a_realistic_size() -> None:
 
 
 # --------------------------------------------------------------------------- positions
-
-
-def test_positions_1d_are_consecutive_after_n_past() -> None:
-    pos = positions_1d(17, 5)
-    np.testing.assert_array_equal(pos, [17, 18, 19, 20, 21])
-    assert pos.dtype == np.int32
 
 
 def test_positions_mrope_keep_original_positions_in_both_layouts() -> None:
