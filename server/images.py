@@ -81,15 +81,18 @@ def cost_observer(app: FastAPI, model: LoadedModel) -> Callable[[RequestRecord],
         if rec.error_type is not None or rec.input_tokens <= 0:
             return
         encoded = sum(im.tokens_before for im in rec.images if not im.cache_hit)
-        # Loading the model on first use is inside TTFT but is no per-request cost.
-        overhead = rec.ttft_ms - rec.load_ms - rec.queue_ms - rec.encode_ms - rec.prefill_ms
+        overhead = rec.ttft_ms - rec.queue_ms - rec.encode_ms - rec.prefill_ms
+        # A request that waited for its model to load carries the load and the model's
+        # first-use costs (template compile, cold caches) in its TTFT: none of that is a
+        # per-request cost, so only its measured encode and prefill rates are learned.
+        fresh = rec.load_ms > 0
         # A short prefill (a follow-up turn over a reused prefix) is mostly the fixed cost
         # of one decode call; as a per-token rate it would make every prediction pessimistic.
         prefilled = rec.prefilled_tokens if rec.prefilled_tokens >= MIN_PREFILL_TOKENS_TO_LEARN else 0
         cm.observe(
             rec.encode_ms, encoded, rec.prefill_ms, prefilled,
-            overhead_ms=max(0.0, overhead) if rec.ttft_ms > 0 else None,
-            request_ms=max(0.0, rec.e2e_ms - rec.load_ms - rec.queue_ms) if rec.e2e_ms > 0 else None,
+            overhead_ms=max(0.0, overhead) if rec.ttft_ms > 0 and not fresh else None,
+            request_ms=max(0.0, rec.e2e_ms - rec.queue_ms) if rec.e2e_ms > 0 and not fresh else None,
         )
 
     return observe

@@ -88,9 +88,9 @@ class CostModel:
     Each rate is the median of its last ``window`` observations (a warm-up measurement
     counts as one). One slow request (a page-in, another process's burst) cannot swing
     it, while a lasting change (thermal throttling, other load) takes over once it fills
-    half the window. With an even count the middle value nearer the current estimate is
-    taken, so a single outlier right after the warm-up is ignored too. Until a rate has
-    been observed once, its start-up guess stands.
+    half the window. With an even count the lower middle value is taken (slow outliers
+    are far more common than fast ones), so a single slow request right after the
+    warm-up is ignored too. Until a rate has been observed once, its start-up guess stands.
     """
 
     def __init__(
@@ -139,15 +139,10 @@ class CostModel:
             cm._seen["prefill"].append(cm._est.prefill_ms_per_token)
         return cm
 
-    def _robust(self, key: str, old: float, new: float) -> float:
+    def _robust(self, key: str, new: float) -> float:
         seen = self._seen[key]
         seen.append(new)
-        ordered = sorted(seen)
-        mid = len(ordered) // 2
-        if len(ordered) % 2:
-            return ordered[mid]
-        lo, hi = ordered[mid - 1], ordered[mid]
-        return lo if abs(lo - old) <= abs(hi - old) else hi
+        return sorted(seen)[(len(seen) - 1) // 2]
 
     def observe(
         self,
@@ -168,13 +163,13 @@ class CostModel:
             e = self._est
             enc, pre, ovh, req = e.encode_ms_per_token, e.prefill_ms_per_token, e.overhead_ms, e.request_ms
             if image_tokens > 0 and encode_ms >= 0:
-                enc = self._robust("encode", enc, encode_ms / image_tokens)
+                enc = self._robust("encode", encode_ms / image_tokens)
             if prefill_tokens > 0 and prefill_ms >= 0:
-                pre = self._robust("prefill", pre, prefill_ms / prefill_tokens)
+                pre = self._robust("prefill", prefill_ms / prefill_tokens)
             if overhead_ms is not None and overhead_ms >= 0:
-                ovh = self._robust("overhead", ovh, overhead_ms)
+                ovh = self._robust("overhead", overhead_ms)
             if request_ms is not None and request_ms >= 0:
-                req = self._robust("request", req, request_ms)
+                req = self._robust("request", request_ms)
             self._est = CostEstimate(enc, pre, ovh, req, e.observations + 1)
 
     def snapshot(self) -> CostEstimate:
