@@ -63,7 +63,7 @@ def inprocess_server(model: Path, mmproj: Path, **settings: Any) -> Iterator[tup
 
 
 def default_vlm() -> tuple[Path, Path]:
-    from models.tinymodels import tiny_vlm
+    from bench.tinymodels import tiny_vlm
 
     return tiny_vlm(Path(tempfile.gettempdir()) / "edgevlm-bench-models", "pixtral")
 

@@ -32,7 +32,6 @@ import socket
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import httpx
@@ -45,7 +44,6 @@ __all__ = [
     "ImageLimits",
     "LoadedImage",
     "load_image",
-    "load_images",
     "pixel_hash",
 ]
 
@@ -129,17 +127,6 @@ def pixel_hash(img: Image.Image) -> str:
     h = hashlib.sha256(f"RGB:{img.width}x{img.height}:".encode())
     h.update(img.tobytes())
     return h.hexdigest()
-
-
-def load_images(urls: Sequence[str], limits: ImageLimits) -> list[LoadedImage]:
-    """Load every image of a request, in order; the count cap is checked first."""
-    if len(urls) > limits.max_images:
-        raise ImageError(
-            f"request has {len(urls)} images, at most {limits.max_images} allowed",
-            index=limits.max_images,
-            code="too_many_images",
-        )
-    return [load_image(url, i, limits) for i, url in enumerate(urls)]
 
 
 def load_image(url: str, index: int, limits: ImageLimits) -> LoadedImage:

@@ -11,7 +11,8 @@ only carries the decision out, so it stays free of request types and never impor
   The only lever for fixed-token projectors (LLaVA-1.5: 576, Gemma 3: 256); saves
   prefill time, not encoder time.
 
-``positions_1d`` / ``positions_mrope`` give the LLM positions for the kept rows.
+``positions_mrope`` gives M-RoPE models the original positions of the kept rows (1-D
+RoPE models number kept rows consecutively; the engine does that as it prefills).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ __all__ = [
     "ResizePlan",
     "keep_count",
     "plan_resize",
-    "positions_1d",
     "positions_mrope",
     "prune",
     "resize_to_plan",
@@ -71,6 +71,8 @@ class ProjectorGrid:
     max_tokens: int | None = None
     fixed_tokens: int | None = None
     image_size: int | None = None
+    # Longest side over shortest the encoder accepts; a resize never goes beyond it.
+    max_aspect: float | None = None
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.merge < 1:
@@ -148,6 +150,12 @@ def plan_resize(width: int, height: int, budget_tokens: int | None, grid: Projec
     else:
         cols, rows = _best_grid(width / height, max_cols, max_rows, budget)
         notes.insert(0, f"downscaled to {cols}x{rows} grid for budget {budget}")
+    if grid.max_aspect is not None and max(cols, rows) > grid.max_aspect * min(cols, rows):
+        # Aligning the short side down (4000x20 -> 250x1 cells) must not make a strip the
+        # encoder accepts into one it refuses: trim the long side back to the limit.
+        limit = max(1, int(grid.max_aspect * min(cols, rows)))
+        cols, rows = (limit, rows) if cols > rows else (cols, limit)
+        notes.append(f"long side trimmed to keep the aspect ratio within {grid.max_aspect:g}:1")
     if grid.min_tokens is not None and cols * rows < grid.min_tokens:
         notes.append(f"below projector min {grid.min_tokens}: source too small, not upscaled")
     return ResizePlan(cols * a, rows * a, cols * rows, "; ".join(notes))
@@ -340,17 +348,6 @@ def _merge_adjacent(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- positions
-
-
-def positions_1d(n_past: int, n_kept: int) -> np.ndarray:
-    """Consecutive positions for kept image rows in a 1-D RoPE model.
-
-    llama.cpp rejects gaps in a sequence's positions, so kept tokens are renumbered
-    ``n_past, n_past + 1, ...`` rather than keeping their original slots.
-    """
-    if n_past < 0 or n_kept < 0:
-        raise ValueError("n_past and n_kept must be >= 0")
-    return np.arange(n_past, n_past + n_kept, dtype=np.int32)
 
 
 def positions_mrope(original_pos: np.ndarray, indices: np.ndarray) -> np.ndarray:

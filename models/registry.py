@@ -195,7 +195,8 @@ class Registry:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def list(self) -> list[ModelSpec]:
-        return list(self.specs.values())
+        """Every model, the default first (clients often take the first one listed)."""
+        return sorted(self.specs.values(), key=lambda s: s.id != self.default_id)
 
     def resolve(self, model_id: str | None) -> ModelSpec:
         if not model_id:
@@ -290,11 +291,15 @@ def build_registry(*, model: str | None = None, mmproj: str | None = None,
                    config: str | None = None, models_dir: str | None = None,
                    defaults: dict[str, Any] | None = None, max_loaded: int = 2,
                    max_memory_bytes: int | None = None,
-                   model_options: dict[str, Any] | None = None) -> Registry:
+                   model_options: dict[str, Any] | None = None,
+                   embedded_model: bool | None = None) -> Registry:
     """Assemble the registry from CLI/config inputs; ``model`` may be an id or a GGUF path.
 
     ``model_options`` (ModelSpec fields such as ``image_min_tokens``) apply to the model
     ``model`` names only, over what its TOML table says: they are that model's flags.
+    The embedded default model is offered when no models are named, when ``model`` is its
+    id, or when ``embedded_model`` asks for it (``False`` never offers it): an operator who
+    names models should not find a text-only model offered beside them.
     """
     defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
     options = {k: v for k, v in (model_options or {}).items() if v is not None}
@@ -302,16 +307,21 @@ def build_registry(*, model: str | None = None, mmproj: str | None = None,
         raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in options)} apply to "
                           "--model; set them in the model's TOML table instead")
     specs: dict[str, ModelSpec] = {}
-    embedded = default_model_path()
+    asked = embedded_model
+    if embedded_model is None:
+        embedded_model = not (model or config or models_dir) or model == DEFAULT_MODEL_ID
+    embedded = default_model_path() if embedded_model else None
+    if asked and embedded is None:
+        raise ConfigError(f"--embedded-model: the {DEFAULT_MODEL_DIST} package is not installed")
     if embedded is not None:
         specs[DEFAULT_MODEL_ID] = ModelSpec(id=DEFAULT_MODEL_ID, path=str(embedded), **defaults)
-    if models_dir:
-        for spec in scan_dir(models_dir, defaults):
-            specs[spec.id] = spec
+    scanned = scan_dir(models_dir, defaults) if models_dir else []
+    for spec in scanned:
+        specs[spec.id] = spec
     if config:
         for spec in load_config(config, defaults):
             specs[spec.id] = spec
-    default_id = DEFAULT_MODEL_ID if embedded is not None else None
+    default_id = scanned[0].id if scanned else (DEFAULT_MODEL_ID if embedded is not None else None)
     if config and not model:
         loaded_ids = [s.id for s in load_config(config, defaults)]
         default_id = loaded_ids[0] if loaded_ids else default_id

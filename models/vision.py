@@ -10,8 +10,7 @@ the encoder), so this module drives ``llama_cpp.mtmd_cpp`` directly:
    and size of the image as encoded, plus the projector file and token limits) or
    encoded with ``mtmd_encode_chunk``; the output buffer is *copied* (libmtmd
    overwrites it on the next encode);
-3. the engine prefills text tokens and embedding rows itself (``decode_embeddings`` is
-   a reference implementation used by the tests).
+3. the engine prefills text tokens and embedding rows itself.
 
 Every check that guards llama.cpp against input it would ``GGML_ASSERT`` on (and so
 abort the whole server) happens here, before the call: mmproj metadata types, image
@@ -49,7 +48,7 @@ __all__ = [
     "TextChunk",
     "VisionEncoder",
     "VisionError",
-    "decode_embeddings",
+    "check_image_size",
     "read_projector_facts",
 ]
 
@@ -221,6 +220,7 @@ class ProjectorFacts:
             max_tokens=self.max_tokens,
             fixed_tokens=self.fixed_tokens,
             image_size=self.image_size,
+            max_aspect=MAX_ASPECT_RATIO,
         )
 
 
@@ -534,7 +534,7 @@ class VisionEncoder:
 
     def count_tokens(self, width: int, height: int) -> int:
         """LLM tokens an image of this size would cost, without encoding it (placeholder bitmap)."""
-        _check_size(width, height, 0)
+        check_image_size(width, height, 0)
         chunks = self._run_tokenize(self._marker_bytes, [None], [(width, height)], [None], add_special=False)
         try:
             total = 0
@@ -766,7 +766,8 @@ def _repair_row_breaks(emb: np.ndarray, img_break: np.ndarray, aspect: float) ->
         emb[best[1]] = img_break
 
 
-def _check_size(width: int, height: int, index: int) -> None:
+def check_image_size(width: int, height: int, index: int) -> None:
+    """``ValueError`` naming image ``index`` and its size when the encoder cannot take it."""
     if width < 1 or height < 1:
         raise ValueError(f"image {index} has no pixels ({width}x{height})")
     if width * height > MAX_ENCODER_PIXELS:
@@ -783,69 +784,10 @@ def _rgb_pixels(item: ImageInput, index: int) -> tuple[np.ndarray, str]:
         img, known = item, None
     else:
         raise ValueError(f"image {index} is a {type(item).__name__}, expected a PIL image")
-    _check_size(img.width, img.height, index)
+    check_image_size(img.width, img.height, index)
     if img.mode != "RGB":
         img, known = img.convert("RGB"), None
     arr = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"image {index} did not convert to RGB pixels")
     return arr, known or pixel_hash(img)
-
-
-# --------------------------------------------------------------------------- prefill helper
-
-
-def decode_embeddings(
-    ctx: llama_cpp.llama_context_p,
-    embeddings: np.ndarray,
-    n_past: int,
-    seq_id: int = 0,
-    n_batch: int | None = None,
-    *,
-    logits_last: bool = False,
-) -> int:
-    """Prefill embedding rows at positions ``n_past, n_past+1, ...``; returns the new ``n_past``.
-
-    A reference for the engine (which owns prefill) and the tests. Rows go in batches of
-    ``n_batch`` (default: the context's n_batch). For non-causal projectors the caller
-    must wrap this in ``llama_set_causal_attn(ctx, False)`` and keep an image within one
-    ubatch. Raises ``ValueError`` on a shape that llama.cpp would reject and
-    ``VisionError`` when ``llama_decode`` fails.
-    """
-    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if emb.ndim != 2 or emb.shape[0] < 1:
-        raise ValueError(f"embeddings must be (n_tokens, n_embd), got {emb.shape}")
-    model = llama_cpp.llama_get_model(ctx)
-    n_embd = int(llama_cpp.llama_model_n_embd_inp(model))
-    if emb.shape[1] != n_embd:
-        raise ValueError(f"embeddings are {emb.shape[1]} wide, the model takes {n_embd}")
-    if n_past < 0:
-        raise ValueError("n_past must be >= 0")
-    n_ctx = int(llama_cpp.llama_n_ctx(ctx))
-    if n_past + emb.shape[0] > n_ctx:
-        raise ValueError(f"{emb.shape[0]} rows at position {n_past} exceed the context ({n_ctx})")
-    ctx_batch = int(llama_cpp.llama_n_batch(ctx))
-    step = min(n_batch or ctx_batch, ctx_batch)
-    if step < 1:
-        raise ValueError("n_batch must be >= 1")
-
-    batch = llama_cpp.llama_batch_init(step, n_embd, 1)
-    try:
-        total = emb.shape[0]
-        for start in range(0, total, step):
-            rows = emb[start : start + step]
-            n = rows.shape[0]
-            ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
-            for j in range(n):
-                batch.pos[j] = n_past + j
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = seq_id
-                batch.logits[j] = bool(logits_last and start + j == total - 1)
-            batch.n_tokens = n
-            rc = llama_cpp.llama_decode(ctx, batch)
-            if rc != 0:
-                raise VisionError(f"llama_decode of image embeddings failed ({rc})", code="decode_error")
-            n_past += n
-    finally:
-        llama_cpp.llama_batch_free(batch)
-    return n_past

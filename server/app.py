@@ -43,7 +43,7 @@ def registry_from(settings: Settings) -> Registry:
         model=settings.model, mmproj=settings.mmproj, config=settings.config,
         model_options={"image_min_tokens": settings.image_min_tokens,
                        "image_max_tokens": settings.image_max_tokens},
-        models_dir=settings.models_dir, defaults=defaults,
+        models_dir=settings.models_dir, defaults=defaults, embedded_model=settings.embedded_model,
         max_loaded=settings.max_loaded_models,
         max_memory_bytes=settings.max_model_memory_mb * 2**20 if settings.max_model_memory_mb else None,
     )

@@ -25,6 +25,7 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--mmproj", "mmproj", str, "vision projector GGUF for --model (makes it a VLM)"),
     ("--image-min-tokens", "image_min_tokens", int, "fewest tokens one image may cost on --model (dynamic-resolution projectors)"),
     ("--image-max-tokens", "image_max_tokens", int, "most tokens one image may cost on --model (dynamic-resolution projectors)"),
+    ("--embedded-model", "embedded_model", bool, "also offer the embedded SmolLM2 when --model/--config/--models-dir name models"),
     ("--ctx-size", "ctx_size", int, "context tokens per model, shared by its slots (default 4096)"),
     ("--threads", "threads", int, "CPU threads per model (default: physical cores)"),
     ("--parallel", "parallel", int, "parallel sequences (slots) per model (default: 4, or fewer on 1 core / < 4 GiB free)"),
@@ -163,6 +164,7 @@ def _main(argv: list[str] | None = None) -> int:
     for flag, dest in (("--config", "config"), ("--models-dir", "models_dir"), ("--model", "model"),
                        ("--mmproj", "mmproj")):
         lp.add_argument(flag, dest=dest, default=None)
+    lp.add_argument("--embedded-model", dest="embedded_model", action="store_const", const=True, default=None)
     sub.add_parser("report", help="summarise trace files: edgevlm report TRACES.jsonl [--out DIR]")
     args = parser.parse_args(argv)
     if args.command == "serve":

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -19,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from models.engine import EngineError, GenerationRequest, Segment
-from models.registry import LoadedModel
+from models.registry import LoadedModel, ModelSpec
 from models.sampling import SamplingParams
 from server.errors import APIError, from_engine_error
 from server.protocol.common import PromptTokensDetails, SamplingFields, Usage
@@ -52,13 +53,43 @@ class ClientDisconnected(Exception):
     """The client closed the connection; recorded on the span, never sent anywhere."""
 
 
-def trace_refusal(request: Request, operation: str, model_id: str | None, exc: EngineError) -> None:
+def trace_refusal(request: Request, operation: str, model_id: str | None,
+                  exc: EngineError | APIError) -> None:
     """A span for a request refused before its model was ready (unknown model, failed load)."""
     record = RequestRecord(operation=operation, model=ModelInfo(model_id=model_id or "default"),
                            error_type=exc.code)
     started = getattr(request.state, "arrival", time.perf_counter())
     record.e2e_ms = (time.perf_counter() - started) * 1000.0
     request.app.state.telemetry.begin(operation, record.model.model_id, request.headers).finish(record, exc)
+
+
+@asynccontextmanager
+async def model_for(request: Request, operation: str, model_id: str | None,
+                    check: Callable[[ModelSpec], None] | None = None
+                    ) -> AsyncIterator[tuple[LoadedModel, float]]:
+    """The request's model, held until submit, and the ms spent waiting for it to load.
+
+    ``check`` may refuse the request from the model's spec before anything is loaded
+    (a load can evict a model in use). A refusal here (unknown model, failed load,
+    ``check``) leaves a span, as no other exists yet. The wait is reported as
+    ``load_ms`` apart from TTFT's phases, so the cost model does not learn a load as
+    per-request overhead.
+    """
+    registry = request.app.state.registry
+    try:
+        spec = registry.resolve(model_id)
+        if check is not None:
+            check(spec)
+        was_loaded = registry.is_loaded(spec.id)
+        started = time.perf_counter()
+        model = await registry.acquire(spec.id)
+    except (EngineError, APIError) as exc:
+        trace_refusal(request, operation, model_id, exc)
+        raise
+    try:
+        yield model, 0.0 if was_loaded else (time.perf_counter() - started) * 1000.0
+    finally:
+        registry.release(model)
 
 
 def new_id(prefix: str) -> str:

@@ -29,7 +29,7 @@ from models.engine import ImageSegment, Segment
 from models.images import ImageError, ImageLimits, LoadedImage, load_image
 from models.reduce import ResizePlan, plan_resize, positions_mrope, prune, resize_to_plan
 from models.registry import LoadedModel
-from models.vision import ImageChunk, TextChunk, VisionError
+from models.vision import ImageChunk, TextChunk, VisionError, check_image_size
 from server.errors import APIError
 from server.policy.budget import BudgetPlan, CostModel, ImageSpec, plan_for_budget
 from server.policy.extension import EdgeVLMExtension
@@ -40,10 +40,13 @@ from server.prompt import RenderedChat
 from server.settings import Settings
 from telemetry.record import ImageRecord, RequestRecord
 
-__all__ = ["TTFT_BUDGET_HEADER", "cost_model_for", "cost_observer", "image_limits", "prepare_images"]
+__all__ = ["TTFT_BUDGET_HEADER", "cost_model_for", "cost_observer", "image_limits", "prepare_images",
+           "segments_from_chunks"]
 
 TTFT_BUDGET_HEADER = "X-EdgeVLM-TTFT-Budget-Ms"
 MIN_PREFILL_TOKENS_TO_LEARN = 32
+# Budget sources that are the client's own choice for an image (see policy.resolution).
+EXPLICIT_SOURCES = ("request", "detail")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -80,13 +83,17 @@ def cost_observer(app: FastAPI, model: LoadedModel) -> Callable[[RequestRecord],
             return
         encoded = sum(im.tokens_before for im in rec.images if not im.cache_hit)
         overhead = rec.ttft_ms - rec.queue_ms - rec.encode_ms - rec.prefill_ms
+        # A request that waited for its model to load carries the load and the model's
+        # first-use costs (template compile, cold caches) in its TTFT: none of that is a
+        # per-request cost, so only its measured encode and prefill rates are learned.
+        fresh = rec.load_ms > 0
         # A short prefill (a follow-up turn over a reused prefix) is mostly the fixed cost
         # of one decode call; as a per-token rate it would make every prediction pessimistic.
         prefilled = rec.prefilled_tokens if rec.prefilled_tokens >= MIN_PREFILL_TOKENS_TO_LEARN else 0
         cm.observe(
             rec.encode_ms, encoded, rec.prefill_ms, prefilled,
-            overhead_ms=max(0.0, overhead) if rec.ttft_ms > 0 else None,
-            request_ms=max(0.0, rec.e2e_ms - rec.queue_ms) if rec.e2e_ms > 0 else None,
+            overhead_ms=max(0.0, overhead) if rec.ttft_ms > 0 and not fresh else None,
+            request_ms=max(0.0, rec.e2e_ms - rec.queue_ms) if rec.e2e_ms > 0 and not fresh else None,
         )
 
     return observe
@@ -145,8 +152,12 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     for ref in rendered.images:
         try:
             loaded.append(await run_in_threadpool(load_image, ref.url, ref.index, limits))
+            # Judged as the client sent it: the resize below never makes it invalid.
+            check_image_size(loaded[-1].width, loaded[-1].height, ref.index)
         except ImageError as err:
             raise _image_error(err) from None
+        except ValueError as exc:
+            raise APIError(400, f"Invalid image: {exc}", param="messages", code="invalid_image") from None
 
     facts = vision.projector
     grid = facts.grid()
@@ -179,22 +190,32 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     marker = vision.media_marker
     text_tokens = len(engine.tokenize(rendered.text.replace(marker, "")))
     ttft_plan: BudgetPlan | None = None
+    # Explicit client choices (max_image_tokens, detail low/high) are final: the budget
+    # plans around them and neither lowers nor prunes those images.
+    locked = [b.source in EXPLICIT_SOURCES for b in budgets]
     if budget_ms is not None:
-        specs = [ImageSpec(max_tokens=p.tokens, grid=grid) for p in plans]
+        specs = [ImageSpec(max_tokens=p.tokens, grid=grid, locked=lk) for p, lk in zip(plans, locked)]
         ttft_plan = plan_for_budget(budget_ms, text_tokens, specs, queue_depth, rates, allow_prune=causal)
         for i, ip in enumerate(ttft_plan.images):
-            if ip.tokens < plans[i].tokens and not facts.is_fixed:
+            if ip.tokens < plans[i].tokens and not facts.is_fixed and not locked[i]:
                 b = budget_for(i, ttft_tokens=ip.tokens)
                 if b.tokens != budgets[i].tokens:
                     budgets[i] = b
                     plans[i] = plan_resize(loaded[i].width, loaded[i].height, b.tokens, grid)
     ttft_keep = ttft_plan.keep_ratio if ttft_plan is not None else None
-    try:
-        prune_decision = decide_prune(extension=extension, profiles=profiles, server_profile=settings.profile,
-                                      ttft_keep=ttft_keep if ttft_keep is not None and ttft_keep < 1.0 else None,
-                                      causal_image_attention=causal)
-    except ValueError as exc:
-        raise APIError(400, f"Invalid pruning request: {exc}", param="edgevlm.prune", code="invalid_value") from exc
+
+    def prune_for(keep: float | None) -> PruneDecision:
+        try:
+            return decide_prune(extension=extension, profiles=profiles, server_profile=settings.profile,
+                                ttft_keep=keep if keep is not None and keep < 1.0 else None,
+                                causal_image_attention=causal)
+        except ValueError as exc:
+            raise APIError(400, f"Invalid pruning request: {exc}", param="edgevlm.prune",
+                           code="invalid_value") from exc
+
+    budget_prune, chosen_prune = prune_for(ttft_keep), prune_for(None)
+    decisions = [chosen_prune if lk else budget_prune for lk in locked]
+    prune_decision = chosen_prune if all(locked) else budget_prune
 
     work: list[_ImageWork] = []
     for im, b, p in zip(loaded, budgets, plans):
@@ -207,7 +228,7 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     # 4. encode (embedding cache inside) and prune, off the event loop
     try:
         chunks, pruned = await run_in_threadpool(_encode_and_prune, vision, rendered.text,
-                                                 [w.encoder_input for w in work], prune_decision)
+                                                 [w.encoder_input for w in work], decisions)
     except VisionError as exc:
         raise APIError(exc.status, f"The images could not be encoded: {exc}",
                        param="messages" if exc.status == 400 else None, code=exc.code) from exc
@@ -215,26 +236,13 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
         raise APIError(400, f"Invalid image: {exc}", param="messages", code="invalid_image") from exc
 
     # 5. segments + records
-    segments: list[Segment] = []
-    first_text = True
+    segments = segments_from_chunks(chunks, engine, pruned)
     for chunk in chunks:
-        if isinstance(chunk, TextChunk):
-            tokens = list(chunk.tokens)
-            if first_text and engine.add_bos and len(tokens) > 1 and tokens[0] == tokens[1] == engine.bos_id:
-                tokens.pop(0)  # the template wrote a BOS already (as engine.tokenize does)
-            first_text = False
-            if tokens:
-                segments.append(tokens)
+        if not isinstance(chunk, ImageChunk):
             continue
-        first_text = False
         w = work[chunk.index]
-        emb, method, prune_ms, positions = pruned[chunk.index]
+        emb, method, prune_ms, _ = pruned[chunk.index]
         kept = int(emb.shape[0])
-        segments.append(ImageSegment(
-            embeddings=emb, key=f"{chunk.image_hash}:{chunk.width}x{chunk.height}:{method}:{kept}",
-            non_causal=chunk.non_causal, positions=positions,
-            n_pos=chunk.n_pos if positions is not None else None,
-        ))
         record.images.append(ImageRecord(
             index=chunk.index, source_width=w.loaded.width, source_height=w.loaded.height,
             encoded_width=chunk.width, encoded_height=chunk.height,
@@ -266,9 +274,39 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     return segments
 
 
-def _encode_and_prune(vision: Any, text: str, images: list[Any], decision: PruneDecision
+def segments_from_chunks(chunks: list[Any], engine: Any,
+                         pruned: dict[int, tuple[Any, str, float, Any]] | None = None) -> list[Segment]:
+    """Engine segments from libmtmd chunks (the one place that turns chunks into a prompt).
+
+    The template's BOS is not doubled (as ``engine.tokenize`` does), and each image's
+    rows are the kept ones from ``pruned`` (``_encode_and_prune``; all rows when absent)
+    with their M-RoPE positions, the image still advancing by its full ``n_pos``.
+    """
+    segments: list[Segment] = []
+    first_text = True
+    for chunk in chunks:
+        if isinstance(chunk, TextChunk):
+            tokens = list(chunk.tokens)
+            if first_text and engine.add_bos and len(tokens) > 1 and tokens[0] == tokens[1] == engine.bos_id:
+                tokens.pop(0)  # the template wrote a BOS already (as engine.tokenize does)
+            first_text = False
+            if tokens:
+                segments.append(tokens)
+            continue
+        first_text = False
+        emb, method, _, positions = (pruned[chunk.index] if pruned is not None
+                                     else (chunk.embeddings, "none", 0.0, chunk.positions))
+        segments.append(ImageSegment(
+            embeddings=emb, key=f"{chunk.image_hash}:{chunk.width}x{chunk.height}:{method}:{int(emb.shape[0])}",
+            non_causal=chunk.non_causal, positions=positions,
+            n_pos=chunk.n_pos if positions is not None else None,
+        ))
+    return segments
+
+
+def _encode_and_prune(vision: Any, text: str, images: list[Any], decisions: list[PruneDecision]
                       ) -> tuple[list[Any], dict[int, tuple[Any, str, float, Any]]]:
-    """Tokenize + encode (worker thread), then keep the decided rows of each image.
+    """Tokenize + encode (worker thread), then keep the rows each image's decision asked for.
 
     Per image: (embeddings, method, prune ms, M-RoPE positions or None). Kept rows keep
     their original M-RoPE positions (``positions_mrope``); the image still advances by
@@ -279,6 +317,7 @@ def _encode_and_prune(vision: Any, text: str, images: list[Any], decision: Prune
     for chunk in chunks:
         if not isinstance(chunk, ImageChunk):
             continue
+        decision = decisions[chunk.index]
         keep = decision.keep_for(chunk.n_tokens)
         if decision.active and keep < chunk.n_tokens:
             res = prune(chunk.embeddings, keep, decision.method)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from models.registry import LoadedModel
+from models.registry import LoadedModel, ModelSpec
 from server.errors import APIError
 from server.policy.extension import EdgeVLMExtension
 from server.policy.truncation import PromptTooLongError, truncate_messages
@@ -30,6 +30,16 @@ class RenderedChat:
     images: list[ImageRef] = field(default_factory=list)
     prompt_cue: str = ""  # the last user turn's text, for content-aware resolution
     truncate: bool = False  # the long-chat policy is on for this request
+
+
+def refuse_images_without_projector(spec: ModelSpec, messages: list[ChatMessage]) -> None:
+    """400 for images sent to a text-only model, decided from its spec before it is loaded
+    (loading it only to refuse would cost memory and may evict a model in use)."""
+    if spec.mmproj is None and any(isinstance(part, ImagePart) for msg in messages
+                                   if isinstance(msg.content, list) for part in msg.content):
+        raise APIError(400, f"The model '{spec.id}' has no vision projector (mmproj), so it "
+                       "cannot read images; send text only or use a vision model.",
+                       param="messages", code="model_not_multimodal")
 
 
 def _flatten(messages: list[ChatMessage], marker: str
@@ -75,10 +85,7 @@ def render_chat(messages: list[ChatMessage], model: LoadedModel, *, extension: E
     marker = model.vision.media_marker if model.vision is not None else _IMAGE_PLACEHOLDER
     flat, owned = _flatten(messages, marker)
     images = [ref for _, ref in owned]
-    if images and model.vision is None:
-        raise APIError(400, f"The model '{model.spec.id}' has no vision projector (mmproj), so it "
-                       "cannot read images; send text only or use a vision model.",
-                       param="messages", code="model_not_multimodal")
+    refuse_images_without_projector(model.spec, messages)
     if images and len(images) > settings.max_images:
         raise APIError(400, f"Too many images: {len(images)} (the limit is {settings.max_images}).",
                        param="messages", code="too_many_images")

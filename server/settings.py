@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     mmproj: str | None = Field(None, description="Vision projector GGUF for --model.")
     image_min_tokens: int | None = Field(None, ge=1, description="Fewest tokens one image may cost (--model).")
     image_max_tokens: int | None = Field(None, ge=1, description="Most tokens one image may cost (--model).")
+    embedded_model: bool | None = Field(None, description="Offer the embedded SmolLM2 beside named models.")
     ctx_size: int | None = Field(None, ge=64, description="Context tokens shared by all slots.")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores).")
     parallel: int | None = Field(None, ge=1, le=64, description="Parallel sequences per model.")

@@ -98,6 +98,8 @@ def record_attributes(record: RequestRecord, capture_content: bool = False) -> A
     })
     if record.dropped_tokens:
         a["edgevlm.dropped_tokens"] = record.dropped_tokens
+    if record.load_ms:
+        a["edgevlm.load_ms"] = record.load_ms
     if record.restored_tokens:
         a["edgevlm.cache.restored_tokens"] = record.restored_tokens
     if record.shared_tokens:

@@ -81,6 +81,7 @@ class RequestRecord:
     finish_reason: str | None = None
     error_type: str | None = None
 
+    load_ms: float = 0.0  # waiting for the model to load on first use (inside ttft_ms)
     queue_ms: float = 0.0
     encode_ms: float = 0.0
     prefill_ms: float = 0.0
@@ -143,4 +144,6 @@ class RequestRecord:
             out["middleware"] = dict(self.middleware)
         if self.dropped_tokens:
             out["dropped_tokens"] = self.dropped_tokens
+        if self.load_ms:
+            out["load_ms"] = round(self.load_ms, 3)
         return out

@@ -114,6 +114,6 @@ def chat_body(content: str, **kw: Any) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight llama GGUF with the default model's tokenizer (seconds to build)."""
-    from models.tinymodels import write_tiny_llm
+    from bench.tinymodels import write_tiny_llm
 
     return write_tiny_llm(tmp_path_factory.mktemp("tiny") / "tiny-llm.gguf")

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import pytest
 
 from models.registry import model_id_for
-from models.tinymodels import tiny_vlm
+from bench.tinymodels import tiny_vlm
 from tests.conftest import LiveServer, live_server
 from tests.test_vision_api import image_message, png_uri
 
@@ -134,3 +134,47 @@ def test_cost_model_is_seeded_by_a_warm_up_at_load(vlm: LiveServer) -> None:
     assert seeded.encode_ms_per_token != default.encode_ms_per_token
     assert seeded.prefill_ms_per_token != default.prefill_ms_per_token
     assert seeded.encode_ms_per_token > 0 and seeded.prefill_ms_per_token > 0
+
+
+@pytest.mark.parametrize("choice", [{"detail": "high"}, {"max_image_tokens": 256}, {"detail": "low"}],
+                         ids=["detail-high", "max-image-tokens", "detail-low"])
+def test_ttft_budget_never_overrides_an_explicit_image_choice(vlm: LiveServer, choice: dict[str, Any]) -> None:
+    free = chat(vlm, seed=40, **choice)
+    # A budget no plan can meet: without the explicit choice it would go to the floor and prune.
+    tight = chat(vlm, seed=40, ttft_budget_ms=1, **choice)
+    done, planned = image(tight), tight["middleware"]
+    assert done["budget_source"] in ("detail", "request")
+    assert done["budget_tokens"] == image(free)["budget_tokens"]
+    assert done["tokens_before"] == done["tokens_after"] == image(free)["tokens_before"]
+    assert done["prune_method"] == "none" and planned["prune_method"] == "none"
+    # What the response (and span) says was planned is what was done.
+    assert planned["ttft_plan_keep"] == planned["ttft_plan_tokens"]
+    assert done["tokens_before"] - 32 <= planned["ttft_plan_tokens"][0] <= done["tokens_before"]
+    assert "floor" not in planned["ttft_plan_reason"] and planned["ttft_achievable"] is False
+    # The same budget without an explicit choice does lower and prune (the control).
+    budgeted = image(chat(vlm, seed=40, ttft_budget_ms=1))
+    assert budgeted["tokens_after"] < done["tokens_after"]
+
+
+def test_loading_on_first_use_is_not_learned_as_request_cost(tmp_path: Path, tiny_llm: Path) -> None:
+    from server.policy.budget import DEFAULT_OVERHEAD_MS, DEFAULT_REQUEST_MS
+
+    llm, mmproj = tiny_vlm(tmp_path / "m", "pixtral")
+    config = tmp_path / "models.toml"
+    config.write_text(f'[[models]]\nid = "text"\npath = "{tiny_llm}"\n\n'
+                      f'[[models]]\nid = "vlm"\npath = "{llm}"\nmmproj = "{mmproj}"\nctx_size = 4096\n')
+    with live_server(tmp_path, config=str(config)) as srv:
+        srv.model_id = "vlm"  # type: ignore[attr-defined]
+        assert not srv.app.state.registry.is_loaded("vlm")
+        first = chat(srv, seed=50)  # loads the model (and its warm-up) on the way
+        assert first["load_ms"] > 0 and first["ttft_ms"] > first["load_ms"]
+        est = srv.app.state.cost_models["vlm"].snapshot()
+        # Only its measured encode and prefill rates were learned: the fixed costs keep
+        # their start-up values instead of taking in the load.
+        assert (est.overhead_ms, est.request_ms) == (DEFAULT_OVERHEAD_MS, DEFAULT_REQUEST_MS)
+        assert est.prefill_ms_per_token <= (first["prefill_ms"] + 0.001) / first["prompt_prefilled_tokens"]
+        second = chat(srv, seed=51)
+        assert "load_ms" not in second  # loaded now: nothing to wait for, and this one is learned
+        learned = srv.app.state.cost_models["vlm"].snapshot().overhead_ms
+        overhead = second["ttft_ms"] - second["queue_ms"] - second["encode_ms"] - second["prefill_ms"]
+        assert learned == pytest.approx(max(0.0, overhead), abs=0.01)

@@ -14,7 +14,7 @@ from PIL import Image
 from models.engine import Engine, EngineConfig
 from models.reduce import positions_mrope, prune
 from models.registry import model_id_for
-from models.tinymodels import tiny_vlm
+from bench.tinymodels import tiny_vlm
 from models.vision import ImageChunk, TextChunk, VisionEncoder
 from tests.conftest import LiveServer, live_server
 from tests.test_vision_api import check_second_turn_reuses_the_image_prefix, image_message, images_of, png_uri
@@ -209,7 +209,7 @@ def test_server_pruning_keeps_original_positions(encoder: VisionEncoder) -> None
     from server.policy.pruning import PruneDecision
 
     chunks, pruned = _encode_and_prune(encoder, f"x {encoder.media_marker}", [_image(128, 64, seed=5)],
-                                       PruneDecision("uniform", 0.5, "request"))
+                                       [PruneDecision("uniform", 0.5, "request")])
     img = next(c for c in chunks if isinstance(c, ImageChunk))
     emb, method, _, pos = pruned[img.index]
     assert method == "uniform" and emb.shape[0] == 16

@@ -350,3 +350,31 @@ def test_truncation_keeps_system_messages_in_the_middle_and_tool_turns_whole() -
     kept, dropped = truncate_messages(msgs, _count, 20)
     assert kept == [msgs[3], msgs[4]]
     assert dropped == _count(msgs) - _count(kept)
+
+
+def test_budget_plan_keeps_locked_images_as_the_client_chose() -> None:
+    cm = CostModel(encode_ms_per_token=2.0, prefill_ms_per_token=1.0, overhead_ms=20.0)
+    chosen, free = ImageSpec(QWEN_MAX, QWEN2VL, locked=True), ImageSpec(QWEN_MAX, QWEN2VL)
+    plan = plan_for_budget(50, 50, [chosen, free], 0, cm.snapshot())
+    assert plan.images[0].tokens == plan.images[0].keep_tokens == QWEN_MAX
+    assert plan.images[1].tokens == 64 and plan.images[1].keep_tokens < 64
+    only = plan_for_budget(50, 50, [chosen], 0, cm.snapshot())
+    assert only.keep_ratio == 1.0 and not only.achievable and "explicit" in only.reason
+
+
+def test_cost_model_is_not_swung_by_an_outlier() -> None:
+    cm = CostModel.from_warmup(encode_ms=300.0, image_tokens=100, prefill_ms=150.0, prefill_tokens=150)
+    before = cm.snapshot().predict_ttft_ms(100, [500])
+    # A single 20x slower request right after the warm-up (a page-in, a burst elsewhere) ...
+    cm.observe(encode_ms=6000.0, image_tokens=100, prefill_ms=3000.0, prefill_tokens=150)
+    assert cm.snapshot().predict_ttft_ms(100, [500]) == pytest.approx(before)
+    # ... or later, among ordinary ones.
+    for _ in range(4):
+        cm.observe(encode_ms=310.0, image_tokens=100, prefill_ms=155.0, prefill_tokens=150, overhead_ms=20.0)
+    steady = cm.snapshot().predict_ttft_ms(100, [500])
+    cm.observe(encode_ms=6000.0, image_tokens=100, prefill_ms=3000.0, prefill_tokens=150, overhead_ms=5000.0)
+    assert cm.snapshot().predict_ttft_ms(100, [500]) == pytest.approx(steady, rel=0.05)
+    # A lasting change takes over once it is most of what was seen recently.
+    for _ in range(15):
+        cm.observe(encode_ms=600.0, image_tokens=100, prefill_ms=300.0, prefill_tokens=150)
+    assert cm.snapshot().encode_ms_per_token == pytest.approx(6.0)

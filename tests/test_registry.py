@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from models.registry import (DEFAULT_MODEL_ID, ConfigError, UnknownModel, build_registry,
-                             load_config, load_model, scan_dir)
+                             load_config, load_model, model_id_for, scan_dir)
 from server.cli import _serve_parser, _settings_from, main
 from tests.conftest import LiveServer, _free_port
 
@@ -30,7 +30,7 @@ def test_config_file_declares_models_with_relative_paths(tmp_path: Path, tiny_ll
     assert specs["tiny-vlm"].image_max_tokens == 256
     reg = build_registry(config=str(tmp_path / "models.toml"))
     assert reg.default_id == "tiny"  # the config's first model is the default
-    assert DEFAULT_MODEL_ID in {s.id for s in reg.list()}
+    assert DEFAULT_MODEL_ID not in {s.id for s in reg.list()}  # named models: no embedded one
 
 
 @pytest.mark.parametrize("body, message", [
@@ -151,3 +151,25 @@ def test_models_list_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert DEFAULT_MODEL_ID in out and "*" + DEFAULT_MODEL_ID in out.replace(" ", "")
+
+
+def test_default_model_is_listed_first_and_embedded_one_only_when_asked(tmp_path: Path, tiny_llm: Path) -> None:
+    vlm = tmp_path / "field-vlm.gguf"
+    shutil.copy(tiny_llm, vlm)
+    (tmp_path / "mmproj.gguf").write_bytes(b"x")
+    reg = build_registry(model=str(vlm), mmproj=str(tmp_path / "mmproj.gguf"))
+    assert [s.id for s in reg.list()] == ["field-vlm"]
+    both = build_registry(model=str(vlm), embedded_model=True)
+    assert [s.id for s in both.list()] == ["field-vlm", DEFAULT_MODEL_ID]  # the default first
+    by_id = build_registry(model=DEFAULT_MODEL_ID, config=None, models_dir=str(tmp_path))
+    assert by_id.list()[0].id == DEFAULT_MODEL_ID == by_id.default_id
+    assert build_registry(models_dir=str(tmp_path)).default_id == "field-vlm"
+    assert [s.id for s in build_registry().list()] == [DEFAULT_MODEL_ID]  # nothing named: as before
+
+
+def test_models_endpoint_lists_the_default_first(make_server, tiny_llm: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    srv = make_server(model=str(tiny_llm), embedded_model=True)
+    client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [model_id_for(tiny_llm), DEFAULT_MODEL_ID]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from models.llama_lib import ensure_backend
-from models.tinymodels import default_model_path, tiny_vlm, tokenizer_metadata, write_tiny_llm, write_tiny_mmproj
+from bench.tinymodels import default_model_path, tiny_vlm, tokenizer_metadata, write_tiny_llm, write_tiny_mmproj
 
 
 def sha(path: Path) -> str:
@@ -126,3 +126,22 @@ def test_llama_cpp_loads_tokenizes_like_default_and_decodes(tmp_path: Path, back
             llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(tiny)
         llama_cpp.llama_model_free(ref)
+
+
+def test_one_command_writes_a_tiny_vlm_and_says_how_to_serve_it(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from bench.tinymodels import main
+
+    assert main([str(tmp_path / "vlm"), "--kind", "mlp"]) == 0
+    out = capsys.readouterr().out
+    files = sorted((tmp_path / "vlm").glob("*.gguf"))
+    assert len(files) == 2 and all(str(f) in out for f in files)
+    assert "edgevlm serve --model" in out and "--mmproj" in out
+
+
+def test_the_server_does_not_need_the_fixture_generator() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, server.app, server.cli, models.vision, models.engine; print('bench.tinymodels' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from pathlib import Path
 
@@ -13,18 +14,73 @@ from PIL import Image
 
 from models.images import ImageLimits, load_image
 from models.llama_lib import ensure_backend
-from models.tinymodels import tiny_vlm, write_tiny_mmproj
+from bench.tinymodels import tiny_vlm, write_tiny_mmproj
 from models.vision import (
     EmbeddingCache,
     ImageChunk,
     TextChunk,
     VisionEncoder,
     VisionError,
-    decode_embeddings,
     read_projector_facts,
 )
 
 N_EMBD = 64  # tiny LLM width
+
+
+def decode_embeddings(
+    ctx: llama_cpp.llama_context_p,
+    embeddings: np.ndarray,
+    n_past: int,
+    seq_id: int = 0,
+    n_batch: int | None = None,
+    *,
+    logits_last: bool = False,
+) -> int:
+    """Prefill embedding rows at positions ``n_past, n_past+1, ...``; returns the new ``n_past``.
+
+    A minimal reference prefill (the engine owns the real one), for checking embeddings. Rows go in batches of
+    ``n_batch`` (default: the context's n_batch). For non-causal projectors the caller
+    must wrap this in ``llama_set_causal_attn(ctx, False)`` and keep an image within one
+    ubatch. Raises ``ValueError`` on a shape that llama.cpp would reject and
+    ``VisionError`` when ``llama_decode`` fails.
+    """
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] < 1:
+        raise ValueError(f"embeddings must be (n_tokens, n_embd), got {emb.shape}")
+    model = llama_cpp.llama_get_model(ctx)
+    n_embd = int(llama_cpp.llama_model_n_embd_inp(model))
+    if emb.shape[1] != n_embd:
+        raise ValueError(f"embeddings are {emb.shape[1]} wide, the model takes {n_embd}")
+    if n_past < 0:
+        raise ValueError("n_past must be >= 0")
+    n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+    if n_past + emb.shape[0] > n_ctx:
+        raise ValueError(f"{emb.shape[0]} rows at position {n_past} exceed the context ({n_ctx})")
+    ctx_batch = int(llama_cpp.llama_n_batch(ctx))
+    step = min(n_batch or ctx_batch, ctx_batch)
+    if step < 1:
+        raise ValueError("n_batch must be >= 1")
+
+    batch = llama_cpp.llama_batch_init(step, n_embd, 1)
+    try:
+        total = emb.shape[0]
+        for start in range(0, total, step):
+            rows = emb[start : start + step]
+            n = rows.shape[0]
+            ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+            for j in range(n):
+                batch.pos[j] = n_past + j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = seq_id
+                batch.logits[j] = bool(logits_last and start + j == total - 1)
+            batch.n_tokens = n
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise VisionError(f"llama_decode of image embeddings failed ({rc})", code="decode_error")
+            n_past += n
+    finally:
+        llama_cpp.llama_batch_free(batch)
+    return n_past
 
 
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:

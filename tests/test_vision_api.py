@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from models.registry import model_id_for
-from models.tinymodels import tiny_vlm
+from bench.tinymodels import tiny_vlm
 from tests.conftest import LiveServer, live_server
 
 
@@ -244,3 +244,36 @@ def test_long_chat_truncation_counts_image_tokens(vlm_files, tmp_path) -> None: 
         assert t["dropped_tokens"] > 0
         assert len(t["images"]) < 4  # images of dropped turns went with them
         assert r.json()["usage"]["prompt_tokens"] < 1024
+
+
+def test_image_for_a_text_only_model_is_refused_before_loading_it(vlm_files, tiny_llm: Path,
+                                                                   tmp_path: Path) -> None:
+    llm, pixtral, _ = vlm_files
+    config = tmp_path / "models.toml"
+    config.write_text(f'[[models]]\nid = "vlm"\npath = "{llm}"\nmmproj = "{pixtral}"\n\n'
+                      f'[[models]]\nid = "text"\npath = "{tiny_llm}"\n')
+    with live_server(tmp_path, config=str(config)) as srv:
+        registry = srv.app.state.registry
+        with srv.client() as c:
+            r = c.post("/v1/chat/completions", json={"model": "text", "max_tokens": 2,
+                                                     "messages": [image_message(png_uri(32, 32))]})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_multimodal"
+            assert not registry.is_loaded("text")  # refused from its spec: nothing was loaded
+            ok = c.post("/v1/chat/completions", json={"model": "text", "max_tokens": 2,
+                                                      "messages": [{"role": "user", "content": "Hi"}]})
+            assert ok.status_code == 200 and registry.is_loaded("text")
+
+
+def test_elongated_strip_within_the_limit_is_read_and_errors_name_the_sent_size(
+        vlm: LiveServer, client: openai.OpenAI) -> None:
+    from models.vision import MAX_ASPECT_RATIO
+
+    # 200:1, the documented limit: aligning 20 px down to the grid must not push it over.
+    im = images_of(ask(client, vlm.model_id, [image_message(png_uri(4000, 20, seed=60))]))[0]
+    assert (im["source_width"], im["source_height"]) == (4000, 20)
+    assert im["encoded_width"] <= MAX_ASPECT_RATIO * im["encoded_height"] and im["tokens_after"] > 0
+    with vlm.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": vlm.model_id, "max_tokens": 2,
+                                                  "messages": [image_message(png_uri(4000, 10, seed=61))]})
+    assert r.status_code == 400
+    assert "image 0 is 4000x10" in r.json()["error"]["message"]  # as sent, not as resized

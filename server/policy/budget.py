@@ -5,8 +5,8 @@ TTFT on an edge CPU is, to first order, linear in work:
     ttft = queue_wait + overhead + encode_ms/token * image tokens encoded
                                  + prefill_ms/token * (text tokens + image tokens kept)
 
-``CostModel`` keeps online (EWMA) estimates of those rates per loaded model, learned
-from every finished request; ``plan_for_budget`` inverts the formula. Resolution is
+``CostModel`` keeps online (rolling-median) estimates of those rates per loaded model,
+learned from every finished request (time spent loading the model is not one of them); ``plan_for_budget`` inverts the formula. Resolution is
 lowered first (it saves encoder *and* prefill time, and plain downsampling is the
 strongest cheap baseline); pruning (prefill only) is used once images are down to
 their floor. Queue wait (requests ahead x mean service time) is subtracted from the
@@ -16,6 +16,7 @@ budget, so plans tighten as the queue grows.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ DEFAULT_ENCODE_MS_PER_TOKEN = 8.0
 DEFAULT_PREFILL_MS_PER_TOKEN = 4.0
 DEFAULT_OVERHEAD_MS = 20.0
 DEFAULT_REQUEST_MS = 1500.0  # one queued request's full service time (prefill + decode)
+# Observations per rate the robust estimate is the median of (~15 requests of memory).
+DEFAULT_WINDOW = 15
 # Smallest per-image budget the planner lowers resolution to before it starts pruning
 # (one SmolVLM tile; below this images stop being legible for most VLMs).
 DEFAULT_FLOOR_TOKENS = 64
@@ -82,9 +85,12 @@ class CostEstimate:
 class CostModel:
     """Online per-model cost estimates; safe to share between request threads.
 
-    Updates are EWMAs with weight ``max(alpha, 1 / n)`` for the n-th observation, so
-    the first measurements replace the start-up guesses quickly and later ones track
-    drift (thermal throttling, other load) without jumping on one outlier.
+    Each rate is the median of its last ``window`` observations (a warm-up measurement
+    counts as one). One slow request (a page-in, another process's burst) cannot swing
+    it, while a lasting change (thermal throttling, other load) takes over once it fills
+    half the window. With an even count the lower middle value is taken (slow outliers
+    are far more common than fast ones), so a single slow request right after the
+    warm-up is ignored too. Until a rate has been observed once, its start-up guess stands.
     """
 
     def __init__(
@@ -93,17 +99,16 @@ class CostModel:
         prefill_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN,
         overhead_ms: float = DEFAULT_OVERHEAD_MS,
         request_ms: float = DEFAULT_REQUEST_MS,
-        alpha: float = 0.2,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError("alpha must be in (0, 1]")
+        if window < 1:
+            raise ValueError("window must be >= 1")
         for v in (encode_ms_per_token, prefill_ms_per_token, overhead_ms, request_ms):
             if v < 0:
                 raise ValueError("cost rates must be >= 0")
         self._lock = threading.Lock()
-        self._alpha = alpha
         self._est = CostEstimate(encode_ms_per_token, prefill_ms_per_token, overhead_ms, request_ms)
-        self._n = {"encode": 0, "prefill": 0, "overhead": 0, "request": 0}
+        self._seen: dict[str, deque[float]] = {k: deque(maxlen=window) for k in ("encode", "prefill", "overhead", "request")}
 
     @classmethod
     def from_warmup(
@@ -114,28 +119,30 @@ class CostModel:
         prefill_tokens: int,
         overhead_ms: float = DEFAULT_OVERHEAD_MS,
         request_ms: float = DEFAULT_REQUEST_MS,
-        alpha: float = 0.2,
+        window: int = DEFAULT_WINDOW,
     ) -> CostModel:
         """Start-up rates from one warm-up request's measured phases.
 
         A measured rate counts as one observation, so the first real request is
-        averaged with it instead of replacing it.
+        weighed against it instead of replacing it.
         """
         cm = cls(
             encode_ms / image_tokens if image_tokens > 0 else DEFAULT_ENCODE_MS_PER_TOKEN,
             prefill_ms / prefill_tokens if prefill_tokens > 0 else DEFAULT_PREFILL_MS_PER_TOKEN,
             overhead_ms,
             request_ms,
-            alpha,
+            window,
         )
-        cm._n["encode"] = 1 if image_tokens > 0 else 0
-        cm._n["prefill"] = 1 if prefill_tokens > 0 else 0
+        if image_tokens > 0:
+            cm._seen["encode"].append(cm._est.encode_ms_per_token)
+        if prefill_tokens > 0:
+            cm._seen["prefill"].append(cm._est.prefill_ms_per_token)
         return cm
 
-    def _ewma(self, key: str, old: float, new: float) -> float:
-        self._n[key] += 1
-        w = max(self._alpha, 1.0 / self._n[key])
-        return old + w * (new - old)
+    def _robust(self, key: str, new: float) -> float:
+        seen = self._seen[key]
+        seen.append(new)
+        return sorted(seen)[(len(seen) - 1) // 2]
 
     def observe(
         self,
@@ -156,13 +163,13 @@ class CostModel:
             e = self._est
             enc, pre, ovh, req = e.encode_ms_per_token, e.prefill_ms_per_token, e.overhead_ms, e.request_ms
             if image_tokens > 0 and encode_ms >= 0:
-                enc = self._ewma("encode", enc, encode_ms / image_tokens)
+                enc = self._robust("encode", encode_ms / image_tokens)
             if prefill_tokens > 0 and prefill_ms >= 0:
-                pre = self._ewma("prefill", pre, prefill_ms / prefill_tokens)
+                pre = self._robust("prefill", prefill_ms / prefill_tokens)
             if overhead_ms is not None and overhead_ms >= 0:
-                ovh = self._ewma("overhead", ovh, overhead_ms)
+                ovh = self._robust("overhead", overhead_ms)
             if request_ms is not None and request_ms >= 0:
-                req = self._ewma("request", req, request_ms)
+                req = self._robust("request", request_ms)
             self._est = CostEstimate(enc, pre, ovh, req, e.observations + 1)
 
     def snapshot(self) -> CostEstimate:
@@ -172,10 +179,15 @@ class CostModel:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image of the request as the planner sees it: the most tokens it may cost."""
+    """One image of the request as the planner sees it: the most tokens it may cost.
+
+    ``locked``: the client chose this image's detail (``detail`` low/high or
+    ``edgevlm.max_image_tokens``); the plan keeps it as chosen, neither lowered nor pruned.
+    """
 
     max_tokens: int
     grid: ProjectorGrid | None = None
+    locked: bool = False
 
     @property
     def fixed(self) -> bool:
@@ -256,8 +268,10 @@ def plan_for_budget(
 
     Order of levers: full quality if it fits; else lower dynamic images' resolution
     uniformly (down to ``max(floor_tokens, grid.min_tokens)``); else prune every image
-    down to ``min_keep`` (if ``allow_prune``). If even that misses, the cheapest plan is
-    returned with ``achievable=False`` and its (over-budget) predicted TTFT.
+    down to ``min_keep`` (if ``allow_prune``). Locked images (the client's explicit
+    choice) use neither lever: they cost what the client asked for. If even that misses,
+    the cheapest plan is returned with ``achievable=False`` and its (over-budget)
+    predicted TTFT.
     """
     if budget_ms <= 0:
         raise ValueError("budget_ms must be > 0")
@@ -268,7 +282,8 @@ def plan_for_budget(
     base = qwait + est.overhead_ms + pre * text_tokens
 
     ceilings = [im.ceiling for im in images]
-    dynamic = [not im.fixed for im in images]
+    locked = [im.locked for im in images]
+    dynamic = [not im.fixed and not im.locked for im in images]
     floors = [
         c if not d else min(c, max(floor_tokens, (im.grid.min_tokens or 1) if im.grid else 1))
         for im, c, d in zip(images, ceilings, dynamic)
@@ -294,11 +309,15 @@ def plan_for_budget(
         if sum(tokens) <= total:
             return done(tokens, tokens, f"resolution lowered to {sum(tokens)} of {sum(ceilings)} image tokens")
     tokens = floors
+    if all(locked):
+        return done(tokens, tokens, "images kept at the client's explicit detail")
+    floor = "images at floor resolution" + (" (explicit ones as chosen)" if any(locked) else "")
 
-    # Stage 2: prune at the floor resolution: only prefill shrinks.
-    if not allow_prune or pre <= 0 or sum(tokens) == 0:
-        return done(tokens, tokens, "images at floor resolution; pruning not allowed")
-    room = budget_ms - base - enc * sum(tokens)
-    r = min(1.0, max(min_keep, room / (pre * sum(tokens))))
-    keep = [max(1, int(r * t)) for t in tokens]
-    return done(tokens, keep, f"images at floor resolution, pruned to keep {r:.3g}")
+    # Stage 2: prune unlocked images at the floor resolution: only prefill shrinks.
+    prunable = sum(t for t, lk in zip(tokens, locked) if not lk)
+    if not allow_prune or pre <= 0 or prunable == 0:
+        return done(tokens, tokens, f"{floor}; pruning not allowed")
+    room = budget_ms - base - enc * sum(tokens) - pre * (sum(tokens) - prunable)
+    r = min(1.0, max(min_keep, room / (pre * prunable)))
+    keep = [t if lk else max(1, int(r * t)) for t, lk in zip(tokens, locked)]
+    return done(tokens, keep, f"{floor}, pruned to keep {r:.3g}")

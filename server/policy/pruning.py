@@ -1,7 +1,7 @@
 """Pruning policy: which projector rows to keep for this request, or why not to prune.
 
 Precedence: ``edgevlm.prune`` in the request > the profile > a TTFT budget (which may
-only lower the keep share). Pruning is refused, with a reason the response and the
+only lower the keep share, and is not asked for images whose detail the client chose). Pruning is refused, with a reason the response and the
 span carry, when the model's image attention is not known to be causal: models like
 Gemma 3 attend bidirectionally inside an image block and were trained on the full
 fixed token grid, and for an unknown model we cannot tell. A refused decision keeps

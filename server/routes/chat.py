@@ -9,16 +9,16 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from models.grammars import GrammarError, json_grammar
-from models.engine import EngineError, segment_tokens
+from models.engine import segment_tokens
 from models.registry import LoadedModel
 from models.templates import ChatTemplateError
 from server.auth import check_api_key
 from server.errors import GENERATION_ERRORS, APIError
-from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, new_id,
-                               sampling_params, trace_refusal)
+from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, model_for,
+                               new_id, sampling_params)
 from server.images import cost_observer, prepare_images
 from server.policy.extension import EdgeVLMExtension
-from server.prompt import render_chat
+from server.prompt import refuse_images_without_projector, render_chat
 from server.protocol.chat import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceDelta,
                                   ChunkChoice)
 from server.protocol.common import NOT_IN_CHUNKS
@@ -52,22 +52,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     extension = body.edgevlm
     grammar = grammar_for(body)
     # Held until the request is submitted; from then on the busy engine cannot be evicted.
-    try:
-        async with request.app.state.registry.use(body.model) as model:
-            return await _run_chat(body, request, model, extension, grammar)
-    except EngineError as exc:  # unknown model or failed load: no span exists yet
-        trace_refusal(request, "chat", body.model, exc)
-        raise
+    async with model_for(request, "chat", body.model,
+                         lambda spec: refuse_images_without_projector(spec, body.messages)) as (model, load_ms):
+        return await _run_chat(body, request, model, extension, grammar, load_ms)
 
 
 async def _run_chat(body: ChatCompletionRequest, request: Request, model: LoadedModel,
-                    extension: EdgeVLMExtension | None, grammar: str | None) -> Any:
+                    extension: EdgeVLMExtension | None, grammar: str | None, load_ms: float) -> Any:
     state = request.app.state
     engine = model.engine
     record = RequestRecord(
         operation="chat", model=engine.info, request_id=new_id("chatcmpl"), stream=body.stream,
         max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
-        top_p=body.top_p, seed=body.seed,
+        top_p=body.top_p, seed=body.seed, load_ms=load_ms,
     )
 
     async def prepare() -> Prepared:

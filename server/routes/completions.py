@@ -8,12 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from models.engine import EngineError
 from models.registry import LoadedModel
 from server.auth import check_api_key
 from server.errors import GENERATION_ERRORS, APIError
-from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, new_id,
-                               sampling_params, trace_refusal)
+from server.generation import (Prepared, check_unsupported, execute, max_new_tokens, model_for,
+                               new_id, sampling_params)
 from server.protocol.common import NOT_IN_CHUNKS
 from server.protocol.completions import Completion, CompletionChoice, CompletionRequest
 from telemetry.record import RequestRecord
@@ -31,15 +30,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.best_of not in (None, 1):
         raise APIError(400, "Only best_of=1 is supported.", param="best_of", code="unsupported_value")
     # Held until the request is submitted; from then on the busy engine cannot be evicted.
-    try:
-        async with request.app.state.registry.use(body.model) as model:
-            return await _run_completion(body, request, model)
-    except EngineError as exc:  # unknown model or failed load: no span exists yet
-        trace_refusal(request, "text_completion", body.model, exc)
-        raise
+    async with model_for(request, "text_completion", body.model) as (model, load_ms):
+        return await _run_completion(body, request, model, load_ms)
 
 
-async def _run_completion(body: CompletionRequest, request: Request, model: LoadedModel) -> Any:
+async def _run_completion(body: CompletionRequest, request: Request, model: LoadedModel,
+                          load_ms: float) -> Any:
     prompt = body.prompt
     engine = model.engine
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
@@ -60,7 +56,7 @@ async def _run_completion(body: CompletionRequest, request: Request, model: Load
     record = RequestRecord(
         operation="text_completion", model=engine.info, request_id=new_id("cmpl"),
         stream=body.stream, max_tokens=body.max_tokens, temperature=body.temperature,
-        top_p=body.top_p, seed=body.seed,
+        top_p=body.top_p, seed=body.seed, load_ms=load_ms,
     )
     async def prepare() -> Prepared:
         return Prepared(segments=[tokens], sampling=sampling_params(body, None),

@@ -481,3 +481,26 @@ def tiny_vlm(
     if not mm_path.is_file():
         write_tiny_mmproj(mm_path, kind, **mm_kw)
     return llm_path, mm_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.tinymodels [DIR]``: write a tiny VLM and print how to serve it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tinymodels",
+        description="Write a tiny random-weight vision-language model (GGUF + mmproj) to try "
+                    "images without real weights. Its answers are gibberish; the image "
+                    "pipeline, middleware and telemetry are real.")
+    parser.add_argument("directory", nargs="?", default="tiny-vlm", help="where to write it (default ./tiny-vlm)")
+    parser.add_argument("--kind", choices=["pixtral", "mlp", "qwen2vl"], default="pixtral",
+                        help="projector: pixtral (dynamic resolution, default), mlp (fixed 64 tokens), "
+                             "qwen2vl (M-RoPE)")
+    args = parser.parse_args(argv)
+    llm, mmproj = tiny_vlm(args.directory, args.kind)
+    print(f"model:  {llm}\nmmproj: {mmproj}\n\nedgevlm serve --model {llm} --mmproj {mmproj}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
