@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pytest
 
 from models.registry import model_id_for
-from models.tinymodels import tiny_vlm
+from bench.tinymodels import tiny_vlm
 from server.cli import _serve_parser, _settings_from
 from tests.conftest import LiveServer, chat_body, live_server
 from tests.test_api_errors import assert_error

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.registry import ConfigError, build_registry, model_id_for
-from models.tinymodels import tiny_vlm
+from bench.tinymodels import tiny_vlm
 from server.settings import Settings
 from tests.conftest import LiveServer, live_server
 from tests.test_vision_api import image_message, png_uri

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from models.registry import model_id_for
-from models.tinymodels import tiny_vlm
+from bench.tinymodels import tiny_vlm
 from tests.test_api_errors import assert_error
 from tests.test_images import image_server  # noqa: F401  (fixture)
 from tests.test_vision_api import image_message

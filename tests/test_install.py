@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.parser
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from bench.process import free_port
-from models.tinymodels import tiny_vlm
+from bench.tinymodels import tiny_vlm
 from tests.test_vision_api import image_message, png_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,9 +69,12 @@ def link_distributions(names: set[str], target: Path) -> None:
 
 @pytest.mark.slow
 def test_wheel_without_extras_serves_a_vlm(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # setuptools writes build/ beside the sources: not in the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "*.egg-info", "traces", "__pycache__", ".pytest_cache"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "-w", str(wheels), str(REPO)], check=True, timeout=300)
+                    "--no-index", "-w", str(wheels), str(source)], check=True, timeout=300)
     wheel = next(wheels.glob("edgevlm-*.whl"))
     deps = core_closure(wheel_requirements(wheel))
     assert "llama-cpp-python" in deps and "fastapi" in deps

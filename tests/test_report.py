@@ -155,7 +155,7 @@ def test_one_row_per_asked_setting_with_the_achieved_share_beside_it(tmp_path):
     """Pruning keeps round(n * keep) of each image's n tokens, so the share achieved varies
     with the image; the report groups by what was asked and shows the achieved share."""
     from models.registry import model_id_for
-    from models.tinymodels import tiny_vlm
+    from bench.tinymodels import tiny_vlm
     from tests.conftest import live_server
     from tests.test_vision_api import image_message, png_uri
 
