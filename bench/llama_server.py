@@ -194,6 +194,24 @@ def llama_server_command(
     ]
 
 
+def repack_args(model_path: Path, threads: int, extra_args: Sequence[str] = ()) -> list[str]:
+    """``--no-repack`` where edgevlm's self-test turned any fast path off for this model.
+
+    llama-server takes every extra buffer type the CPU advertises and cannot drop one
+    (AMX) while keeping another (CPU_REPACK); where one is broken it would crash at the
+    first decode, so it runs on the plain path there, and the table says so.
+    """
+    from models import cpu_paths
+
+    if "--no-repack" in extra_args:
+        return []
+    verdict = cpu_paths.choose(str(model_path), "auto", threads)
+    if verdict.allowed is not None and set(verdict.allowed) != set(verdict.available):
+        print(f"[bench] llama-server gets --no-repack: {verdict.describe()}")
+        return ["--no-repack"]
+    return []
+
+
 @contextlib.contextmanager
 def llama_server(
     model_path: Path,
@@ -214,7 +232,8 @@ def llama_server(
     if binary is None:
         raise FileNotFoundError("llama-server is not available")
     port = free_port()
-    cmd = llama_server_command(binary, model_path, port, threads, ctx_size, parallel, extra_args)
+    cmd = llama_server_command(binary, model_path, port, threads, ctx_size, parallel,
+                               [*extra_args, *repack_args(model_path, threads, extra_args)])
     with run_server("llama-server", cmd, port, startup_timeout_s=startup_timeout_s) as server:
         yield server
 
