@@ -185,7 +185,8 @@ def load_model(path: str, allowed: tuple[str, ...] | None, *, gpu_layers: int = 
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = gpu_layers
     if allowed is None:
-        return llama_cpp.llama_model_load_from_file(path.encode(), mparams)
+        with _load_lock:  # not while another load has the list edited
+            return llama_cpp.llama_model_load_from_file(path.encode(), mparams)
     mparams.use_extra_bufts = bool(allowed)
     with _extra_buffers_allowed(allowed):
         return llama_cpp.llama_model_load_from_file(path.encode(), mparams)
