@@ -43,6 +43,7 @@ import llama_cpp
 import numpy as np
 
 from models import cpu_info, isolation
+from models.ggml import ggml
 from models.llama_lib import ensure_backend
 
 log = logging.getLogger("edgevlm.cpu_paths")
@@ -64,108 +65,45 @@ _SELFTEST_TEXT = ("Check the pressure gauge on line 3 before the shift starts; i
                   "reads above 6 bar, close valve V-12 and call the maintenance desk at 4410. ")
 
 
-# ------------------------------------------------------------------ ggml binding
-class _GgufInitParams(ctypes.Structure):
-    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]  # struct gguf_init_params
-
-
-class _Ggml:
-    """The few ggml calls needed to see and edit the CPU's extra buffer list and to read a
-    GGUF header's tensor types (llama.cpp's own reader: milliseconds, where the Python
-    ``gguf`` reader takes seconds on a tokenizer of 50k strings)."""
+# ------------------------------------------------------------------ the buffer list
+class _BufferList:
+    """The CPU device's extra buffer list as llama.cpp built it, and the array to edit."""
 
     def __init__(self) -> None:
-        libdir = Path(llama_cpp.__file__).parent / "lib"
-        names = {"ggml": ("libggml.so", "libggml.dylib", "ggml.dll"),
-                 "base": ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll")}
-        libs = {}
-        for key, candidates in names.items():
-            for name in candidates:
-                if (libdir / name).exists():
-                    libs[key] = ctypes.CDLL(str(libdir / name))
-                    break
-            else:
-                raise OSError(f"{candidates[0]} not found in {libdir}")
-        g, b = libs["ggml"], libs["base"]
-        vp = ctypes.c_void_p
-        g.ggml_backend_dev_by_type.restype, g.ggml_backend_dev_by_type.argtypes = vp, [ctypes.c_int]
-        b.ggml_backend_dev_backend_reg.restype, b.ggml_backend_dev_backend_reg.argtypes = vp, [vp]
-        b.ggml_backend_reg_get_proc_address.restype = vp
-        b.ggml_backend_reg_get_proc_address.argtypes = [vp, ctypes.c_char_p]
-        b.ggml_backend_buft_name.restype, b.ggml_backend_buft_name.argtypes = ctypes.c_char_p, [vp]
-        b.gguf_init_from_file.restype = vp
-        b.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
-        b.gguf_get_n_tensors.restype, b.gguf_get_n_tensors.argtypes = ctypes.c_int64, [vp]
-        b.gguf_get_tensor_type.restype = ctypes.c_int
-        b.gguf_get_tensor_type.argtypes = [vp, ctypes.c_int64]
-        b.gguf_free.restype, b.gguf_free.argtypes = None, [vp]
-        b.ggml_type_name.restype, b.ggml_type_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
-        self._base = b
-        ensure_backend()
-        dev = g.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
-        self.array: ctypes.Array | None = None
-        self.original: list[int] = []
-        if not dev:
-            return
-        fn_addr = b.ggml_backend_reg_get_proc_address(b.ggml_backend_dev_backend_reg(dev),
-                                                      b"ggml_backend_dev_get_extra_bufts")
-        if not fn_addr:
-            return
-        get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), vp)(fn_addr)
-        arr = get_extra(dev)
-        n = 0
-        while arr and arr[n]:
-            n += 1
-        self.array = ctypes.cast(arr, ctypes.POINTER(ctypes.c_void_p * (n + 1))).contents if arr else None
-        self.original = [int(arr[i]) for i in range(n)]
-
-    def name(self, buft: int) -> str:
-        return self._base.ggml_backend_buft_name(buft).decode()
-
-    def tensor_types(self, path: str) -> dict[str, int]:
-        """How many tensors of each type a GGUF file holds (header only, no tensor data)."""
-        b = self._base
-        ctx = b.gguf_init_from_file(path.encode(), _GgufInitParams(True, None))
-        if not ctx:
-            raise ValueError(f"{path} is not a readable GGUF file")
-        try:
-            counts: dict[str, int] = {}
-            for i in range(b.gguf_get_n_tensors(ctx)):
-                name = b.ggml_type_name(b.gguf_get_tensor_type(ctx, i)).decode()
-                counts[name] = counts.get(name, 0) + 1
-            return dict(sorted(counts.items()))
-        finally:
-            b.gguf_free(ctx)
+        g = ggml()
+        self.array = g.cpu_extra_buffers()
+        self.original: list[int] = [int(self.array[i]) for i in range(len(self.array) - 1)] if self.array else []
+        self.names = {b: g.buffer_type_name(b) for b in self.original}
 
 
-_ggml: _Ggml | None = None
-_ggml_lock = threading.Lock()
+_buffers: _BufferList | None = None
+_buffers_lock = threading.Lock()
 _load_lock = threading.Lock()  # the buffer list is process-wide: one load at a time edits it
 
 
-def _binding() -> _Ggml:
-    global _ggml
-    with _ggml_lock:
-        if _ggml is None:
-            _ggml = _Ggml()
-        return _ggml
+def _buffer_list() -> _BufferList:
+    global _buffers
+    with _buffers_lock:
+        if _buffers is None:
+            _buffers = _BufferList()
+        return _buffers
 
 
 def available_extra_buffers() -> tuple[str, ...]:
     """llama.cpp's extra weight buffer types on this CPU and build, in its order of preference."""
-    g = _binding()
-    return tuple(g.name(b) for b in g.original)
+    g = _buffer_list()
+    return tuple(g.names[b] for b in g.original)
 
 
 @contextmanager
 def _extra_buffers_allowed(allowed: tuple[str, ...]) -> Iterator[None]:
     """Let only ``allowed`` extra buffer types be offered to a model load in this block."""
-    g = _binding()
+    g = _buffer_list()
     with _load_lock:
         if g.array is None:
             yield
             return
-        keep = [b for b in g.original if g.name(b) in allowed]
+        keep = [b for b in g.original if g.names[b] in allowed]
         for i in range(len(g.original) + 1):
             g.array[i] = keep[i] if i < len(keep) else None
         try:
@@ -343,7 +281,7 @@ def _cache_key(path: str, n_threads: int, available: tuple[str, ...]) -> str:
         "cpu": cpu_info.cpu_model(), "flags": cpu_info.cpu_flags(), "llama_cpp": llama_cpp.__version__,
         "system_info": system_info, "available": list(available), "threads": n_threads,
         "file": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-        "weight_types": _binding().tensor_types(path),
+        "weight_types": ggml().tensor_types(path),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 

@@ -131,15 +131,55 @@ def _startup_error(exc: Exception) -> str:
     return str(exc)
 
 
+def calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    from models import imatrix
+
+    texts: list[str] = []
+    sources: list[str] = []
+    for path in args.text:
+        texts.append(open(path, encoding="utf-8").read())
+        sources.append(path)
+    if args.from_traces:
+        found, n = imatrix.texts_from_traces(args.from_traces)
+        if not n:
+            raise imatrix.ImatrixError("the trace files hold no prompt text: prompts are recorded only "
+                                       "when the server runs with --capture-content")
+        texts += found
+        sources += [f"traces:{p}" for p in args.from_traces]
+        print(f"calibration text from traces: {n} requests")
+    if not texts:
+        raise imatrix.ImatrixError("give calibration text with --text FILE or --from-traces TRACES")
+    if not os.path.isfile(args.model):
+        raise imatrix.ImatrixError(f"{args.model}: no such file")
+    out = args.out or (args.model[:-5] if args.model.endswith(".gguf") else args.model) + ".imatrix.gguf"
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\rcalibrating: chunk {done}/{total}", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    result = imatrix.calibrate(args.model, texts, n_ctx=args.ctx, chunks=args.chunks, threads=args.threads,
+                               datasets=sources, progress=progress)
+    seconds = time.monotonic() - started
+    imatrix.write(result, out)
+    print(f"{out}: {len(result.entries)} weight matrices, {result.chunk_count} chunks of {result.chunk_size} "
+          f"tokens ({result.tokens} tokens, {result.tokens / seconds:.0f} tok/s, {seconds:.1f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; start-up mistakes print one ``edgevlm: error:`` line, never a traceback."""
     from pydantic import ValidationError
 
+    from models.imatrix import ImatrixError
     from models.registry import ConfigError
 
     try:
         return _main(argv)
-    except (ConfigError, ValidationError, OSError) as exc:
+    except (ConfigError, ValidationError, OSError, ImatrixError) as exc:
         print(f"edgevlm: error: {_startup_error(exc)}", file=sys.stderr)
         return 2
 
@@ -166,9 +206,23 @@ def _main(argv: list[str] | None = None) -> int:
         lp.add_argument(flag, dest=dest, default=None)
     lp.add_argument("--embedded-model", dest="embedded_model", action="store_const", const=True, default=None)
     sub.add_parser("report", help="summarise trace files: edgevlm report TRACES.jsonl [--out DIR]")
+    cal = sub.add_parser("calibrate", help="collect an importance matrix from calibration text",
+                         description="Run MODEL over calibration text and write llama.cpp's imatrix "
+                                     "GGUF, for `edgevlm quantize --imatrix`.")
+    cal.add_argument("model", help="GGUF model to calibrate (the one you will quantize)")
+    cal.add_argument("--text", action="append", default=[], metavar="FILE",
+                     help="calibration text file (repeatable): the device's own manuals, orders, questions")
+    cal.add_argument("--from-traces", action="append", default=[], metavar="TRACES",
+                     help="use prompts recorded in trace files (needs serve --capture-content)")
+    cal.add_argument("--chunks", type=int, default=None, help="at most this many chunks")
+    cal.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    cal.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
+    cal.add_argument("--out", default=None, help="output file (default MODEL.imatrix.gguf)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "calibrate":
+        return calibrate(args)
     if args.command == "doctor":
         from server import doctor
 
