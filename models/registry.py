@@ -112,9 +112,9 @@ def load_config(path: str | Path, defaults: dict[str, Any] | None = None) -> lis
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read model config {path}: {exc}") from exc
-    unknown = set(data) - {"models"}
+    unknown = set(data) - {"models", "clip"}
     if unknown:
-        raise ConfigError(f"model config {path}: unknown keys {sorted(unknown)} (only [[models]] tables)")
+        raise ConfigError(f"model config {path}: unknown keys {sorted(unknown)} (only [[models]] and [clip] tables)")
     base = path.parent.resolve()
     return [_spec_from_table(t, base, defaults or {}) for t in data.get("models", [])]
 

@@ -159,6 +159,9 @@ class ImageChunk:
     index: int  # position of the image in the request's image list
     non_causal: bool = False  # prefill this chunk with llama_set_causal_attn(ctx, False)
     positions: np.ndarray | None = None  # (4, n_tokens) int32 relative M-RoPE positions, or None
+    # libmtmd's token grid (columns x rows); n_tokens may add separators (Pixtral row breaks)
+    nx: int = 0
+    ny: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -672,6 +675,9 @@ class VisionEncoder:
         if n_tokens < 1:
             raise VisionError(f"image {index} produced no tokens", code="vision_error")
         positions = _mrope_positions(chunk, n_tokens, index) if self.uses_mrope else None
+        image_tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
+        nx = int(mtmd.mtmd_image_tokens_get_nx(image_tokens)) if image_tokens else 0
+        ny = int(mtmd.mtmd_image_tokens_get_ny(image_tokens)) if image_tokens else 0
         key = (image_hash, size, n_tokens, self._cache_ns)
         cached = self.cache.get(key)
 
@@ -679,7 +685,7 @@ class VisionEncoder:
             return ImageChunk(
                 embeddings=embeddings, n_tokens=n_tokens, n_pos=n_pos, image_hash=image_hash,
                 width=size[0], height=size[1], encode_ms=encode_ms, cache_hit=cache_hit,
-                index=index, non_causal=self.uses_non_causal, positions=positions,
+                index=index, non_causal=self.uses_non_causal, positions=positions, nx=nx, ny=ny,
             )
 
         if cached is not None:

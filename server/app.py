@@ -13,9 +13,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.registry import LoadedModel, ModelSpec, Registry, build_registry
 from server import __version__
+from server.clip import load_clip
 from server.errors import install_handlers
 from server.limits import BodySizeLimit
 from server.openapi import install_openapi
+from server.policy.profiles import DEFAULT_PROFILES, ProfileSet
 from server.routes import chat, completions, health, metrics, models
 from server.settings import Settings
 from server.warmup import measure_cost_model
@@ -54,10 +56,20 @@ def image_cache_stats(registry: Registry) -> dict[str, dict[str, int]]:
     return {lm.spec.id: lm.vision.cache.stats() for lm in registry.loaded() if lm.vision is not None}
 
 
+def profiles_for(settings: Settings) -> ProfileSet:
+    """The middleware presets, with the operator's resolution mode (resize | zoom)."""
+    if settings.resolution_mode == DEFAULT_PROFILES.quality.resolution:
+        return DEFAULT_PROFILES
+    mode = {"resolution": settings.resolution_mode}
+    return DEFAULT_PROFILES.model_copy(update={
+        name: getattr(DEFAULT_PROFILES, name).model_copy(update=mode) for name in ("quality", "balanced", "fast")})
+
+
 def create_app(settings: Settings | None = None, *, registry: Registry | None = None,
                telemetry: Telemetry | None = None, preload: bool = True) -> FastAPI:
     settings = settings or Settings()
     registry = registry or registry_from(settings)
+    clip = load_clip(settings)
     telemetry = telemetry or Telemetry(telemetry_settings(settings), service_version=__version__)
     telemetry.label_models(spec.id for spec in registry.list())
     telemetry.watch_image_caches(lambda: image_cache_stats(registry))
@@ -84,6 +96,8 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.state.api_keys = settings.api_keys()
     app.state.load_error = None
     app.state.cost_models = {}  # model id -> server.policy.budget.CostModel (TTFT budgets)
+    app.state.profiles = profiles_for(settings)
+    app.state.clip = clip  # models.clip.ClipScorer or None (zoom, relevant pruning, routing)
     install_handlers(app)
     install_openapi(app)
     _warm_on_load(app, registry)

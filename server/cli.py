@@ -59,6 +59,13 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--profile", "profile", str, "default middleware profile: quality | balanced | fast"),
     ("--ttft-budget-ms", "ttft_budget_ms", float, "default time-to-first-token budget per request"),
     ("--truncate-prompts", "truncate_prompts", bool, "drop oldest turns instead of rejecting long chats"),
+    ("--resolution-mode", "resolution_mode", str, "how profiles spend an image budget: resize (default) | "
+                                                  "zoom (the tiles CLIP finds relevant; falls back to resize without CLIP)"),
+    ("--clip-model", "clip_model", str, "open_clip model name for prompt-aware zoom, relevant pruning and "
+                                        "image-type routing (needs the clip extra and --clip-checkpoint)"),
+    ("--clip-checkpoint", "clip_checkpoint", str, "local CLIP weights file (.pt/.bin/.safetensors); never downloaded"),
+    ("--clip-config", "clip_config", str, "open_clip model-config JSON for a custom CLIP (registered as --clip-model)"),
+    ("--clip-threads", "clip_threads", int, "torch threads for CLIP scoring (default: torch's)"),
 ]
 
 

@@ -27,15 +27,19 @@ from starlette.concurrency import run_in_threadpool
 
 from models.engine import ImageSegment, Segment
 from models.images import ImageError, ImageLimits, LoadedImage, load_image
-from models.reduce import ResizePlan, plan_resize, positions_mrope, prune, resize_to_plan
+from models.clip import tile_grid
+from models.reduce import ResizePlan, plan_resize, positions_mrope, prune, relevance_for_tokens, resize_to_plan
 from models.registry import LoadedModel
 from models.vision import ImageChunk, TextChunk, VisionError, check_image_size
+from server.clip import CLIP_NOT_CONFIGURED
 from server.errors import APIError
 from server.policy.budget import BudgetPlan, CostModel, ImageSpec, plan_for_budget
 from server.policy.extension import EdgeVLMExtension
-from server.policy.profiles import DEFAULT_PROFILES, ProfileSet
+from server.policy.profiles import ProfileSet
 from server.policy.pruning import PruneDecision, decide_prune
-from server.policy.resolution import BudgetDecision, decide_budget
+from server.policy.resolution import BudgetDecision, ContentClass, decide_budget
+from server.policy.routing import CONTENT_LABELS, route_content
+from server.policy.zoom import ZOOM_MAX_TILES, ZOOM_TILE_PX, ZoomDecision, decide_zoom
 from server.prompt import RenderedChat
 from server.settings import Settings
 from telemetry.record import ImageRecord, RequestRecord
@@ -47,6 +51,9 @@ TTFT_BUDGET_HEADER = "X-EdgeVLM-TTFT-Budget-Ms"
 MIN_PREFILL_TOKENS_TO_LEARN = 32
 # Budget sources that are the client's own choice for an image (see policy.resolution).
 EXPLICIT_SOURCES = ("request", "detail")
+# ``relevant`` pruning scores the encoded region on a grid of at most this many tiles
+# (about 4 x 4): fine enough to tell a corner from the centre, one small CLIP batch.
+RELEVANCE_MAX_TILES = 16
 
 
 # --------------------------------------------------------------------------- helpers
@@ -122,6 +129,46 @@ def _image_error(err: ImageError) -> APIError:
 
 
 @dataclass
+class _ClipLook:
+    """What CLIP saw in one image before the VLM: type label, zoom choice, region relevance."""
+
+    region: Image.Image  # the part of the image to encode (the zoom crop, or all of it)
+    label: tuple[str, ContentClass] | None = None
+    zoom: ZoomDecision | None = None
+    relevance: Any = None  # (rows, cols) scores of the region, for ``relevant`` pruning
+    ms: float = 0.0
+    attributes: dict[str, Any] | None = None
+
+
+def _clip_look(clip: Any, im: LoadedImage, prompt: str, *, route: bool, zoom: bool,
+               relevance: bool) -> _ClipLook:
+    """Run the CLIP look-ahead one image needs (worker thread; results cached by CLIP)."""
+    look = _ClipLook(region=im.image, attributes={})
+    if route:
+        probs, ms, _ = clip.classify(im.image, list(CONTENT_LABELS), image_key=im.sha256)
+        label, content, attrs = route_content(probs)
+        look.label, look.ms = (label, content), look.ms + ms
+        look.attributes.update(attrs)
+    key = im.sha256
+    if zoom:
+        cols, rows = tile_grid(im.width, im.height, ZOOM_TILE_PX, ZOOM_MAX_TILES)
+        tiles = clip.score_tiles(im.image, prompt, cols, rows, image_key=key)
+        look.ms += tiles.ms
+        look.zoom = decide_zoom(tiles.scores, im.width, im.height)
+        look.attributes.update(look.zoom.attributes())
+        if look.zoom.crops:
+            look.region = im.image.crop(look.zoom.box)
+            key = f"{im.sha256}:{look.zoom.box}"
+    if relevance:
+        w, h = look.region.size
+        tile = max(1, round(max(w, h) / 4))
+        cols, rows = tile_grid(w, h, tile, RELEVANCE_MAX_TILES)
+        scores = clip.score_tiles(look.region, prompt, cols, rows, image_key=key)
+        look.relevance, look.ms = scores.scores, look.ms + scores.ms
+    return look
+
+
+@dataclass
 class _ImageWork:
     """One image between policy and encoder."""
 
@@ -144,7 +191,8 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     assert vision is not None, "render_chat refuses images for models without a projector"
     app = request.app
     settings: Settings = app.state.settings
-    profiles: ProfileSet = DEFAULT_PROFILES
+    profiles: ProfileSet = app.state.profiles
+    clip = app.state.clip  # models.clip.ClipScorer or None
     limits = image_limits(settings)
 
     # 2. safe loading (decode and file/http reads off the event loop)
@@ -164,6 +212,33 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     model_max = facts.fixed_tokens or facts.max_tokens or 1024
     model_min = 1 if facts.fixed_tokens else (facts.min_tokens or 1)
     profile_name = (extension.profile if extension else None) or settings.profile
+    prof = profiles.get(profile_name)
+    mw = record.middleware
+
+    # 2b. CLIP look-ahead: zoom, relevance for pruning, image type for auto detail
+    mode = (extension.resolution if extension else None) or prof.resolution
+    if mode == "zoom" and clip is None:
+        if extension is not None and extension.resolution == "zoom":
+            raise APIError(400, f"edgevlm.resolution 'zoom' needs CLIP. {CLIP_NOT_CONFIGURED}.",
+                           param="edgevlm.resolution", code="clip_not_configured")
+        mw["zoom_fallback"] = f"profile {profile_name} prefers zoom but CLIP is not configured: plain resize"
+        mode = "resize"
+    asked_prune = extension.prune.method if extension is not None and extension.prune is not None else None
+    if asked_prune == "relevant" and clip is None:
+        raise APIError(400, f"edgevlm.prune method 'relevant' needs CLIP. {CLIP_NOT_CONFIGURED}.",
+                       param="edgevlm.prune", code="clip_not_configured")
+    wants_relevance = clip is not None and (asked_prune or prof.prune_method) == "relevant"
+    route = (clip is not None and prof.content_aware
+             and not (extension is not None and extension.max_image_tokens is not None))
+    looks: list[_ClipLook] = []
+    for ref, im in zip(rendered.images, loaded):
+        if clip is None:
+            looks.append(_ClipLook(region=im.image))
+            continue
+        looks.append(await run_in_threadpool(
+            _clip_look, clip, im, rendered.prompt_cue, route=route and ref.detail in (None, "auto"),
+            zoom=mode == "zoom", relevance=wants_relevance))
+    sizes = [lk.region.size for lk in looks]
     # M-RoPE models (Qwen2-VL) are causal over image rows; pruning is safe there because
     # kept rows keep their original (t, y, x) positions (engine ImageSegment.positions).
     causal = not vision.uses_non_causal and (not vision.uses_mrope or getattr(model.engine, "mrope", False))
@@ -173,13 +248,14 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
         try:
             return decide_budget(model_max_tokens=model_max, model_min_tokens=model_min, extension=extension,
                                  detail=ref.detail, profiles=profiles, server_profile=settings.profile,
-                                 ttft_tokens=ttft_tokens, image=loaded[i].image, prompt=rendered.prompt_cue)
+                                 ttft_tokens=ttft_tokens, image=loaded[i].image, prompt=rendered.prompt_cue,
+                                 clip_label=looks[i].label)
         except ValueError as exc:
             raise APIError(400, f"image {ref.index}: {exc}", param="messages", code="invalid_value") from exc
 
     # 3. resolution: first without the TTFT budget ...
     budgets = [budget_for(i) for i in range(len(loaded))]
-    plans = [plan_resize(im.width, im.height, b.tokens, grid) for im, b in zip(loaded, budgets)]
+    plans = [plan_resize(w, h, b.tokens, grid) for (w, h), b in zip(sizes, budgets)]
 
     # ... then let a TTFT budget lower it (and ask for pruning) where the policy allows.
     budget_ms, budget_from = _ttft_budget(extension, request, settings)
@@ -201,14 +277,14 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
                 b = budget_for(i, ttft_tokens=ip.tokens)
                 if b.tokens != budgets[i].tokens:
                     budgets[i] = b
-                    plans[i] = plan_resize(loaded[i].width, loaded[i].height, b.tokens, grid)
+                    plans[i] = plan_resize(sizes[i][0], sizes[i][1], b.tokens, grid)
     ttft_keep = ttft_plan.keep_ratio if ttft_plan is not None else None
 
     def prune_for(keep: float | None) -> PruneDecision:
         try:
             return decide_prune(extension=extension, profiles=profiles, server_profile=settings.profile,
                                 ttft_keep=keep if keep is not None and keep < 1.0 else None,
-                                causal_image_attention=causal)
+                                causal_image_attention=causal, relevance_available=clip is not None)
         except ValueError as exc:
             raise APIError(400, f"Invalid pruning request: {exc}", param="edgevlm.prune",
                            code="invalid_value") from exc
@@ -218,17 +294,20 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     prune_decision = chosen_prune if all(locked) else budget_prune
 
     work: list[_ImageWork] = []
-    for im, b, p in zip(loaded, budgets, plans):
-        if (p.width, p.height) == (im.width, im.height) or facts.is_fixed:
-            enc_in: LoadedImage | Image.Image = im  # keeps its pixel hash: no rehash
+    for im, b, p, look in zip(loaded, budgets, plans, looks):
+        if look.region is not im.image:  # zoomed: encode the crop at the budget
+            enc_in: LoadedImage | Image.Image = await run_in_threadpool(resize_to_plan, look.region, p)
+        elif (p.width, p.height) == (im.width, im.height) or facts.is_fixed:
+            enc_in = im  # keeps its pixel hash: no rehash
         else:
             enc_in = await run_in_threadpool(resize_to_plan, im.image, p)
         work.append(_ImageWork(im, b, p, enc_in))
+    relevance = {i: lk.relevance for i, lk in enumerate(looks) if lk.relevance is not None}
 
     # 4. encode (embedding cache inside) and prune, off the event loop
     try:
         chunks, pruned = await run_in_threadpool(_encode_and_prune, vision, rendered.text,
-                                                 [w.encoder_input for w in work], decisions)
+                                                 [w.encoder_input for w in work], decisions, relevance, grid.align)
     except VisionError as exc:
         raise APIError(exc.status, f"The images could not be encoded: {exc}",
                        param="messages" if exc.status == 400 else None, code=exc.code) from exc
@@ -241,6 +320,7 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
         if not isinstance(chunk, ImageChunk):
             continue
         w = work[chunk.index]
+        look = looks[chunk.index]
         emb, method, prune_ms, _ = pruned[chunk.index]
         kept = int(emb.shape[0])
         record.images.append(ImageRecord(
@@ -250,13 +330,16 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
             cache_hit=chunk.cache_hit, budget_tokens=w.budget.tokens, budget_source=w.budget.source,
             resize_note=w.plan.note, prune_method=method,
             prune_keep=round(kept / chunk.n_tokens, 6) if chunk.n_tokens else 1.0, prune_ms=prune_ms,
+            clip_ms=round(look.ms, 3), zoom_tiles=list(look.zoom.tiles) if look.zoom else None,
+            zoom_grid=f"{look.zoom.cols}x{look.zoom.rows}" if look.zoom else None,
+            clip_label=look.label[0] if look.label else None,
         ))
     record.encode_ms = sum(im.encode_ms for im in record.images)
 
-    mw = record.middleware
     mw["profile"] = profile_name
+    mw["resolution_mode"] = mode
     mw.update(prune_decision.attributes())
-    mw["images"] = {str(i): b.attributes() for i, b in enumerate(budgets)}
+    mw["images"] = {str(i): {**b.attributes(), **(looks[i].attributes or {})} for i, b in enumerate(budgets)}
     if budget_ms is not None:
         mw["budget_ttft_ms"] = budget_ms
         mw["budget_ttft_source"] = budget_from
@@ -304,13 +387,16 @@ def segments_from_chunks(chunks: list[Any], engine: Any,
     return segments
 
 
-def _encode_and_prune(vision: Any, text: str, images: list[Any], decisions: list[PruneDecision]
+def _encode_and_prune(vision: Any, text: str, images: list[Any], decisions: list[PruneDecision],
+                      relevance: dict[int, Any] | None = None, align: int = 1,
                       ) -> tuple[list[Any], dict[int, tuple[Any, str, float, Any]]]:
     """Tokenize + encode (worker thread), then keep the rows each image's decision asked for.
 
     Per image: (embeddings, method, prune ms, M-RoPE positions or None). Kept rows keep
     their original M-RoPE positions (``positions_mrope``); the image still advances by
-    the full grid's ``n_pos``.
+    the full grid's ``n_pos``. ``relevance`` holds CLIP's region scores per image for
+    ``relevant`` pruning, mapped onto libmtmd's token grid (``align`` px per token
+    when libmtmd does not report the grid).
     """
     chunks = vision.tokenize(text, images)
     pruned: dict[int, tuple[Any, str, float, Any]] = {}
@@ -320,7 +406,12 @@ def _encode_and_prune(vision: Any, text: str, images: list[Any], decisions: list
         decision = decisions[chunk.index]
         keep = decision.keep_for(chunk.n_tokens)
         if decision.active and keep < chunk.n_tokens:
-            res = prune(chunk.embeddings, keep, decision.method)  # type: ignore[arg-type]
+            rel = None
+            if decision.method == "relevant" and relevance is not None and chunk.index in relevance:
+                nx = chunk.nx or max(1, chunk.width // align)
+                ny = chunk.ny or max(1, chunk.height // align)
+                rel = relevance_for_tokens(relevance[chunk.index], nx, ny, chunk.n_tokens)
+            res = prune(chunk.embeddings, keep, decision.method, rel)  # type: ignore[arg-type]
             pos = positions_mrope(chunk.positions, res.indices) if chunk.positions is not None else None
             pruned[chunk.index] = (res.embeddings, decision.method, res.ms, pos)
         else:

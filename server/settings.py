@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     profile: Literal["quality", "balanced", "fast"] = Field("quality", description="Default middleware profile.")
     ttft_budget_ms: float | None = Field(None, gt=0)
     truncate_prompts: bool = False
+    resolution_mode: Literal["resize", "zoom"] = Field(
+        "resize", description="How profiles spend an image budget: resize the whole image, or zoom (CLIP).")
+    # CLIP (the clip extra): local files only, nothing is downloaded
+    clip_model: str | None = Field(None, description="open_clip model name, e.g. ViT-B-32.")
+    clip_checkpoint: str | None = Field(None, description="Local CLIP weights file for --clip-model.")
+    clip_config: str | None = Field(None, description="open_clip model-config JSON for a custom CLIP.")
+    clip_threads: int | None = Field(None, ge=1, description="torch threads for CLIP (default: torch's).")
 
     @field_validator("api_key", "allow_file_dirs", "allow_image_hosts", mode="before")
     @classmethod

@@ -125,6 +125,15 @@ def record_attributes(record: RequestRecord, capture_content: bool = False) -> A
             if keeps:
                 a["edgevlm.prune.keep"] = sum(keeps) / len(keeps)
             a["edgevlm.prune.ms"] = sum(im.prune_ms for im in pruned)
+        if any(im.clip_ms or im.zoom_tiles is not None or im.clip_label for im in ims):
+            a["edgevlm.clip.ms"] = sum(im.clip_ms for im in ims)
+        zoomed = [im for im in ims if im.zoom_tiles is not None]
+        if zoomed:
+            a["edgevlm.zoom.tiles"] = [len(im.zoom_tiles or ()) for im in zoomed]
+            a["edgevlm.zoom.grid"] = [im.zoom_grid or "" for im in zoomed]
+        labels = [im.clip_label for im in ims if im.clip_label]
+        if labels:
+            a["edgevlm.clip.label"] = labels
         budgets = [im.budget_tokens for im in ims if im.budget_tokens is not None]
         if budgets:
             a["edgevlm.image.budget_tokens"] = budgets

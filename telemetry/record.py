@@ -31,6 +31,10 @@ class ImageRecord:
     prune_method: str | None = None
     prune_keep: float | None = None  # fraction of rows kept
     prune_ms: float = 0.0
+    clip_ms: float = 0.0  # CLIP scoring of this image (zoom tiles, relevance, label); 0 on a cache hit
+    zoom_tiles: list[int] | None = None  # tiles zoom chose (row-major), None when not zoomed
+    zoom_grid: str | None = None  # the zoom tile grid, "colsxrows"
+    clip_label: str | None = None  # CLIP's zero-shot image type (routing for auto detail)
 
     @property
     def source_pixels(self) -> int:

@@ -17,13 +17,17 @@ __all__ = [
     "EdgeVLMExtension",
     "ProfileName",
     "PruneMethodName",
+    "ResolutionMode",
     "PruneRequest",
     "check_keep",
     "parse_extension",
 ]
 
 ProfileName = Literal["quality", "balanced", "fast"]
-PruneMethodName = Literal["uniform", "merge", "diverse", "none"]
+PruneMethodName = Literal["uniform", "merge", "diverse", "relevant", "none"]
+# resize: the budget spread over the whole image; zoom: over the tiles CLIP finds
+# relevant to the prompt (needs CLIP configured).
+ResolutionMode = Literal["resize", "zoom"]
 
 
 def check_keep(value: float | int | None) -> float | int | None:
@@ -62,6 +66,7 @@ class EdgeVLMExtension(BaseModel):
 
     profile: ProfileName | None = None
     max_image_tokens: StrictInt | None = Field(default=None, gt=0)
+    resolution: ResolutionMode | None = None
     prune: PruneRequest | None = None
     ttft_budget_ms: StrictInt | StrictFloat | None = Field(default=None, gt=0)
     truncate: StrictBool | None = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
-from server.policy.extension import ProfileName, PruneMethodName, check_keep
+from server.policy.extension import ProfileName, PruneMethodName, ResolutionMode, check_keep
 
 __all__ = ["DEFAULT_PROFILES", "Profile", "ProfileSet"]
 
@@ -38,6 +38,9 @@ class Profile(BaseModel):
     prune_method: PruneMethodName = "none"
     prune_keep: StrictInt | StrictFloat = 1.0
     content_aware: bool = False  # let image/prompt statistics scale the budget
+    # "zoom" spends the budget on the tiles CLIP finds relevant; without CLIP the
+    # server falls back to resizing and says so in the span.
+    resolution: ResolutionMode = "resize"
 
     @field_validator("image_budget", "prune_keep")
     @classmethod

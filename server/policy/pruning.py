@@ -30,7 +30,7 @@ class PruneDecision:
     """What to prune. ``keep`` is a ratio (float) or count (int) as requested;
     ``cap_ratio`` is an extra upper bound from the TTFT budget."""
 
-    method: str  # none | uniform | merge | diverse
+    method: str  # none | uniform | merge | diverse | relevant
     keep: float | int = 1.0
     source: str = "default"  # request | profile | ttft_budget | default
     reason: str = ""
@@ -68,6 +68,7 @@ def decide_prune(
     server_profile: ProfileName | None = None,
     ttft_keep: float | None = None,
     causal_image_attention: bool | None = None,
+    relevance_available: bool = True,
 ) -> PruneDecision:
     """Decide pruning for one request.
 
@@ -75,6 +76,8 @@ def decide_prune(
     none needed); it only lowers a profile's keep and never overrides an explicit
     request. ``causal_image_attention`` is the model's flag: ``True`` allows pruning,
     ``False`` (bidirectional image attention) or ``None`` (unknown) refuse it.
+    ``relevance_available`` is False without CLIP: a profile's ``relevant`` then
+    falls back to ``diverse`` (a request for it is refused before, by the route).
     """
     ext = extension or EdgeVLMExtension()
     name = ext.profile or server_profile or profiles.default
@@ -102,6 +105,9 @@ def decide_prune(
                 cap, source = ttft_keep, "ttft_budget"
                 reason += f"; capped at {ttft_keep:.3g} of rows by the TTFT budget"
 
+    if method == "relevant" and not relevance_available:
+        method = "diverse"
+        reason += "; CLIP not configured: relevant -> diverse"
     if method == "none":
         return PruneDecision("none", 1.0, source, reason)
     if causal_image_attention is not True:

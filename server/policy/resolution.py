@@ -188,13 +188,15 @@ def decide_budget(
     ttft_tokens: int | None = None,
     image: Image.Image | None = None,
     prompt: str | None = None,
+    clip_label: tuple[str, ContentClass] | None = None,
 ) -> BudgetDecision:
     """Token budget for one image (see the module docstring for the precedence).
 
     ``model_max_tokens`` is what the projector can emit at most (for a fixed projector,
     its fixed count: the budget then only informs pruning). ``ttft_tokens`` is this
-    image's share from ``budget.plan_for_budget``. ``image`` and ``prompt`` are only
-    looked at by content-aware profiles.
+    image's share from ``budget.plan_for_budget``. ``image``, ``prompt`` and
+    ``clip_label`` (CLIP's zero-shot label and its class, ``policy.routing``) are only
+    looked at by content-aware profiles; the label replaces the image statistics.
     """
     if model_max_tokens < 1:
         raise ValueError("model_max_tokens must be >= 1")
@@ -224,13 +226,17 @@ def decide_budget(
     stats: ImageStats | None = None
     if prof.content_aware:
         cue = prompt_text_cue(prompt)
-        stats = image_stats(image) if image is not None else None
-        content = classify_content(stats, cue)
+        if clip_label is not None and cue is None:
+            content = clip_label[1]
+        else:
+            stats = image_stats(image) if image is not None and clip_label is None else None
+            content = classify_content(stats, cue)
         scale = {"text": TEXT_BUDGET_SCALE, "plain": PLAIN_BUDGET_SCALE, "neutral": 1.0}[content]
         if scale != 1.0:
             floor = min(prof.min_image_tokens, model_max_tokens)
             tokens = max(floor, min(model_max_tokens, int(round(base * scale))))
-            why = f"prompt cue {cue!r}" if cue else "image statistics"
+            why = (f"prompt cue {cue!r}" if cue else
+                   f"CLIP label {clip_label[0]!r}" if clip_label is not None else "image statistics")
             reason += f"; {content} content ({why}) x{scale:g} -> {tokens}"
     tokens = clamp(tokens)
     source = "profile"
