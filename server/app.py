@@ -14,14 +14,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from models.registry import LoadedModel, ModelSpec, Registry, build_registry
 from server import __version__
 from server.clip import load_clip
+from server.csp import ContentSecurityPolicy
 from server.errors import install_handlers
 from server.limits import BodySizeLimit
 from server.openapi import install_openapi
 from server.policy.profiles import DEFAULT_PROFILES, ProfileSet
-from server.routes import chat, completions, health, metrics, models
+from server.routes import chat, completions, console, dashboard, health, metrics, models, requests
 from server.settings import Settings
 from server.warmup import measure_cost_model
 from telemetry import Telemetry, TelemetrySettings
+from telemetry.dashboard import MetricsWindow
 
 log = logging.getLogger("edgevlm.app")
 
@@ -88,13 +90,16 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
             await asyncio.get_running_loop().run_in_executor(None, registry.close)
             telemetry.shutdown()
 
-    app = FastAPI(title="edgevlm", version=__version__, lifespan=lifespan,
+    # /docs (and /redoc, which leads there) come from server.routes.console, with their assets
+    # served from the package instead of a CDN.
+    app = FastAPI(title="edgevlm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible local inference for quantized vision-language models.")
     app.state.settings = settings
     app.state.registry = registry
     app.state.telemetry = telemetry
     app.state.api_keys = settings.api_keys()
     app.state.load_error = None
+    app.state.metrics_window = MetricsWindow(telemetry.metrics.registry) if telemetry.metrics else None
     app.state.cost_models = {}  # model id -> server.policy.budget.CostModel (TTFT budgets)
     app.state.profiles = profiles_for(settings)
     app.state.clip = clip  # models.clip.ClipScorer or None (zoom, relevant pruning, routing)
@@ -102,10 +107,12 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     install_openapi(app)
     _warm_on_load(app, registry)
 
-    for module in (chat, completions, models, health, metrics):
+    for module in (chat, completions, models, health, metrics, dashboard, requests, console):
         app.include_router(module.router)
+    console.mount_static(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ArrivalTime)
+    app.add_middleware(ContentSecurityPolicy)
     return app
 
 

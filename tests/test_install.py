@@ -1,4 +1,5 @@
-"""The wheel installed without extras serves a VLM, as `pip install .` in the Dockerfile does.
+"""The wheel installed without extras serves a VLM and the web console, as `pip install .`
+in the Dockerfile does.
 
 The fresh virtual environment sees only edgevlm's core dependency closure (the packages
 its non-extra requirements pull in, linked from this venv), so anything the server
@@ -114,6 +115,11 @@ def test_wheel_without_extras_serves_a_vlm(tmp_path: Path) -> None:
         resp = httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
         assert resp.status_code == 200, resp.text
         assert resp.json()["timings"]["images"][0]["tokens_after"] > 0
+        # the console and the /docs assets are package data in the wheel
+        for path in ("/", "/docs", "/console/js/main.js", "/console/vendor/uplot/uPlot.iife.min.js",
+                     "/console/vendor/swagger-ui/swagger-ui-bundle.js"):
+            page = httpx.get(base + path, timeout=30)
+            assert page.status_code == 200 and page.content, path
     finally:
         proc.terminate()
         proc.wait(timeout=30)
