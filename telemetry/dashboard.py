@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 Key = tuple[str, tuple[tuple[str, str], ...]]
 MODEL = "gen_ai_request_model"
 OPERATION = "gen_ai_operation_name"
+PROFILE = "edgevlm_profile"
 
 
 @dataclass
@@ -81,7 +82,7 @@ class MetricsWindow:
             return older[-1] if older else self._snapshots[0]
 
     def summary(self, window_s: float = 300.0) -> dict[str, Any]:
-        """Per (model, operation): requests, errors, TTFT p50/p95, decode tok/s, tokens,
+        """Per (model, operation, profile): requests, errors, TTFT p50/p95, decode tok/s, tokens,
         with in-flight and queued requests now; energy per meter source and J/token."""
         now = self.clock()
         current = read_samples(self.registry)
@@ -90,25 +91,31 @@ class MetricsWindow:
         def delta(key: Key) -> float:
             return current.get(key, 0.0) - base.samples.get(key, 0.0)
 
-        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        rows: dict[tuple[str, str, str], dict[str, Any]] = {}
         gauges: dict[str, dict[str, float]] = {}
-        ttft_buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        ttft_buckets: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
         joules: dict[str, float] = {}
         output_tokens = 0.0
         for key in current:
             name, labels = key
             lab = dict(labels)
-            model, op = lab.get(MODEL), lab.get(OPERATION)
+            model, op, profile = lab.get(MODEL), lab.get(OPERATION), lab.get(PROFILE, "none")
             if name in ("edgevlm_requests_in_flight", "edgevlm_queue_depth") and model is not None:
                 gauges.setdefault(model, {})[name] = current[key]
             elif name == "edgevlm_energy_joules_total":
-                joules[lab.get("source", "unknown")] = delta(key)
+                source = lab.get("source", "unknown")
+                joules[source] = joules.get(source, 0.0) + delta(key)
             if model is None or op is None:
                 continue
-            row = rows.setdefault((model, op), {"model": model, "operation": op, "requests": 0.0,
+            row = rows.setdefault((model, op, profile), {"model": model, "operation": op,
+                                                         "profile": profile, "requests": 0.0, "joules": 0.0,
+                                                         "energy_sources": set(),
                                                 "errors": 0.0, "input_tokens": 0.0, "output_tokens": 0.0,
                                                 "tpot_sum": 0.0, "tpot_count": 0.0})
-            if name == "gen_ai_server_request_duration_seconds_count":
+            if name == "edgevlm_energy_joules_total":
+                row["joules"] += delta(key)
+                row["energy_sources"].add(lab.get("source", "unknown"))
+            elif name == "gen_ai_server_request_duration_seconds_count":
                 row["requests"] += delta(key)
             elif name == "edgevlm_requests_total" and lab.get("status") == "error":
                 row["errors"] += delta(key)
@@ -121,21 +128,26 @@ class MetricsWindow:
             elif name == "gen_ai_server_time_per_output_token_seconds_count":
                 row["tpot_count"] += delta(key)
             elif name == "gen_ai_server_time_to_first_token_seconds_bucket":
-                ttft_buckets.setdefault((model, op), []).append((float(lab["le"]), delta(key)))
+                ttft_buckets.setdefault((model, op, profile), []).append((float(lab["le"]), delta(key)))
 
-        for model in gauges.keys() - {m for m, _ in rows}:  # busy before its first request ended
-            rows[(model, "")] = {"model": model, "operation": None, "requests": 0.0, "errors": 0.0,
+        for model in gauges.keys() - {m for m, _, _ in rows}:  # busy before its first request ended
+            rows[(model, "", "")] = {"model": model, "operation": None, "profile": None,
+                                     "requests": 0.0, "errors": 0.0, "joules": 0.0, "energy_sources": set(),
                                  "input_tokens": 0.0, "output_tokens": 0.0, "tpot_sum": 0.0,
                                  "tpot_count": 0.0}
         models = []
-        for (model, op), row in sorted(rows.items()):
+        for (model, op, profile), row in sorted(rows.items()):
             tpot_sum, tpot_count = row.pop("tpot_sum"), row.pop("tpot_count")
-            buckets = ttft_buckets.get((model, op), [])
+            sources = sorted(row.pop("energy_sources"))
+            buckets = ttft_buckets.get((model, op, profile), [])
             p50, p95 = histogram_quantile(0.5, buckets), histogram_quantile(0.95, buckets)
             row.update({
                 "ttft_p50_ms": None if p50 is None else p50 * 1000.0,
                 "ttft_p95_ms": None if p95 is None else p95 * 1000.0,
                 "decode_tokens_per_s": tpot_count / tpot_sum if tpot_sum > 0 else None,
+                "joules_per_output_token": (row["joules"] / row["output_tokens"]
+                                            if sources and row["output_tokens"] > 0 else None),
+                "energy_source": ",".join(sources) or None,
                 "in_flight": gauges.get(model, {}).get("edgevlm_requests_in_flight", 0.0),
                 "queued": gauges.get(model, {}).get("edgevlm_queue_depth", 0.0),
             })

@@ -14,6 +14,9 @@ REQUEST_DURATION_BUCKETS = TTFT_BUCKETS
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 MODEL_OP = ("gen_ai_request_model", "gen_ai_operation_name")
+# Finished-request metrics also carry the middleware profile (quality | balanced | fast |
+# none): three values, so the series stay bounded.
+MODEL_OP_PROFILE = (*MODEL_OP, "edgevlm_profile")
 
 # model id -> cache counters (entries, bytes, max_bytes, hits, misses, evictions)
 CacheStats = Callable[[], Mapping[str, Mapping[str, int]]]
@@ -62,23 +65,23 @@ class Metrics:
         r = self.registry
         self.ttft = Histogram(
             "gen_ai_server_time_to_first_token", "Time to generate the first token (s)",
-            MODEL_OP, buckets=TTFT_BUCKETS, unit="seconds", registry=r,
+            MODEL_OP_PROFILE, buckets=TTFT_BUCKETS, unit="seconds", registry=r,
         )
         self.tpot = Histogram(
             "gen_ai_server_time_per_output_token", "Time per output token after the first (s)",
-            MODEL_OP, buckets=TPOT_BUCKETS, unit="seconds", registry=r,
+            MODEL_OP_PROFILE, buckets=TPOT_BUCKETS, unit="seconds", registry=r,
         )
         self.duration = Histogram(
             "gen_ai_server_request_duration", "Server-side request duration (s)",
-            MODEL_OP, buckets=REQUEST_DURATION_BUCKETS, unit="seconds", registry=r,
+            MODEL_OP_PROFILE, buckets=REQUEST_DURATION_BUCKETS, unit="seconds", registry=r,
         )
         self.tokens = Counter(
             "edgevlm_tokens", "Tokens processed, by gen_ai.token.type (input/output)",
-            (*MODEL_OP, "gen_ai_token_type"), registry=r,
+            (*MODEL_OP_PROFILE, "gen_ai_token_type"), registry=r,
         )
         self.requests = Counter(
             "edgevlm_requests", "Finished requests by status (ok/error) and error.type",
-            (*MODEL_OP, "status", "error_type"), registry=r,
+            (*MODEL_OP_PROFILE, "status", "error_type"), registry=r,
         )
         self.rejected = Counter(
             "edgevlm_requests_rejected", "Requests refused with 429 because the queue was full",
@@ -92,7 +95,7 @@ class Metrics:
         )
         self.energy = Counter(
             "edgevlm_energy_joules", "Energy attributed to request windows, by meter source",
-            ("source",), registry=r,
+            (*MODEL_OP_PROFILE, "source"), registry=r,
         )
         self.export_failures = Counter(
             "edgevlm_telemetry_export_failures", "Span export batches that failed, by exporter",

@@ -84,6 +84,7 @@ class RequestRecord:
     dropped_tokens: int = 0  # tokens removed by the long-prompt policy
     finish_reason: str | None = None
     error_type: str | None = None
+    profile: str | None = None  # the middleware profile the request ran under (its own or the server's)
 
     load_ms: float = 0.0  # waiting for the model to load on first use (inside ttft_ms)
     queue_ms: float = 0.0

@@ -263,7 +263,7 @@ class Telemetry:
         if m is None:
             return
         try:
-            labels = (rt.model_label, rt.operation)
+            labels = (rt.model_label, rt.operation, record.profile or "none")
             m.in_flight.labels(rt.model_label).dec()
             m.duration.labels(*labels).observe(record.e2e_ms / 1000.0)
             if record.output_tokens > 0 and record.ttft_ms > 0:
@@ -276,7 +276,7 @@ class Telemetry:
             m.requests.labels(*labels, status, record.error_type or "").inc()
             joules = record.energy.get("joules")
             if joules is not None:
-                m.energy.labels(str(record.energy.get("source", "unknown"))).inc(float(joules))
+                m.energy.labels(*labels, str(record.energy.get("source", "unknown"))).inc(float(joules))
         except Exception as exc:
             log.warning("telemetry metrics failed: %s", exc)
 

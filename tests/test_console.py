@@ -245,7 +245,9 @@ def test_dashboard_shows_the_request_just_made(server: LiveServer, page: Any) ->
                                   if tr.text.startswith("smollm2-135m-instruct-q4_1 chat")],
                          what="the model's row")[0]
     figures = [td.text for td in model_row.find_elements("css selector", "td")]
-    assert float(figures[2]) >= 1 and float(figures[4]) > 0 and float(figures[5]) >= float(figures[4])
+    # model, operation, profile, requests, errors, TTFT p50, p95, decode tok/s, J/token (source), ...
+    assert figures[2] == "quality"  # the server's default profile
+    assert float(figures[3]) >= 1 and float(figures[5]) > 0 and float(figures[6]) >= float(figures[5])
     row.click()
     span = wait_for(lambda: by_testid(page, "dashboard-span").is_displayed() and by_testid(page, "dashboard-span"),
                     what="the span view")

@@ -56,10 +56,17 @@ def test_dashboard_reports_live_figures(make_server: Any, tiny_llm: Path) -> Non
         for _ in range(2):
             assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                         "max_tokens": 6}).status_code == 200
+        assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                    "max_tokens": 6, "edgevlm": {"profile": "fast"}}
+                      ).status_code == 200
         body = c.get("/api/dashboard", params={"window_s": 60}).json()
-    [row] = [m for m in body["models"] if m["operation"] == "chat"]
+    rows = {m["profile"]: m for m in body["models"] if m["operation"] == "chat"}
+    assert set(rows) == {"quality", "fast"}  # the server's default profile and the one asked for
+    row = rows["quality"]
     assert row["requests"] == 2 and row["errors"] == 0 and row["ttft_p95_ms"] >= row["ttft_p50_ms"] > 0
+    assert rows["fast"]["requests"] == 1
     assert row["in_flight"] == 0 and row["queued"] == 0
+    assert row["joules_per_output_token"] > 0 and row["energy_source"] == body["energy_meter"]
     assert body["energy_meter"] and body["energy"]["joules"][body["energy_meter"]] > 0
     assert body["energy"]["joules_per_output_token"] > 0
     assert body["traces"] is True and body["metrics"] is True and body["capture_content"] is False

@@ -155,19 +155,19 @@ def test_metrics_text_parses_and_counts_match(tmp_path):
     for fam in text_string_to_metric_families(body.decode()):
         for s in fam.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    mo = (("gen_ai_operation_name", "chat"), ("gen_ai_request_model", "m"))
+    mo = (("edgevlm_profile", "none"), ("gen_ai_operation_name", "chat"), ("gen_ai_request_model", "m"))
     assert samples[("gen_ai_server_time_to_first_token_seconds_count", mo)] == 3
     assert samples[("gen_ai_server_time_to_first_token_seconds_sum", mo)] == pytest.approx(3 * 0.095)
     # 95 ms falls in the (0.08, 0.1] bucket of the semconv boundaries
-    assert samples[("gen_ai_server_time_to_first_token_seconds_bucket", mo[:1] + (("gen_ai_request_model", "m"), ("le", "0.08")))] == 0
-    assert samples[("gen_ai_server_time_to_first_token_seconds_bucket", mo[:1] + (("gen_ai_request_model", "m"), ("le", "0.1")))] == 3
+    assert samples[("gen_ai_server_time_to_first_token_seconds_bucket", mo[:2] + (("gen_ai_request_model", "m"), ("le", "0.08")))] == 0
+    assert samples[("gen_ai_server_time_to_first_token_seconds_bucket", mo[:2] + (("gen_ai_request_model", "m"), ("le", "0.1")))] == 3
     assert samples[("gen_ai_server_time_per_output_token_seconds_count", mo)] == 3
     assert samples[("gen_ai_server_request_duration_seconds_sum", mo)] == pytest.approx(3 * 0.42)
-    assert samples[("edgevlm_tokens_total", mo[:1] + (("gen_ai_request_model", "m"), ("gen_ai_token_type", "output")))] == 99
-    assert samples[("edgevlm_tokens_total", mo[:1] + (("gen_ai_request_model", "m"), ("gen_ai_token_type", "input")))] == 360
+    assert samples[("edgevlm_tokens_total", mo[:2] + (("gen_ai_request_model", "m"), ("gen_ai_token_type", "output")))] == 99
+    assert samples[("edgevlm_tokens_total", mo[:2] + (("gen_ai_request_model", "m"), ("gen_ai_token_type", "input")))] == 360
     assert samples[("edgevlm_requests_rejected_total", (("gen_ai_request_model", "m"),))] == 2
     assert samples[("edgevlm_queue_depth", (("gen_ai_request_model", "m"),))] == 4
-    assert (("edgevlm_energy_joules_total", (("source", "estimate"),))) in samples
+    assert (("edgevlm_energy_joules_total", mo + (("source", "estimate"),))) in samples
     t.shutdown()
 
 

@@ -65,6 +65,7 @@ async def _run_chat(body: ChatCompletionRequest, request: Request, model: Loaded
         operation="chat", model=engine.info, request_id=new_id("chatcmpl"), stream=body.stream,
         max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
         top_p=body.top_p, seed=body.seed, load_ms=load_ms,
+        profile=(extension.profile if extension else None) or state.settings.profile,
     )
 
     async def prepare() -> Prepared:

@@ -57,6 +57,7 @@ async def _run_completion(body: CompletionRequest, request: Request, model: Load
         operation="text_completion", model=engine.info, request_id=new_id("cmpl"),
         stream=body.stream, max_tokens=body.max_tokens, temperature=body.temperature,
         top_p=body.top_p, seed=body.seed, load_ms=load_ms,
+        profile=request.app.state.settings.profile,
     )
     async def prepare() -> Prepared:
         return Prepared(segments=[tokens], sampling=sampling_params(body, None),

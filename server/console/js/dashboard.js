@@ -16,9 +16,12 @@ const points = { t: [], byModel: new Map() };
 function modelRow(m) {
   return el("tr", {},
     el("td", { textContent: m.model }), el("td", { textContent: m.operation ?? "" }),
+    el("td", { textContent: m.profile ?? "" }),
     el("td", { textContent: num(m.requests) }), el("td", { textContent: num(m.errors) }),
     el("td", { textContent: num(m.ttft_p50_ms, 1) }), el("td", { textContent: num(m.ttft_p95_ms, 1) }),
     el("td", { textContent: num(m.decode_tokens_per_s, 1) }),
+    el("td", { textContent: m.joules_per_output_token == null ? "–"
+      : `${num(m.joules_per_output_token, 4)} (${m.energy_source})` }),
     el("td", { textContent: num(m.in_flight) }), el("td", { textContent: num(m.queued) }));
 }
 
