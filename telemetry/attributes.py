@@ -78,6 +78,8 @@ def record_attributes(record: RequestRecord, capture_content: bool = False) -> A
         a["gen_ai.response.finish_reasons"] = [record.finish_reason]
     if record.request_id:
         a["gen_ai.response.id"] = record.request_id
+    if record.profile:  # every request, images or not (the middleware block repeats it for images)
+        a["edgevlm.profile"] = record.profile
     a["gen_ai.response.model"] = span_model_id(record.model.model_id)
     if record.error_type:
         a["error.type"] = record.error_type

@@ -237,8 +237,8 @@ def test_dashboard_shows_the_request_just_made(server: LiveServer, page: Any) ->
     row = wait_for(lambda: page.find_elements("css selector", f'tr[data-trace="{trace}"]'),
                    timeout=30, what="the request in the recent table")[0]
     cells = [td.text for td in row.find_elements("css selector", "td")]
-    # profiles act on images: a text request has none (the photo test checks one is shown)
-    assert cells[1] == "smollm2-135m-instruct-q4_1" and cells[2] == "" and cells[-1] == "ok"
+    # the profile the request ran under: the server's default here
+    assert cells[1] == "smollm2-135m-instruct-q4_1" and cells[2] == "quality" and cells[-1] == "ok"
     assert cells[4].endswith(f"/ {r.json()['usage']['completion_tokens']}")
     ttft = by_testid(page, "dashboard-ttft")
     model_row = wait_for(lambda: [tr for tr in ttft.find_elements("css selector", "tbody tr")
