@@ -138,6 +138,11 @@ class _Ggml:
             b.gguf_free(ctx)
 
 
+def weight_types(path: str) -> dict[str, int]:
+    """How many tensors of each ggml type ``path`` holds, from its header (milliseconds)."""
+    return _binding().tensor_types(path)
+
+
 _ggml: _Ggml | None = None
 _ggml_lock = threading.Lock()
 _load_lock = threading.Lock()  # the buffer list is process-wide: one load at a time edits it
