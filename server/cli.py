@@ -1,4 +1,5 @@
-"""``edgevlm`` command line: ``serve``, ``doctor``, ``models list``, ``report``.
+"""``edgevlm`` command line: ``serve``, ``doctor``, ``models list|info``, ``quantize``, ``quality``,
+``bench``, ``report``.
 
 Every ``serve`` flag falls back to its ``EDGEVLM_*`` environment variable, then to the
 default, so containers and systemd units can configure the server without flags.
@@ -117,6 +118,37 @@ def models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def models_info(args: argparse.Namespace) -> int:
+    from models.gguf_inspect import inspect
+
+    print("\n".join(inspect(args.file).lines()))
+    return 0
+
+
+def quantize_cmd(args: argparse.Namespace) -> int:
+    """Quantize to every type (checked first), warning when the source is already quantized."""
+    from tqdm import tqdm
+
+    from models.quantize import is_requantization, parse_types, quantize_all, source_type
+
+    types = parse_types(args.types)
+    src_type = source_type(args.src)
+    if is_requantization(src_type):
+        print(f"edgevlm: warning: {args.src} is already quantized ({src_type}); these are requantizations "
+              f"and carry its error too: say so wherever their figures are shown", file=sys.stderr)
+    out = args.out or os.path.dirname(os.path.abspath(args.src))
+    with tqdm(total=len(types), desc="quantize", unit="type", disable=not sys.stderr.isatty()) as bar:
+        def done(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update()
+
+        written = quantize_all(args.src, types, out, threads=args.threads, progress=done)
+    for path in written:
+        print(path)
+    print(f"serve them with: edgevlm serve --models-dir {out}")
+    return 0
+
+
 def _startup_error(exc: Exception) -> str:
     from pydantic import ValidationError
 
@@ -135,11 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; start-up mistakes print one ``edgevlm: error:`` line, never a traceback."""
     from pydantic import ValidationError
 
+    from bench.quality import QualityError
+    from bench.sweep import BenchError
+    from models.gguf_inspect import InspectError
+    from models.quantize import QuantizeError
     from models.registry import ConfigError
 
     try:
         return _main(argv)
-    except (ConfigError, ValidationError, OSError) as exc:
+    except (ConfigError, ValidationError, OSError, QuantizeError, InspectError, QualityError, BenchError) as exc:
         print(f"edgevlm: error: {_startup_error(exc)}", file=sys.stderr)
         return 2
 
@@ -150,6 +186,14 @@ def _main(argv: list[str] | None = None) -> int:
         from telemetry.report import main as report_main
 
         return report_main(argv[1:])
+    if argv[:1] == ["quality"]:
+        from bench.quality import main as quality_main
+
+        return quality_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from bench.sweep import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="edgevlm", description="Local OpenAI-compatible server "
                                      "for quantized vision-language models.")
     parser.add_argument("--version", action="version", version=f"edgevlm {__version__}")
@@ -165,6 +209,17 @@ def _main(argv: list[str] | None = None) -> int:
                        ("--mmproj", "mmproj")):
         lp.add_argument(flag, dest=dest, default=None)
     lp.add_argument("--embedded-model", dest="embedded_model", action="store_const", const=True, default=None)
+    ip = msub.add_parser("info", help="inspect a GGUF file: architecture, tensor types, effective BPW, ...")
+    ip.add_argument("file", help="GGUF model or mmproj file")
+    qp = sub.add_parser("quantize", help="quantize a GGUF to several types with llama.cpp's quantizer")
+    qp.add_argument("src", help="source GGUF")
+    qp.add_argument("--types", required=True, help="comma-separated types, e.g. Q8_0,Q4_K_M,Q4_0")
+    qp.add_argument("--out", default=None, help="output directory (default: beside the source); "
+                    "serve it with --models-dir")
+    qp.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
+    sub.add_parser("quality", help="KLD, PPL and same-top-p against a reference: "
+                   "edgevlm quality MODEL --reference REF")
+    sub.add_parser("bench", help="PalmBench-style sweep: edgevlm bench --models A,B [--threads 1,2]")
     sub.add_parser("report", help="summarise trace files: edgevlm report TRACES.jsonl [--out DIR]")
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -174,7 +229,11 @@ def _main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return doctor.run(_settings_from(args))
+    if args.command == "quantize":
+        return quantize_cmd(args)
     if args.command == "models":
+        if args.models_command == "info":
+            return models_info(args)
         for _, dest, _, _ in _SERVE_FLAGS:
             if not hasattr(args, dest):
                 setattr(args, dest, None)
