@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench.tinymodels import tiny_vlm
 from models.quantize import quantize
 from server.cli import main
 from telemetry import palmbench
@@ -32,8 +33,10 @@ def sweep(tiny_llm: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     """A two-variant sweep interrupted after its first cell (SIGTERM), then run again."""
     base = tmp_path_factory.mktemp("sweep")
     q8 = quantize(tiny_llm, base / "tiny.Q8_0.gguf", "Q8_0")
+    vlm, mmproj = tiny_vlm(base / "vlm", "pixtral")
+    os.link(mmproj, vlm.with_name(f"mmproj-{vlm.stem}.gguf"))  # paired as --models-dir pairs them
     out = base / "out"
-    args = ["bench", "--models", f"{tiny_llm},{q8}", "--source", str(tiny_llm), "--threads", "1",
+    args = ["bench", "--models", f"{tiny_llm},{q8},{vlm}", "--source", str(tiny_llm), "--threads", "1",
             "--repeat", "1", "--quality-ctx", "64", "--quality-chunks", "1", "--no-toxicity", "--no-report",
             "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", *args], stdout=subprocess.PIPE,
@@ -63,30 +66,41 @@ def sweep(tiny_llm: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 def test_an_interrupted_sweep_resumes_without_redoing_finished_cells(sweep: tuple[Path, str], tiny_llm: Path) -> None:
     out, first_cell = sweep
     table = rows(out / "results.csv")
-    assert [r["cell"] for r in table] == [f"{tiny_llm.stem}-t1", "tiny.Q8_0-t1"]
+    assert [r["cell"] for r in table][:2] == [f"{tiny_llm.stem}-t1", "tiny.Q8_0-t1"] and len(table) == 3
     assert table[0]["cell"] == first_cell
     for r in table:
         assert int(r["requests"]) >= 4 and r["errors"] == "0"  # the workload, read back from the trace
         assert float(r["decode_tok_s"]) > 0 and float(r["peak_rss_mib"]) > 0 and float(r["load_s"]) > 0
         assert r["qa_accuracy"] != "" and r["fabrication_rate"] != ""
         assert "CPU fast paths" in r["kernels"]
-    ref, q8 = table
+    ref, q8, vlm = table
+    # the VLM's workload included its image request (mechanics only: random weights)
+    assert int(vlm["requests"]) == int(ref["requests"]) + 1
+    images = [a for a in _workload_attrs(out / vlm["trace"], int(vlm["workload_start_ns"]), int(vlm["workload_end_ns"]))
+              if (a.get("edgevlm.image.tokens_before") or 0) > 0]
+    assert len(images) == 1
     assert float(ref["kld_mean"]) == 0 and float(ref["same_top_p_pct"]) == 100  # the reference itself
     assert float(q8["kld_mean"]) > 0 and float(q8["bpw"]) < float(ref["bpw"])
     assert ref["requantized"] == "no" and q8["requantized"] == "no"  # the source is F16, not quantized
     assert "| tiny.Q8_0 | 1 |" in (out / "results.md").read_text()
 
 
-def _independent_figures(trace: Path, lo: int, hi: int) -> tuple[float, float]:
-    """Median decode tok/s and TTFT of the workload requests, straight from the trace lines."""
-    decode, ttft = [], []
+def _workload_attrs(trace: Path, lo: int, hi: int) -> list[dict]:
+    """Attributes of the request spans that started in the workload window, straight from the trace lines."""
+    out = []
     for line in trace.read_text().splitlines():
         for span in flat_spans(json.loads(line)):
             a = from_key_values(span.get("attributes"))
             if "gen_ai.operation.name" in a and lo <= int(span["startTimeUnixNano"]) <= hi:
-                decode.append(a["edgevlm.decode_tokens_per_s"])
-                ttft.append(a["edgevlm.ttft_ms"])
-    return statistics.median(decode), statistics.median(ttft)
+                out.append(a)
+    return out
+
+
+def _independent_figures(trace: Path, lo: int, hi: int) -> tuple[float, float]:
+    """Median decode tok/s and TTFT of the workload requests."""
+    attrs = _workload_attrs(trace, lo, hi)
+    return (statistics.median(a["edgevlm.decode_tokens_per_s"] for a in attrs),
+            statistics.median(a["edgevlm.ttft_ms"] for a in attrs))
 
 
 def test_report_draws_palmbench_views_from_the_traces(sweep: tuple[Path, str], tmp_path: Path) -> None:
