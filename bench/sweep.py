@@ -237,7 +237,7 @@ def _cell_text(v: Any) -> str:
     return str(v)
 
 
-MD_COLUMNS = [("model", "variant"), ("threads", "threads"), ("bpw", "BPW"), ("file_mib", "file MiB"),
+MD_COLUMNS = [("model", "variant"), ("origin", "origin"), ("threads", "threads"), ("bpw", "BPW"), ("file_mib", "file MiB"),
               ("load_s", "load s"), ("peak_rss_mib", "peak RSS MiB"), ("ttft_p50_ms", "TTFT p50 ms"),
               ("ttft_p95_ms", "TTFT p95 ms"), ("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
               ("j_per_token", "J/token"), ("energy_source", "J source"), ("kld_mean", "KLD"),
@@ -257,7 +257,16 @@ def _md_value(v: str) -> str:
     return f"{f:.3g}" if abs(f) < 100 else f"{f:.0f}"
 
 
+def origin(row: dict[str, str]) -> str:
+    """Where a variant came from: every figure of a requantization says so."""
+    src = row.get("source_quantization") or ""
+    if row.get("requantized") == "yes":
+        return f"requantized from {src}"
+    return f"from {src}" if src else "as shipped"
+
+
 def results_table(rows: list[dict[str, str]]) -> str:
+    rows = [{**r, "origin": origin(r)} for r in rows]
     head = "| " + " | ".join(h for _, h in MD_COLUMNS) + " |"
     lines = [head, "|" + "---|" * len(MD_COLUMNS)]
     lines += ["| " + " | ".join(_md_value(r.get(k, "")) for k, _ in MD_COLUMNS) + " |" for r in rows]
@@ -268,7 +277,7 @@ def write_markdown(out: Path, rows: list[dict[str, str]], notes: list[str]) -> P
     requant = sorted({f"{r['source_quantization']}" for r in rows if r.get("requantized") == "yes"})
     text = ["# edgevlm bench results", ""]
     if requant:
-        text += [f"**Requantized variants:** rows marked with a source type were quantized from an already "
+        text += [f"**Requantized variants:** rows marked \"requantized\" were quantized from an already "
                  f"quantized file ({', '.join(requant)}); their errors include the source's.", ""]
     text += [results_table(rows), ""]
     text += ["QA accuracy counts right answers and right \"unknown\"s; fabrication is the share of unanswerable "

@@ -82,7 +82,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_cells(sweep: tupl
     assert float(ref["kld_mean"]) == 0 and float(ref["same_top_p_pct"]) == 100  # the reference itself
     assert float(q8["kld_mean"]) > 0 and float(q8["bpw"]) < float(ref["bpw"])
     assert ref["requantized"] == "no" and q8["requantized"] == "no"  # the source is F16, not quantized
-    assert "| tiny.Q8_0 | 1 |" in (out / "results.md").read_text()
+    assert "| tiny.Q8_0 | from F16 | 1 |" in (out / "results.md").read_text()
 
 
 def _workload_attrs(trace: Path, lo: int, hi: int) -> list[dict]:
