@@ -151,6 +151,19 @@ def recommendation(rows: list[dict[str, Any]], max_ttft_ms: float = 300.0, max_r
     return paragraphs
 
 
+def _family(model: str) -> str:
+    """``SmolLM2-135M-Instruct.Q8_0`` -> ``SmolLM2-135M-Instruct``; ``gemma-3-270m-q4_k_m`` -> ``gemma-3-270m``."""
+    return model.rsplit(".", 1)[0] if "." in model else model.rsplit("-", 1)[0]
+
+
+def point_label(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The quantization, with the model's name in front when the sweep holds several models."""
+    quant = str(r.get("quantization") or r["model"])
+    if len({_family(str(x["model"])) for x in rows}) > 1:
+        return f"{_family(str(r['model']))[:12]} {quant}"
+    return quant
+
+
 def write_plots(rows: list[dict[str, Any]], fit_list: list[Fit], out_dir: str) -> list[str]:
     """metrics_vs_bpw.png (one panel per metric, fit lines per thread count) and pareto.png."""
     try:
@@ -163,17 +176,21 @@ def write_plots(rows: list[dict[str, Any]], fit_list: list[Fit], out_dir: str) -
     written = []
     metrics = [m for m in BPW_METRICS if any(r.get(m[0]) is not None and r.get("bpw") is not None for r in rows)]
     if metrics:
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4), squeeze=False)
+        ncols = min(3, len(metrics))
+        nrows = -(-len(metrics) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.2 * nrows), squeeze=False)
+        for ax in axes.flat[len(metrics):]:
+            ax.axis("off")
         colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
         thread_counts = sorted({int(r["threads"]) for r in rows if r.get("threads") is not None})
-        for ax, (metric, label, _) in zip(axes[0], metrics):
+        for ax, (metric, label, _) in zip(axes.flat, metrics):
             for i, t in enumerate(thread_counts):
                 pts = [(r["bpw"], r[metric], r) for r in rows
                        if r.get("threads") == t and r.get("bpw") is not None and r.get(metric) is not None]
                 c = colours[i % len(colours)]
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=c, s=18, label=f"{t} thread(s)")
                 for x, y, r in pts:
-                    ax.annotate(str(r.get("quantization") or r["model"]), (x, y), fontsize=6,
+                    ax.annotate(point_label(r, rows), (x, y), fontsize=6,
                                 xytext=(2, 2), textcoords="offset points")
                 f = next((f for f in fit_list if f.metric == metric and f.threads == t), None)
                 if f is not None:
@@ -198,7 +215,7 @@ def write_plots(rows: list[dict[str, Any]], fit_list: list[Fit], out_dir: str) -
         for r in pts:
             on = r["cell"] in front
             ax.scatter(r["decode_tok_s"], r[quality], color="tab:red" if on else "tab:grey", s=28 if on else 14)
-            ax.annotate(f"{r.get('quantization') or r['model']} t{int(r['threads'])}", (r["decode_tok_s"], r[quality]),
+            ax.annotate(f"{point_label(r, rows)} t{int(r['threads'])}", (r["decode_tok_s"], r[quality]),
                         fontsize=6, xytext=(2, 2), textcoords="offset points")
         line = sorted((r for r in pts if r["cell"] in front), key=lambda r: r["decode_tok_s"])
         ax.plot([r["decode_tok_s"] for r in line], [r[quality] for r in line], color="tab:red", lw=1)
