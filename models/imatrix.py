@@ -16,6 +16,7 @@ a file made here works with ``llama-quantize --imatrix`` and the other way round
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -63,6 +64,13 @@ class Imatrix:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The file's sha256, computed once per (path, size, mtime) in this process."""
+    st = os.stat(path)
+    return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -1,19 +1,24 @@
-"""Quantize a GGUF model to another type with llama.cpp's own quantizer.
+"""Quantize a GGUF model to other types with llama.cpp's own quantizer.
 
 Outputs are written under a temporary name and renamed into place only when complete, so
 a model directory the server scans never holds a half-written file under a final name.
+Quantizing an already-quantized file (the shipped default is Q4_1) is a *requantization*:
+its errors add to the source's, so every figure made from such variants must say so.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import llama_cpp
 
-from models.llama_lib import ensure_backend
+from models.gguf_info import FTYPE_NAMES
+from models.llama_lib import ensure_backend, meta_str
 
 if TYPE_CHECKING:
     from models.imatrix import Imatrix
@@ -26,6 +31,7 @@ QUANT_TYPES: dict[str, int] = {
                  "Q2_K", "Q2_K_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
     if hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
 }
+_UNQUANTIZED = {"F32", "F16", "BF16"}
 
 
 # Types llama.cpp cannot make well without an importance matrix (refused unless forced),
@@ -38,6 +44,49 @@ class QuantizeError(ValueError):
     """An unknown type, an unreadable source, or llama.cpp refusing the conversion."""
 
 
+def parse_types(spec: str | Sequence[str]) -> list[str]:
+    """``"q8_0,Q4_K_M"`` -> ``["Q8_0", "Q4_K_M"]``; an unknown name raises before any work."""
+    names = [t.strip().upper() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    unknown = [n for n in names if n not in QUANT_TYPES]
+    if unknown or not names:
+        raise QuantizeError(f"unknown quantization type(s) {', '.join(unknown) or '(none given)'}; "
+                            f"known: {', '.join(QUANT_TYPES)}")
+    return names
+
+
+def source_type(src: str | os.PathLike[str]) -> str:
+    """The file type of a GGUF model, e.g. ``Q4_1``, read by llama.cpp from its header and
+    vocabulary only; raises :class:`QuantizeError` for a missing or unreadable file."""
+    if not Path(src).is_file():
+        raise QuantizeError(f"{src}: no such file")
+    ensure_backend()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(src).encode(), params)
+    if not model:
+        raise QuantizeError(f"{src}: not a GGUF model llama.cpp can read")
+    try:
+        declared = meta_str(model, "general.file_type")  # a vocab-only load leaves llama_model_ftype unset
+    finally:
+        llama_cpp.llama_model_free(model)
+    if declared is None or not declared.isdigit():
+        return "unknown"
+    ftype = int(declared) & ~1024
+    return FTYPE_NAMES.get(ftype, f"ftype_{ftype}")
+
+
+def is_requantization(src_type: str) -> bool:
+    """True when the source is already quantized: its variants carry its error too."""
+    return src_type not in _UNQUANTIZED
+
+
+def output_name(src: str | os.PathLike[str], type_name: str) -> str:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` + ``Q8_0`` -> ``SmolLM2-135M-Instruct.Q8_0.gguf``."""
+    stem = Path(src).stem
+    base = re.sub(r"[.\-_](?:I?Q\d\w*|F16|BF16|F32)$", "", stem, flags=re.IGNORECASE) or stem
+    return f"{base}.{type_name}.gguf"
+
+
 def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], type_name: str,
              *, threads: int = 0, imatrix: "Imatrix | None" = None, force: bool = False) -> Path:
     """Write ``src`` quantized to ``type_name`` at ``dst`` (atomically); returns ``dst``.
@@ -46,9 +95,7 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], type_name
     input columns the calibration activations lean on; a matrix made for another model
     is refused. Types that are unusable without a matrix are refused unless ``force``.
     """
-    name = type_name.upper()
-    if name not in QUANT_TYPES:
-        raise QuantizeError(f"unknown quantization type {type_name!r}; known: {', '.join(QUANT_TYPES)}")
+    name = parse_types([type_name])[0]
     if name in NEEDS_IMATRIX and imatrix is None and not force:
         raise QuantizeError(f"{name} is unusable without an importance matrix: run `edgevlm calibrate` "
                             "and pass --imatrix (or force it)")
@@ -81,3 +128,27 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], type_name
         tmp.unlink(missing_ok=True)
         del keep  # the matrix buffers lived until llama.cpp was done with them
     return dst
+
+
+def quantize_all(src: str | os.PathLike[str], types: Sequence[str], out_dir: str | os.PathLike[str], *,
+                 threads: int = 0, progress: Callable[[str], None] | None = None,
+                 imatrix: "Imatrix | None" = None, force: bool = False) -> list[Path]:
+    """Quantize ``src`` to every type into ``out_dir`` (as ``<base>.<TYPE>.gguf``, the names
+    ``serve --models-dir`` scans); checks every type, the source and the matrix before
+    writing anything."""
+    names = parse_types(types)
+    source_type(src)  # unreadable -> QuantizeError before any output exists
+    missing = [n for n in names if n in NEEDS_IMATRIX] if imatrix is None and not force else []
+    if missing:
+        raise QuantizeError(f"{', '.join(missing)} unusable without an importance matrix: run "
+                            "`edgevlm calibrate` and pass --imatrix (or --force)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names:
+        # a matrix that does not fit is refused by the first call, before anything is written
+        written.append(quantize(src, out / output_name(src, name), name, threads=threads,
+                                imatrix=imatrix, force=force))
+        if progress is not None:
+            progress(name)
+    return written

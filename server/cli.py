@@ -1,4 +1,5 @@
-"""``edgevlm`` command line: ``serve``, ``doctor``, ``models list``, ``report``.
+"""``edgevlm`` command line: ``serve``, ``doctor``, ``models list|info``, ``quantize``, ``quality``,
+``bench``, ``report``.
 
 Every ``serve`` flag falls back to its ``EDGEVLM_*`` environment variable, then to the
 default, so containers and systemd units can configure the server without flags.
@@ -124,6 +125,45 @@ def models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def models_info(args: argparse.Namespace) -> int:
+    from models.gguf_inspect import inspect
+
+    print("\n".join(inspect(args.file).lines()))
+    return 0
+
+
+def quantize_cmd(args: argparse.Namespace) -> int:
+    """Quantize to every type (checked first), warning when the source is already quantized."""
+    from tqdm import tqdm
+
+    from models.imatrix import read as read_imatrix
+    from models.quantize import (BETTER_WITH_IMATRIX, is_requantization, parse_types, quantize_all,
+                                 source_type)
+
+    types = parse_types(args.types)
+    matrix = read_imatrix(args.imatrix) if args.imatrix else None
+    if matrix is None:
+        for name in sorted(BETTER_WITH_IMATRIX.intersection(types)):
+            print(f"edgevlm: warning: {name} loses noticeably without an importance matrix "
+                  "(edgevlm calibrate, then --imatrix)", file=sys.stderr)
+    src_type = source_type(args.src)
+    if is_requantization(src_type):
+        print(f"edgevlm: warning: {args.src} is already quantized ({src_type}); these are requantizations "
+              f"and carry its error too: say so wherever their figures are shown", file=sys.stderr)
+    out = args.out or os.path.dirname(os.path.abspath(args.src))
+    with tqdm(total=len(types), desc="quantize", unit="type", disable=not sys.stderr.isatty()) as bar:
+        def done(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update()
+
+        written = quantize_all(args.src, types, out, threads=args.threads, progress=done,
+                               imatrix=matrix, force=args.force)
+    for path in written:
+        print(path)
+    print(f"serve them with: edgevlm serve --models-dir {out}")
+    return 0
+
+
 def _startup_error(exc: Exception) -> str:
     from pydantic import ValidationError
 
@@ -181,12 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; start-up mistakes print one ``edgevlm: error:`` line, never a traceback."""
     from pydantic import ValidationError
 
+    from bench.quality import QualityError
+    from bench.sweep import BenchError
+    from models.gguf_inspect import InspectError
     from models.imatrix import ImatrixError
+    from models.quantize import QuantizeError
     from models.registry import ConfigError
 
     try:
         return _main(argv)
-    except (ConfigError, ValidationError, OSError, ImatrixError) as exc:
+    except (ConfigError, ValidationError, OSError, QuantizeError, InspectError, QualityError, BenchError,
+            ImatrixError) as exc:
         print(f"edgevlm: error: {_startup_error(exc)}", file=sys.stderr)
         return 2
 
@@ -197,6 +242,14 @@ def _main(argv: list[str] | None = None) -> int:
         from telemetry.report import main as report_main
 
         return report_main(argv[1:])
+    if argv[:1] == ["quality"]:
+        from bench.quality import main as quality_main
+
+        return quality_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from bench.sweep import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="edgevlm", description="Local OpenAI-compatible server "
                                      "for quantized vision-language models.")
     parser.add_argument("--version", action="version", version=f"edgevlm {__version__}")
@@ -212,6 +265,22 @@ def _main(argv: list[str] | None = None) -> int:
                        ("--mmproj", "mmproj")):
         lp.add_argument(flag, dest=dest, default=None)
     lp.add_argument("--embedded-model", dest="embedded_model", action="store_const", const=True, default=None)
+    ip = msub.add_parser("info", help="inspect a GGUF file: architecture, tensor types, effective BPW, ...")
+    ip.add_argument("file", help="GGUF model or mmproj file")
+    qp = sub.add_parser("quantize", help="quantize a GGUF to several types with llama.cpp's quantizer")
+    qp.add_argument("src", help="source GGUF")
+    qp.add_argument("--types", required=True, help="comma-separated types, e.g. Q8_0,Q4_K_M,Q4_0")
+    qp.add_argument("--out", default=None, help="output directory (default: beside the source); "
+                    "serve it with --models-dir")
+    qp.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
+    qp.add_argument("--imatrix", default=None, metavar="FILE",
+                    help="importance matrix from `edgevlm calibrate` (or llama-imatrix) for this source")
+    qp.add_argument("--force", action="store_true",
+                    help="accept a matrix made from another file of the same model, or a type that "
+                         "needs a matrix without one")
+    sub.add_parser("quality", help="KLD, PPL and same-top-p against a reference: "
+                   "edgevlm quality MODEL --reference REF")
+    sub.add_parser("bench", help="PalmBench-style sweep: edgevlm bench --models A,B [--threads 1,2]")
     sub.add_parser("report", help="summarise trace files: edgevlm report TRACES.jsonl [--out DIR]")
     cal = sub.add_parser("calibrate", help="collect an importance matrix from calibration text",
                          description="Run MODEL over calibration text and write llama.cpp's imatrix "
@@ -235,7 +304,11 @@ def _main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return doctor.run(_settings_from(args))
+    if args.command == "quantize":
+        return quantize_cmd(args)
     if args.command == "models":
+        if args.models_command == "info":
+            return models_info(args)
         for _, dest, _, _ in _SERVE_FLAGS:
             if not hasattr(args, dest):
                 setattr(args, dest, None)

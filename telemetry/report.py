@@ -352,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="output directory (default: ./report)")
     p.add_argument("--html", action="store_true", help="also write report.html")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    p.add_argument("--bench", default=None, metavar="RESULTS_CSV",
+                   help="an `edgevlm bench` results.csv: adds the PalmBench views (fits vs BPW, Pareto "
+                        "front, kernels, recommendation)")
+    p.add_argument("--max-ttft-ms", type=float, default=300.0, help="TTFT limit for the recommendation")
+    p.add_argument("--max-rss-mib", type=float, default=400.0, help="memory limit for the recommendation")
     return p
 
 
@@ -367,8 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     plots = [] if args.no_plots else write_plots(groups, args.out)
     md_path = os.path.join(args.out, "report.md")
+    text = render_markdown(groups, bad, files, plots)
+    if args.bench:
+        from .palmbench import write as palmbench
+
+        text += palmbench(args.bench, args.out, args.max_ttft_ms, args.max_rss_mib, plots=not args.no_plots)
     with open(md_path, "w", encoding="utf-8") as f:
-        f.write(render_markdown(groups, bad, files, plots))
+        f.write(text)
     if args.html:
         with open(os.path.join(args.out, "report.html"), "w", encoding="utf-8") as f:
             f.write(render_html(groups, plots))

@@ -115,3 +115,20 @@ def test_calibrate_command_from_text_and_from_traces(tiny_llm: Path, tmp_path: P
                        "--out", str(tmp_path / "t.imatrix.gguf"), timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert "calibration text from traces: 3 requests" in proc.stdout
+
+
+def test_quantize_command_takes_the_matrix_and_refuses_another_models(
+        calibrated: imatrix.Imatrix, tiny_llm: Path, tmp_path: Path) -> None:
+    from tests.test_cli import assert_one_line_error, edgevlm
+
+    matrix = imatrix.write(calibrated, tmp_path / "tiny.imatrix.gguf")
+    proc = edgevlm("quantize", str(tiny_llm), "--types", "Q4_0", "--imatrix", str(matrix),
+                   "--out", str(tmp_path / "out"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "out").glob("*.Q4_0.gguf"))) == 1
+    other = write_tiny_llm(tmp_path / "other.gguf", seed=7)
+    assert_one_line_error(edgevlm("quantize", str(other), "--types", "Q4_0", "--imatrix", str(matrix),
+                                  "--out", str(tmp_path / "out2")), "another model file")
+    assert not list((tmp_path / "out2").glob("*.gguf"))
+    assert_one_line_error(edgevlm("quantize", str(tiny_llm), "--types", "IQ2_XXS",
+                                  "--out", str(tmp_path / "out3")), "importance matrix")

@@ -1,0 +1,198 @@
+"""``edgevlm quality MODEL --reference REF``: how far a quantized model's next-token
+distributions drift from a reference model's, with llama.cpp's definitions.
+
+Same measures as ``llama-perplexity --kl-divergence``: the text is cut into chunks of
+``ctx`` tokens, the first token of each is BOS, and only the second half of each chunk
+is scored (every scored token then has at least ``ctx/2`` tokens of context). For each
+scored position: KL(reference || model) over the whole vocabulary, the probability each
+gives the actual next token (Δp), and whether both put the same token on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+# Bundled evaluation text: written for this project (MIT, like the code), never used for
+# calibration (imatrix) so quality is not measured on what a quantization was tuned on.
+EVAL_TEXT = "eval_text.txt"
+
+
+class QualityError(ValueError):
+    """A missing model or a text too short for one chunk."""
+
+
+def bundled_text() -> str:
+    return resources.files("bench").joinpath("data", EVAL_TEXT).read_text(encoding="utf-8")
+
+
+@dataclass
+class QualityResult:
+    tokens_scored: int
+    ppl_model: float
+    ppl_reference: float
+    ln_ppl_ratio: float  # mean ln(PPL(Q)/PPL(base))
+    kld_mean: float
+    kld_stderr: float
+    kld_max: float
+    kld_p99_9: float
+    kld_p99: float
+    kld_p95: float
+    kld_p90: float
+    kld_median: float
+    rms_dp_pct: float
+    same_top_p_pct: float
+
+    def lines(self) -> list[str]:
+        return [
+            f"tokens scored:        {self.tokens_scored}",
+            f"PPL(Q):               {self.ppl_model:.4f}",
+            f"PPL(base):            {self.ppl_reference:.4f}",
+            f"Mean ln(PPL(Q)/PPL(base)): {self.ln_ppl_ratio:+.6f}",
+            f"Mean    KLD:          {self.kld_mean:.6f} ± {self.kld_stderr:.6f}",
+            f"Maximum KLD:          {self.kld_max:.6f}",
+            f"99.9%   KLD:          {self.kld_p99_9:.6f}",
+            f"99.0%   KLD:          {self.kld_p99:.6f}",
+            f"95.0%   KLD:          {self.kld_p95:.6f}",
+            f"90.0%   KLD:          {self.kld_p90:.6f}",
+            f"Median  KLD:          {self.kld_median:.6f}",
+            f"RMS Δp:               {self.rms_dp_pct:.3f} %",
+            f"Same top p:           {self.same_top_p_pct:.3f} %",
+        ]
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return (x - np.log(np.exp(x).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+class ScoredModel:
+    """One model's log-probabilities over the scored positions of a text."""
+
+    def __init__(self, path: str | os.PathLike[str], *, ctx: int = 512, threads: int = 2) -> None:
+        import llama_cpp
+
+        from models.llama_lib import ensure_backend
+
+        if not Path(path).is_file():
+            raise QualityError(f"{path}: no such file")
+        ensure_backend()
+        self.path = str(path)
+        self.ctx = ctx
+        self.llm = llama_cpp.Llama(self.path, n_ctx=ctx, n_batch=ctx, n_threads=threads, logits_all=True,
+                                   verbose=False)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False)
+
+    def logprobs(self, tokens: list[int], max_chunks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(log-probabilities at the scored positions [N, vocab], the tokens that came next [N])."""
+        n = self.ctx
+        chunks = len(tokens) // n
+        if max_chunks is not None:
+            chunks = min(chunks, max_chunks)
+        if chunks < 1:
+            raise QualityError(f"the text has {len(tokens)} tokens, fewer than one chunk of {n}; "
+                               "give a longer --text or a smaller --ctx")
+        first = n // 2
+        out, targets = [], []
+        bos = self.llm.token_bos()
+        for c in range(chunks):
+            chunk = list(tokens[c * n:(c + 1) * n])
+            if bos is not None and bos >= 0:
+                chunk[0] = bos
+            self.llm.reset()
+            self.llm.eval(chunk)
+            scores = np.asarray(self.llm.scores[first:n - 1])
+            out.append(_log_softmax(scores))
+            targets.append(np.asarray(chunk[first + 1:n]))
+        return np.concatenate(out), np.concatenate(targets)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def compare(model_lp: np.ndarray, ref_lp: np.ndarray, targets: np.ndarray) -> QualityResult:
+    """llama.cpp's KLD statistics from two sets of log-probabilities over the same positions."""
+    if model_lp.shape != ref_lp.shape:
+        raise QualityError(f"the two models disagree on shape {model_lp.shape} vs {ref_lp.shape} "
+                           "(different vocabularies cannot be compared)")
+    p_ref = np.exp(ref_lp.astype(np.float64))
+    kld = np.sum(p_ref * (ref_lp.astype(np.float64) - model_lp.astype(np.float64)), axis=-1)
+    kld = np.maximum(kld, 0.0)  # rounding can leave -1e-9 for identical rows
+    idx = np.arange(len(targets))
+    nll_q = -model_lp[idx, targets].astype(np.float64)
+    nll_b = -ref_lp[idx, targets].astype(np.float64)
+    dp = np.exp(-nll_q) - np.exp(-nll_b)
+    same = np.argmax(model_lp, axis=-1) == np.argmax(ref_lp, axis=-1)
+    n = len(kld)
+    return QualityResult(
+        tokens_scored=n,
+        ppl_model=math.exp(nll_q.mean()), ppl_reference=math.exp(nll_b.mean()),
+        ln_ppl_ratio=float((nll_q - nll_b).mean()),
+        kld_mean=float(kld.mean()), kld_stderr=float(kld.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        kld_max=float(kld.max()), kld_p99_9=float(np.percentile(kld, 99.9)),
+        kld_p99=float(np.percentile(kld, 99)), kld_p95=float(np.percentile(kld, 95)),
+        kld_p90=float(np.percentile(kld, 90)), kld_median=float(np.median(kld)),
+        rms_dp_pct=float(math.sqrt(np.mean(dp * dp)) * 100.0), same_top_p_pct=float(same.mean() * 100.0))
+
+
+class Reference:
+    """The reference model's log-probabilities, computed once and compared with many variants."""
+
+    def __init__(self, path: str | os.PathLike[str], text: str | None = None, *, ctx: int = 512,
+                 threads: int = 2, max_chunks: int | None = None) -> None:
+        self.text = bundled_text() if text is None else text
+        self.path = str(path)
+        self.ctx, self.threads, self.max_chunks = ctx, threads, max_chunks
+        ref = ScoredModel(path, ctx=ctx, threads=threads)
+        try:
+            self.n_vocab = ref.llm.n_vocab()
+            self.tokens = ref.tokenize(self.text)
+            self.logprobs, self.targets = ref.logprobs(self.tokens, max_chunks)
+        finally:
+            ref.close()
+
+    def measure(self, model_path: str | os.PathLike[str]) -> QualityResult:
+        model = ScoredModel(model_path, ctx=self.ctx, threads=self.threads)
+        try:
+            if model.llm.n_vocab() != self.n_vocab:
+                raise QualityError(f"{model_path} has a vocabulary of {model.llm.n_vocab()} tokens, the reference "
+                                   f"{self.path} {self.n_vocab}: only models of one family can be compared")
+            lp, targets = model.logprobs(self.tokens, self.max_chunks)
+        finally:
+            model.close()
+        return compare(lp, self.logprobs, targets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edgevlm quality", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="GGUF model to judge")
+    p.add_argument("--reference", required=True, help="reference GGUF (same vocabulary)")
+    p.add_argument("--text", default=None, help="evaluation text file (default: the bundled one)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk; the second half is scored")
+    p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    text = None
+    if args.text is not None:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise QualityError(f"{args.text}: {exc.strerror or exc}") from exc
+    if args.ctx < 8:
+        raise QualityError("--ctx must be at least 8")
+    ref = Reference(args.reference, text, ctx=args.ctx, threads=args.threads, max_chunks=args.chunks)
+    print(f"model:     {args.model}\nreference: {args.reference}")
+    print("\n".join(ref.measure(args.model).lines()))
+    return 0
