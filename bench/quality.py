@@ -77,26 +77,55 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class ScoredModel:
-    """One model's log-probabilities over the scored positions of a text."""
+    """One model's log-probabilities over the scored positions of a text.
+
+    Loaded with the CPU fast paths the self-test chose (``models.cpu_paths``): a plain
+    ``llama_cpp.Llama`` would take every fast path the CPU advertises, and crash where AMX
+    is broken.
+    """
 
     def __init__(self, path: str | os.PathLike[str], *, ctx: int = 512, threads: int = 2) -> None:
         import llama_cpp
 
-        from models.llama_lib import ensure_backend
+        from models import cpu_paths
 
         if not Path(path).is_file():
             raise QualityError(f"{path}: no such file")
-        ensure_backend()
         self.path = str(path)
         self.ctx = ctx
-        self.llm = llama_cpp.Llama(self.path, n_ctx=ctx, n_batch=ctx, n_threads=threads, logits_all=True,
-                                   verbose=False)
+        verdict = cpu_paths.choose(self.path, "auto", threads)
+        self.model = cpu_paths.load_model(self.path, verdict.allowed)
+        if not self.model:
+            raise QualityError(f"{path}: llama.cpp could not load it")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = ctx
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        self.lctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.lctx:
+            llama_cpp.llama_model_free(self.model)
+            raise QualityError(f"{path}: could not create a context of {ctx} tokens")
+        self.batch = llama_cpp.llama_batch_init(ctx, 0, 1)
+
+    def n_vocab(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_n_tokens(self.vocab))
 
     def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False)
+        import llama_cpp
+
+        data = text.encode("utf-8")
+        buf = (llama_cpp.llama_token * (len(data) + 8))()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, False)
+        return list(buf[:max(n, 0)])
 
     def logprobs(self, tokens: list[int], max_chunks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(log-probabilities at the scored positions [N, vocab], the tokens that came next [N])."""
+        import llama_cpp
+
         n = self.ctx
         chunks = len(tokens) // n
         if max_chunks is not None:
@@ -106,20 +135,34 @@ class ScoredModel:
                                "give a longer --text or a smaller --ctx")
         first = n // 2
         out, targets = [], []
-        bos = self.llm.token_bos()
+        bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        n_vocab = self.n_vocab()
+        mem = llama_cpp.llama_get_memory(self.lctx)
+        batch = self.batch
         for c in range(chunks):
             chunk = list(tokens[c * n:(c + 1) * n])
-            if bos is not None and bos >= 0:
+            if bos >= 0:
                 chunk[0] = bos
-            self.llm.reset()
-            self.llm.eval(chunk)
-            scores = np.asarray(self.llm.scores[first:n - 1])
+            llama_cpp.llama_memory_clear(mem, True)
+            batch.n_tokens = n
+            for i, tok in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = first <= i < n - 1
+            if llama_cpp.llama_decode(self.lctx, batch) != 0:
+                raise QualityError(f"{self.path}: llama_decode failed on chunk {c}")
+            scores = np.stack([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.lctx, i), shape=(n_vocab,))
+                               for i in range(first, n - 1)]).astype(np.float32)
             out.append(_log_softmax(scores))
             targets.append(np.asarray(chunk[first + 1:n]))
         return np.concatenate(out), np.concatenate(targets)
 
     def close(self) -> None:
-        self.llm.close()
+        import llama_cpp
+
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.lctx)
+        llama_cpp.llama_model_free(self.model)
 
 
 def compare(model_lp: np.ndarray, ref_lp: np.ndarray, targets: np.ndarray) -> QualityResult:
@@ -157,7 +200,7 @@ class Reference:
         self.ctx, self.threads, self.max_chunks = ctx, threads, max_chunks
         ref = ScoredModel(path, ctx=ctx, threads=threads)
         try:
-            self.n_vocab = ref.llm.n_vocab()
+            self.n_vocab = ref.n_vocab()
             self.tokens = ref.tokenize(self.text)
             self.logprobs, self.targets = ref.logprobs(self.tokens, max_chunks)
         finally:
@@ -166,8 +209,8 @@ class Reference:
     def measure(self, model_path: str | os.PathLike[str]) -> QualityResult:
         model = ScoredModel(model_path, ctx=self.ctx, threads=self.threads)
         try:
-            if model.llm.n_vocab() != self.n_vocab:
-                raise QualityError(f"{model_path} has a vocabulary of {model.llm.n_vocab()} tokens, the reference "
+            if model.n_vocab() != self.n_vocab:
+                raise QualityError(f"{model_path} has a vocabulary of {model.n_vocab()} tokens, the reference "
                                    f"{self.path} {self.n_vocab}: only models of one family can be compared")
             lp, targets = model.logprobs(self.tokens, self.max_chunks)
         finally:

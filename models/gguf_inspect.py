@@ -67,9 +67,9 @@ def _model(path: str) -> GgufSummary | None:
     from models.ggml import ggml
 
     ensure_backend()
-    params = llama_cpp.llama_model_default_params()
-    params.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+    from models.cpu_paths import load_model
+
+    model = load_model(path, ())  # inspection only: no weight repacking, no fast path to trust
     if not model:
         return None
     try:

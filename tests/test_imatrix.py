@@ -10,7 +10,7 @@ import pytest
 from gguf import GGUFReader
 
 from bench.tinymodels import write_tiny_llm
-from models import imatrix
+from models import cpu_paths, imatrix
 from models.quantize import QuantizeError, quantize
 
 TEXT = ("Before starting the press, check the hydraulic oil level, the hose fittings and the "
@@ -67,7 +67,7 @@ def test_quantizing_with_the_matrix_gives_a_different_loadable_file(
     plain = quantize(tiny_llm, tmp_path / "plain-q4_0.gguf", "Q4_0")
     guided = quantize(tiny_llm, tmp_path / "imatrix-q4_0.gguf", "Q4_0", imatrix=calibrated)
     assert plain.read_bytes() != guided.read_bytes()
-    model = llama_cpp.llama_model_load_from_file(str(guided).encode(), llama_cpp.llama_model_default_params())
+    model = cpu_paths.load_model(str(guided), ())
     assert model
     llama_cpp.llama_model_free(model)
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.tinymodels import tiny_vlm, write_tiny_mmproj
+from models import cpu_paths
 from models.images import ImageLimits, load_image
 from models.llama_lib import ensure_backend
-from bench.tinymodels import tiny_vlm, write_tiny_mmproj
 from models.vision import (
     EmbeddingCache,
     ImageChunk,
@@ -97,7 +98,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def text_model(model_dir: Path):
     ensure_backend()
     llm_path, _ = tiny_vlm(model_dir, "pixtral")
-    model = llama_cpp.llama_model_load_from_file(str(llm_path).encode(), llama_cpp.llama_model_default_params())
+    model = cpu_paths.load_model(str(llm_path), ())  # plain CPU path: safe on every CPU
     assert model
     yield model
     llama_cpp.llama_model_free(model)
