@@ -154,8 +154,9 @@ def load_image(url: str, index: int, limits: ImageLimits) -> LoadedImage:
         )
     else:
         raise ImageError(
-            f"unsupported image source '{scheme}:'; use a data: URI, a file:// URL"
-            + (" or an http(s):// URL" if limits.allow_http else ""),
+            f"unsupported image source '{scheme}:'; use "
+            + ("a data: URI, a file:// URL or an http(s):// URL" if limits.allow_http
+               else "a data: URI or a file:// URL"),
             index=index,
             code="unsupported_image_source",
         )

@@ -174,7 +174,6 @@ async def execute(request: Request, record: RequestRecord, model: LoadedModel,
             rec.e2e_ms = (time.perf_counter() - started) * 1000.0
             trace.finish(rec, exc)
             raise from_engine_error(exc) from exc
-    app.state.telemetry.set_queue_depth(rec.model.model_id, engine.queue_depth)
 
     def close(error: BaseException | None) -> None:
         rec.e2e_ms = (time.perf_counter() - request.state.arrival) * 1000.0
@@ -195,7 +194,6 @@ async def execute(request: Request, record: RequestRecord, model: LoadedModel,
             except Exception:  # learning must never fail a finished request
                 log.warning("request completion hook failed", exc_info=True)
         trace.finish(rec, error)
-        app.state.telemetry.set_queue_depth(rec.model.model_id, engine.queue_depth)
 
     headers = {"traceparent": trace.traceparent}
     if stream:

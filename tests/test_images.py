@@ -243,7 +243,11 @@ def test_http_refused_by_default() -> None:
 
 
 def test_unknown_scheme_and_bare_path() -> None:
-    expect_error("ftp://example.com/cat.png", "unsupported_image_source")
+    err = expect_error("ftp://example.com/cat.png", "unsupported_image_source")
+    assert str(err).endswith("use a data: URI or a file:// URL"), str(err)  # the sources this server takes
+    err = expect_error("ftp://example.com/cat.png", "unsupported_image_source",
+                       limits=ImageLimits(allow_http=True))
+    assert str(err).endswith("use a data: URI, a file:// URL or an http(s):// URL"), str(err)
     expect_error("/etc/passwd", "unsupported_image_source")
     expect_error("", "invalid_image_url")
 

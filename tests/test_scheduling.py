@@ -143,3 +143,46 @@ def test_one_decode_step_wakes_the_event_loop_once_for_all_streams() -> None:
     del loop
     gc.collect()
     assert ref() is None
+
+
+def _queue_depth_metric(srv) -> float:  # type: ignore[no-untyped-def]
+    text = httpx.get(srv.base_url + "/metrics", timeout=5).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("edgevlm_queue_depth{")]
+    assert len(values) == 1, text  # one model, one series
+    return values[0]
+
+
+def test_queue_depth_metric_counts_only_waiting_requests(make_server) -> None:  # type: ignore[no-untyped-def]
+    """The gauge says what waits now: a queued request counts, the same request running does not."""
+    srv = make_server(parallel=1, max_queue=2)
+    long_body = chat_body("Tell me everything about rivers.", max_tokens=1500, ignore_eos=True, stream=True)
+
+    def model_state() -> dict:
+        return next(iter(_health(srv)["models"].values()))
+
+    def wait_for(cond, what: str) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 120  # generous: the test machines are shared and slow
+        while not cond(model_state()):
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    with httpx.Client(base_url=srv.base_url, timeout=60) as c, cf.ThreadPoolExecutor(1) as pool:
+        with c.stream("POST", "/v1/chat/completions", json=long_body) as resp:
+            lines = resp.iter_lines()  # held: dropping the iterator would close the stream
+            got = 0
+            for line in lines:
+                got += '"content"' in line
+                if got == 3:
+                    break
+            second = pool.submit(httpx.post, srv.base_url + "/v1/chat/completions",
+                                 json=chat_body("Describe a river.", max_tokens=300, ignore_eos=True), timeout=120)
+            wait_for(lambda m: m["queued"] == 1, "the second request never queued")
+            assert _queue_depth_metric(srv) == 1
+        # Closing the stream ends the long request; the second one leaves the queue and runs.
+        wait_for(lambda m: m["queued"] == 0 and m["active"] == 1 or second.done(), "the second request never ran")
+        assert not second.done(), "the second request finished before it could be observed running"
+        assert _queue_depth_metric(srv) == 0
+        assert second.result().status_code == 200
+    _wait_idle(srv)
+    assert _queue_depth_metric(srv) == 0

@@ -15,7 +15,14 @@ router = APIRouter()
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    body, content_type = request.app.state.telemetry.metrics_response()
+    """Prometheus text exposition of the server's metrics."""
+    # Queue depths are read now: a depth set when a request arrives or finishes goes
+    # stale once the engine admits a waiting request, which would then show as queued.
+    state = request.app.state
+    waiting = {lm.spec.id: lm.engine.queue_depth for lm in state.registry.loaded()}
+    for spec in state.registry.list():
+        state.telemetry.set_queue_depth(spec.id, waiting.get(spec.id, 0))
+    body, content_type = state.telemetry.metrics_response()
     return Response(content=body, media_type=content_type)
 
 
