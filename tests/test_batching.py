@@ -12,10 +12,12 @@ from typing import Iterator
 import llama_cpp
 import pytest
 
-import models.engine as engine_module
+import models.engine.admission as admission_module
+import models.engine.worker as worker_module
 import models.llama_lib as llama_lib
-from models.engine import (Engine, EngineConfig, Failed, Finished, GenerationRequest, Job,
+from models.engine import (PARK_MIN_PREFILL, Engine, EngineConfig, Failed, Finished, GenerationRequest, Job,
                            PromptTooLong, TextDelta)
+from models.engine.slots import Slot, common_prefix, pool_cells
 from models.sampling import SamplingParams
 from telemetry.record import RequestRecord
 
@@ -90,8 +92,8 @@ def test_batched_greedy_outputs_equal_sequential(engine: Engine) -> None:
 
 def test_argmax_greedy_picks_what_llama_cpp_greedy_sampler_picks(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     chains: list[SamplingParams] = []
-    build = engine_module.build_sampler
-    monkeypatch.setattr(engine_module, "build_sampler", lambda params, vocab: chains.append(params) or build(params, vocab))
+    build = admission_module.build_sampler
+    monkeypatch.setattr(admission_module, "build_sampler", lambda params, vocab: chains.append(params) or build(params, vocab))
     prompts = [chat(engine, p) for p in PROMPTS]
     fast = [submit(engine, p, max_tokens=64) for p in prompts]
     fast_texts = [r.wait().text for r in fast]
@@ -107,7 +109,7 @@ def test_greedy_rows_stay_exact_beside_sampled_requests_in_one_step(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # Greedy tokens come from one argmax over the step's logits rows while sampled
     # requests read their own row through a sampler chain: rows must not get mixed up.
-    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
+    monkeypatch.setattr(worker_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
     greedy_prompts = [chat(engine, p) for p in PROMPTS[:2]]
     alone = [submit(engine, p, max_tokens=32).wait().text for p in greedy_prompts]
 
@@ -131,7 +133,7 @@ def test_greedy_rows_stay_exact_beside_sampled_requests_in_one_step(
 
 def test_requests_arriving_together_share_the_idle_engines_first_step(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
+    monkeypatch.setattr(worker_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
     with engine.preparing():  # the server is still preparing a second request
         first = submit(engine, chat(engine, PROMPTS[0]), max_tokens=1)
         time.sleep(0.05)  # the idle engine holds its first step meanwhile
@@ -145,7 +147,7 @@ def test_an_idle_engine_waits_only_briefly_for_requests_still_being_prepared(eng
     with engine.preparing():  # e.g. an image still encoding: never submitted in time
         alone = submit(engine, chat(engine, PROMPTS[0]), max_tokens=1).wait()
     assert alone.finish == "length" and alone.record.batch_size_mean == 1
-    assert alone.record.queue_ms < 1000 * engine_module.ARRIVAL_WAIT_S + 500
+    assert alone.record.queue_ms < 1000 * worker_module.ARRIVAL_WAIT_S + 500
 
 
 def test_cancelled_sequence_frees_its_slot_while_others_stream(tiny_llm: Path) -> None:
@@ -192,11 +194,11 @@ def test_prefix_reuse_matches_cold_run_and_prefills_only_the_suffix(tiny_llm: Pa
     assert warm.text == cold.text
 
 
-def _slot_of(engine: Engine, run: Run) -> "engine_module._Slot":
+def _slot_of(engine: Engine, run: Run) -> "Slot":
     return next(s for s in engine._slots if s.seq_id == run.record.slot)
 
 
-def _pool_cells(engine: Engine, slot: "engine_module._Slot") -> int:
+def _pool_cells(engine: Engine, slot: "Slot") -> int:
     return int(llama_cpp.llama_memory_seq_pos_max(engine.mem, slot.seq_id)) + 1
 
 
@@ -205,7 +207,7 @@ def _two_turns(engine: Engine) -> tuple[Run, str]:
     turn1 = [{"role": "system", "content": "You are terse. " * 20},
              {"role": "user", "content": "First question?"}]
     first = submit(engine, engine.template.render(turn1)).wait()
-    long_run = submit(engine, "river " * (engine_module.PARK_MIN_PREFILL + 50), max_tokens=4).wait()
+    long_run = submit(engine, "river " * (PARK_MIN_PREFILL + 50), max_tokens=4).wait()
     assert long_run.record.slot != first.record.slot  # an unrelated prompt leaves the chat's slot alone
     turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And?"}]
     return first, engine.template.render(turn2)
@@ -293,7 +295,7 @@ class KvCellLog:
 def test_a_burst_restores_parked_caches_into_the_cells_it_freed(
         tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")  # read when the context is made
-    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # each burst starts in one step
+    monkeypatch.setattr(worker_module, "ARRIVAL_WAIT_S", 30.0)  # each burst starts in one step
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=4))
 
     def burst(tag: str) -> list[Run]:
@@ -305,7 +307,7 @@ def test_a_burst_restores_parked_caches_into_the_cells_it_freed(
     try:
         with KvCellLog() as log:
             burst("a")
-            long_chat = submit(eng, "river " * (engine_module.PARK_MIN_PREFILL + 300), max_tokens=4).wait()
+            long_chat = submit(eng, "river " * (PARK_MIN_PREFILL + 300), max_tokens=4).wait()
             assert sum(s.parked is not None for s in eng._slots) == 3  # the idle short chats left the pool
             log.seen.clear()
             runs = burst("b")
@@ -336,12 +338,12 @@ def _operator_prompt(engine: Engine, question: str) -> str:
 def test_requests_starting_together_prefill_their_shared_system_prompt_once(
         tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")  # read when the context is made
-    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # the burst starts in one step
+    monkeypatch.setattr(worker_module, "ARRIVAL_WAIT_S", 30.0)  # the burst starts in one step
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=4))
     prompts = [_operator_prompt(eng, q) for q in PROMPTS]
     tokens = [eng.tokenize(p) for p in prompts]
-    shared = engine_module._common_prefix(tokens[0], tokens[1])
-    assert shared > 100 and all(engine_module._common_prefix(tokens[0], t) == shared for t in tokens[1:])
+    shared = common_prefix(tokens[0], tokens[1])
+    assert shared > 100 and all(common_prefix(tokens[0], t) == shared for t in tokens[1:])
     try:
         with KvCellLog() as log:
             runs = _start_together(eng, prompts)
@@ -367,7 +369,7 @@ def test_a_new_conversation_shares_a_cached_system_prompt_and_leaves_idle_chats_
     # cells instead of taking over the first chat's slot.
     second_prompt = _operator_prompt(engine, PROMPTS[1])
     second = submit(engine, second_prompt).wait()
-    shared = engine_module._common_prefix(engine.tokenize(_operator_prompt(engine, PROMPTS[0])),
+    shared = common_prefix(engine.tokenize(_operator_prompt(engine, PROMPTS[0])),
                                           engine.tokenize(second_prompt))
     assert second.record.slot != first.record.slot
     assert second.record.shared_tokens == second.record.cached_tokens == shared
@@ -386,7 +388,7 @@ def test_a_new_conversation_shares_a_cached_system_prompt_and_leaves_idle_chats_
 
 def test_a_follower_goes_on_alone_when_its_leader_is_cancelled_mid_prefill(
         tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)
+    monkeypatch.setattr(worker_module, "ARRIVAL_WAIT_S", 30.0)
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2, n_batch=32))
     put_prompt = eng._put_prompt
 
@@ -451,7 +453,7 @@ def test_requests_sharing_a_prefix_fit_together_where_two_copies_would_not(
     checked: list[tuple[int, int]] = []  # (engine's count, llama.cpp's count) before each step
 
     def counted_decode(ctx: object, batch: llama_cpp.llama_batch) -> int:
-        ours = engine_module.pool_cells(eng._slots) - batch.n_tokens  # this step's rows are in history
+        ours = pool_cells(eng._slots) - batch.n_tokens  # this step's rows are in history
         seen = len(log.seen)
         rc = decode(ctx, batch)
         checked.append((ours, log.seen[seen][1]))
@@ -488,7 +490,7 @@ def test_a_mixed_load_keeps_the_engines_cell_count_equal_to_llama_cpps(
     checked: list[tuple[int, int]] = []
 
     def counted_decode(ctx: object, batch: llama_cpp.llama_batch) -> int:
-        ours = engine_module.pool_cells(eng._slots) - batch.n_tokens
+        ours = pool_cells(eng._slots) - batch.n_tokens
         seen = len(log.seen)
         rc = decode(ctx, batch)
         checked.append((ours, log.seen[seen][1]))
