@@ -12,11 +12,10 @@ from typing import Iterator
 import llama_cpp
 import pytest
 
-import models.engine.admission as admission_module
 import models.engine.worker as worker_module
 import models.llama_lib as llama_lib
-from models.engine import (PARK_MIN_PREFILL, Engine, EngineConfig, Failed, Finished, GenerationRequest, Job,
-                           PromptTooLong, TextDelta)
+from models.engine import (PARK_MIN_PREFILL, Engine, EngineConfig, Failed, Finished,
+                           GenerationRequest, Job, PromptTooLong, TextDelta)
 from models.engine.slots import Slot, common_prefix, pool_cells
 from models.sampling import SamplingParams
 from telemetry.record import RequestRecord
@@ -92,8 +91,8 @@ def test_batched_greedy_outputs_equal_sequential(engine: Engine) -> None:
 
 def test_argmax_greedy_picks_what_llama_cpp_greedy_sampler_picks(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     chains: list[SamplingParams] = []
-    build = admission_module.build_sampler
-    monkeypatch.setattr(admission_module, "build_sampler", lambda params, vocab: chains.append(params) or build(params, vocab))
+    build = worker_module.build_sampler
+    monkeypatch.setattr(worker_module, "build_sampler", lambda params, vocab: chains.append(params) or build(params, vocab))
     prompts = [chat(engine, p) for p in PROMPTS]
     fast = [submit(engine, p, max_tokens=64) for p in prompts]
     fast_texts = [r.wait().text for r in fast]

@@ -8,6 +8,7 @@ import logging
 import llama_cpp
 import numpy as np
 
+from models.engine.admission import resume_point
 from models.engine.job import Job
 from models.engine.slots import Slot, common_prefix
 
@@ -45,7 +46,7 @@ class PrefixSharing:
                 best, source = n, other
         if source is None:
             return reuse
-        n = self._resume_point(job, best)
+        n = resume_point(job, best)
         if n <= reuse:
             return reuse
         llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, slot.seq_id,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Hashable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Iterator
 
 import numpy as np
 
@@ -124,3 +124,22 @@ def common_prefix(a: list[Hashable], b: list[Hashable]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def evict_idle(slots: list[Slot], excess: int, clear: Callable[[Slot], None], keep: Slot | None = None) -> int:
+    """Drop idle caches in the pool, least recently used first, until ``excess`` cells are free.
+
+    ``clear`` empties one slot (the worker also removes its cells from llama.cpp).
+    Returns the cells freed: cells another slot shares stay in the pool.
+    """
+    if excess <= 0:
+        return 0
+    idle = sorted((s for s in slots if s.job is None and s is not keep and s.spans),
+                  key=lambda s: s.last_used)
+    before = used = pool_cells(slots)
+    for victim in idle:
+        if before - used >= excess:
+            break
+        clear(victim)
+        used = pool_cells(slots)  # cells another slot shares stay in the pool
+    return before - used

@@ -13,15 +13,16 @@ from typing import Iterator
 import llama_cpp
 import numpy as np
 
-from models.engine.admission import Admission
+from models.engine.admission import place, preemption_victim, resume_point, worth_restoring
 from models.engine.batch import PREFILL_CHUNK_WHILE_DECODING, BatchBuilder
 from models.engine.job import Job
 from models.engine.native import NativeModel
-from models.engine.prefix import PrefixSharing
-from models.engine.slots import Slot, pool_cells
+from models.engine.prefix import PARK_MIN_PREFILL, PrefixSharing
+from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
-                                 GenerationRequest, ImageSegment, QueueFull, PromptTooLong, Sink,
+                                 GenerationRequest, ImageSegment, PromptTooLong, QueueFull, Sink,
                                  TextDelta)
+from models.sampling import build_sampler
 
 log = logging.getLogger("edgevlm.engine")
 
@@ -31,7 +32,7 @@ log = logging.getLogger("edgevlm.engine")
 ARRIVAL_WAIT_S = 0.015
 
 
-class Engine(NativeModel, Admission, PrefixSharing, BatchBuilder):
+class Engine(NativeModel, PrefixSharing, BatchBuilder):
     """One model, one context, ``n_parallel`` sequences, one worker thread."""
 
     def __init__(self, config: EngineConfig):
@@ -218,6 +219,79 @@ class Engine(NativeModel, Admission, PrefixSharing, BatchBuilder):
                 return
             self._cond.wait(left)
 
+    # ----------------------------------------------------------- admission
+    def _admit_locked(self, running: list[Job]) -> list[Job]:
+        admitted: list[Job] = []
+        needs: list[int] = []  # cells each admitted job adds to the pool
+        if any(j.cancelled or j.done for j in self._waiting):
+            for job in [j for j in self._waiting if j.cancelled or j.done]:
+                self._waiting.remove(job)
+                self._finish(job, reason="cancelled")
+        while self._waiting:
+            job = self._waiting[0]
+            plan = place(job, self._slots, running, needs, self.n_ctx)
+            if plan is None:
+                break
+            evict_idle(self._slots, plan.evict, self._clear, keep=plan.slot)
+            needs.append(plan.need)
+            self._waiting.popleft()
+            job.slot = plan.slot
+            plan.slot.job = job
+            admitted.append(job)
+            self._active = len(running) + len(admitted)
+        return admitted
+
+    def _restores(self, job: Job) -> bool:
+        """Whether starting ``job`` copies its slot's parked KV back into the pool."""
+        slot = job.slot
+        return (slot is not None and slot.parked is not None
+                and worth_restoring(slot, common_prefix(slot.history, job.items)))
+
+    def _start(self, job: Job) -> None:
+        slot = job.slot
+        assert slot is not None
+        if not job.preemptions:
+            job.t_admit = time.perf_counter()
+        if job.cancelled:
+            self._finish(job, reason="cancelled")
+            return
+        rec = job.req.record
+        common = common_prefix(slot.history, job.items)
+        if slot.parked is not None:
+            if worth_restoring(slot, common) and self._unpark(slot):
+                rec.restored_tokens = len(slot.history)
+            else:
+                slot.truncate(0)
+                common = 0
+        reuse = resume_point(job, common)
+        if reuse < len(slot.history):
+            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(reuse), -1):
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+                reuse = 0
+            slot.truncate(reuse)
+        own = reuse
+        reuse = self._share_cached_prefix(job, reuse)
+        job.cursor = reuse
+        slot.prompt_end = len(job.prompt_items)
+        if job.n_prompt - reuse >= PARK_MIN_PREFILL:
+            self._park_idle()
+        rec.slot = slot.seq_id
+        if job.preemptions:
+            rec.middleware["engine.preemptions"] = job.preemptions
+            return  # sampler, text state and first-admission figures carry on
+        rec.cached_tokens = reuse
+        rec.shared_tokens = reuse - own
+        rec.prefilled_tokens = job.n_prompt - reuse
+        rec.input_tokens = job.n_prompt
+        rec.queue_ms = (job.t_admit - job.t_submit) * 1000.0
+        if job.req.sampling.plain_greedy:
+            return  # _sample takes the argmax itself
+        try:
+            job.sampler = build_sampler(job.req.sampling, self.vocab)
+        except Exception as exc:
+            self._finish(job, error=EngineError(str(exc), code="invalid_sampling", status=400))
+
+    # ----------------------------------------------------------- room
     def _ensure_room(self, live: list[Job], n_new: int) -> None:
         """Free KV cells before a step: idle caches first, then preempt the youngest request."""
         used = pool_cells(self._slots)
@@ -226,7 +300,7 @@ class Engine(NativeModel, Admission, PrefixSharing, BatchBuilder):
         remaining = sum(j.n_prompt - j.cursor for j in live if j.cursor < j.n_prompt)
         chunk = PREFILL_CHUNK_WHILE_DECODING if n_new else self.n_batch
         need = n_new + min(remaining, chunk + self.n_batch)
-        used -= self._evict_idle(used + need - self.n_ctx)
+        used -= evict_idle(self._slots, used + need - self.n_ctx, self._clear)
         # Still short: the most recently admitted job gives its cells back and waits at the
         # head of the queue, resuming later exactly where it was; a running stream is
         # never cut short for a newcomer. A job alone at the limit ends with "length".
@@ -237,7 +311,7 @@ class Engine(NativeModel, Admission, PrefixSharing, BatchBuilder):
                     if j.next_token is not None:
                         self._finish(j, reason="length")
                 break
-            youngest = max(holders, key=lambda j: (j.t_admit, j.t_submit))
+            youngest = preemption_victim(holders)
             if youngest.next_token is not None and not youngest.resuming:
                 n_new -= 1
             else:
@@ -249,20 +323,6 @@ class Engine(NativeModel, Admission, PrefixSharing, BatchBuilder):
     def _clear(self, slot: Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.truncate(0)
-
-    def _evict_idle(self, excess: int, keep: Slot | None = None) -> int:
-        """Drop idle caches in the pool, least recently used first, until ``excess`` cells are free."""
-        if excess <= 0:
-            return 0
-        idle = sorted((s for s in self._slots if s.job is None and s is not keep and s.spans),
-                      key=lambda s: s.last_used)
-        before = used = pool_cells(self._slots)
-        for victim in idle:
-            if before - used >= excess:
-                break
-            self._clear(victim)
-            used = pool_cells(self._slots)  # cells another slot shares stay in the pool
-        return before - used
 
     def _preempt(self, job: Job) -> None:
         slot = job.slot
@@ -289,7 +349,7 @@ class Engine(NativeModel, Admission, PrefixSharing, BatchBuilder):
         if rc == 1:  # llama.cpp found no room in the KV cache for this batch: recoverable
             holders = [j for j in live if not j.done and j.slot is not None]
             if len(holders) > 1:
-                self._preempt(max(holders, key=lambda j: (j.t_admit, j.t_submit)))
+                self._preempt(preemption_victim(holders))
                 return
             for job in holders:
                 self._finish(job, reason="length")
