@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import dataclasses
 import re
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +25,7 @@ from telemetry.record import RequestRecord
 
 
 class Run:
-    """Collects one job's events."""
+    """Collects one job's events; ``wait`` fills ``record`` from the final one, as the server does."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -33,6 +36,7 @@ class Run:
         self.record: RequestRecord | None = None
         self.job: Job | None = None
         self.done_at: float | None = None
+        self.ended: Finished | Failed | None = None
 
     def __call__(self, event: object) -> None:
         if isinstance(event, TextDelta):
@@ -42,9 +46,11 @@ class Run:
         elif isinstance(event, Finished):
             self.finish = event.reason
             self.done_at = time.monotonic()
+            self.ended = event
             self.done.set()
         elif isinstance(event, Failed):
             self.error = event.error
+            self.ended = event
             self.done.set()
 
     @property
@@ -53,6 +59,8 @@ class Run:
 
     def wait(self, timeout: float = 60) -> "Run":
         assert self.done.wait(timeout), "generation did not finish"
+        if self.record is not None and self.ended is not None:
+            self.ended.figures.fill(self.record)
         return self
 
 
@@ -60,7 +68,7 @@ def submit(engine: Engine, prompt: str, max_tokens: int = 24, *, max_queue: int 
     run = Run()
     run.record = RequestRecord(operation="chat", model=engine.info)
     req = GenerationRequest([engine.tokenize(prompt)], SamplingParams(temperature=0), max_tokens,
-                            run.record, ignore_eos=True, **kw)  # type: ignore[arg-type]
+                            ignore_eos=True, **kw)  # type: ignore[arg-type]
     run.job = engine.submit(req, run, max_queue=max_queue)
     return run
 
@@ -116,7 +124,7 @@ def test_greedy_rows_stay_exact_beside_sampled_requests_in_one_step(
         run = Run()
         run.record = RequestRecord(operation="chat", model=engine.info)
         req = GenerationRequest([engine.tokenize(chat(engine, prompt))], SamplingParams(temperature=0.9, seed=seed),
-                                32, run.record, ignore_eos=True)
+                                32, ignore_eos=True)
         run.job = engine.submit(req, run, max_queue=16)
         return run
 
@@ -136,7 +144,7 @@ def test_requests_arriving_together_share_the_idle_engines_first_step(
     with engine.preparing():  # the server is still preparing a second request
         first = submit(engine, chat(engine, PROMPTS[0]), max_tokens=1)
         time.sleep(0.05)  # the idle engine holds its first step meanwhile
-        assert first.record.slot is None
+        assert first.job.slot is None
         second = submit(engine, chat(engine, PROMPTS[1]), max_tokens=1)
     first.wait(), second.wait()
     assert first.record.batch_size_mean == second.record.batch_size_mean == 2
@@ -553,7 +561,7 @@ def test_kv_pressure_preempts_the_youngest_request_which_resumes_later(tiny_llm:
             cold.record = RequestRecord(operation="chat", model=cold_engine.info)
             cold.job = cold_engine.submit(
                 GenerationRequest([prompt + b.job.sampled[:cut]], SamplingParams(temperature=0), 16,
-                                  cold.record, ignore_eos=True), cold, max_queue=1)
+                                  ignore_eos=True), cold, max_queue=1)
             cold.wait()
         finally:
             cold_engine.close()
@@ -576,7 +584,7 @@ def test_long_prompt_prefill_is_chunked_between_decode_steps(tiny_llm: Path) -> 
 
         a.record = RequestRecord(operation="chat", model=eng.info)
         a.job = eng.submit(GenerationRequest([eng.tokenize(chat(eng, "stream"))], SamplingParams(temperature=0),
-                                             3000, a.record, ignore_eos=True), sink, max_queue=4)
+                                             3000, ignore_eos=True), sink, max_queue=4)
         while len(stamps) < 5:
             time.sleep(0.001)
         long_prompt = chat(eng, "word " * 1500)
@@ -600,9 +608,8 @@ def test_a_failing_sink_does_not_stop_the_worker(engine: Engine) -> None:
     def broken(event: object) -> None:
         raise RuntimeError("Event loop is closed")  # what a dead request's loop raises
 
-    rec = RequestRecord(operation="chat", model=engine.info)
     engine.submit(GenerationRequest([engine.tokenize(chat(engine, "x"))], SamplingParams(temperature=0), 8,
-                                    rec, ignore_eos=True), broken, max_queue=4)
+                                    ignore_eos=True), broken, max_queue=4)
     after = submit(engine, chat(engine, "y"), max_tokens=8).wait(30)
     assert after.finish == "length" and after.record.output_tokens == 8
 
@@ -649,3 +656,44 @@ def test_failed_setup_frees_the_model(default_gguf: Path) -> None:
         attempt()
     # Without cleanup each attempt keeps the model and a 4096-token context (~150 MiB).
     assert proc.memory_info().rss - before < 100 * 2**20
+
+
+def test_the_engine_reports_its_figures_in_the_final_event_and_holds_no_record(engine: Engine) -> None:
+    assert "record" not in {f.name for f in dataclasses.fields(GenerationRequest)}
+    prompt = engine.tokenize(chat(engine, PROMPTS[0]))
+    run = Run()
+    run.job = engine.submit(GenerationRequest([prompt], SamplingParams(temperature=0), 6, ignore_eos=True),
+                            run, max_queue=4)
+    run.wait()
+    assert isinstance(run.ended, Finished) and run.ended.reason == "length"
+    figures = run.ended.figures
+    assert figures.input_tokens == len(prompt) == figures.cached_tokens + figures.prefilled_tokens
+    assert figures.output_tokens == 6 and figures.slot is not None and figures.batch_size_mean == 1
+    assert 0 < figures.prefill_ms <= figures.ttft_ms and figures.decode_ms > 0
+    assert figures is not run.job.figures  # a copy: the worker's own books stay on its side
+
+
+def test_the_server_fills_the_record_from_the_final_event_on_its_event_loop(engine: Engine) -> None:
+    from server.scheduler import submit as schedule
+
+    writers: set[str] = set()
+
+    class WatchedRecord(RequestRecord):
+        def __setattr__(self, name: str, value: object) -> None:
+            writers.add(threading.current_thread().name)
+            super().__setattr__(name, value)
+
+    async def answer() -> tuple[WatchedRecord, str]:
+        record = WatchedRecord(operation="chat", model=engine.info)
+        writers.clear()
+        request = GenerationRequest([engine.tokenize(chat(engine, PROMPTS[1]))], SamplingParams(temperature=0),
+                                    5, ignore_eos=True)
+        gen = schedule(types.SimpleNamespace(engine=engine), request, max_queue=4, record=record)  # type: ignore[arg-type]
+        text = "".join([t async for t in gen.deltas()])
+        return record, text
+
+    record, text = asyncio.run(answer())
+    assert writers == {threading.current_thread().name}  # asyncio.run's loop runs on this thread
+    assert text and record.finish_reason == "length" and record.output_tokens == 5
+    assert record.input_tokens > 0 and record.ttft_ms > 0 and record.slot is not None
+    assert record.batch_size_mean == 1

@@ -16,12 +16,10 @@ from models.engine.job import Job
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
 from models.engine.types import GenerationRequest, ImageSegment, Segment
 from models.sampling import SamplingParams
-from telemetry.record import ModelInfo, RequestRecord
 
 
 def make_job(*segments: Segment, max_tokens: int = 16) -> Job:
-    req = GenerationRequest(list(segments), SamplingParams(temperature=0), max_tokens,
-                            RequestRecord(operation="chat", model=ModelInfo(model_id="books")))
+    req = GenerationRequest(list(segments), SamplingParams(temperature=0), max_tokens)
     return Job(req, lambda event: None)
 
 

@@ -115,8 +115,8 @@ class BatchBuilder:
         for f, k in riders:
             f.slot.history.extend(job.items[start:start + k])
             f.cursor += k
-            f.req.record.shared_tokens += k
-            f.req.record.prefilled_tokens -= k
+            f.figures.shared_tokens += k
+            f.figures.prefilled_tokens -= k
         return n
 
     def _put(self, batch: llama_cpp.llama_batch, i: int, token: int, pos: int, seq: int,

@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Hashable
 
 from models.engine.detok import TextStream
-from models.engine.types import GenerationRequest, ImageSegment, Segment, Sink
+from models.engine.types import GenerationRequest, ImageSegment, JobFigures, Segment, Sink
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -58,6 +58,7 @@ class Job:
         self.batch_sum = 0
         self.batch_steps = 0
         self.done = False
+        self.figures = JobFigures()  # written by the worker only; events carry copies
 
     def cancel(self) -> None:
         self._cancel.set()

@@ -7,7 +7,7 @@ on nothing of the engine itself.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Union
 
 import numpy as np
@@ -104,7 +104,6 @@ class GenerationRequest:
     segments: list[Segment]
     sampling: SamplingParams
     max_tokens: int
-    record: RequestRecord
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     arrival: float = field(default_factory=time.perf_counter)
@@ -115,14 +114,48 @@ class TextDelta:
     text: str
 
 
+@dataclass
+class JobFigures:
+    """What the engine measured for one request (times in milliseconds).
+
+    The worker keeps these on the job and sends a copy in the request's ``Finished``
+    or ``Failed`` event; the server copies them into the telemetry record on its own
+    thread, so the worker never writes a record whose span the server may be ending.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from a reused KV prefix
+    restored_tokens: int = 0  # KV tokens copied back from host RAM before reuse
+    shared_tokens: int = 0  # prompt tokens whose KV another request's slot holds or computed
+    prefilled_tokens: int = 0  # prompt tokens actually computed
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    slot: int | None = None
+    batch_size_mean: float | None = None
+    preemptions: int = 0
+
+    def fill(self, record: RequestRecord) -> None:
+        """Copy the figures into ``record``; preemptions go to its middleware, when any."""
+        for f in fields(self):
+            if f.name != "preemptions":
+                setattr(record, f.name, getattr(self, f.name))
+        if self.preemptions:
+            record.middleware["engine.preemptions"] = self.preemptions
+
+
 @dataclass(frozen=True)
 class Finished:
     reason: str  # stop | length | cancelled
+    figures: JobFigures = field(default_factory=JobFigures)
 
 
 @dataclass(frozen=True)
 class Failed:
     error: Exception
+    figures: JobFigures = field(default_factory=JobFigures)
 
 
 Event = Union[TextDelta, Finished, Failed]

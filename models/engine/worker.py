@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -255,11 +256,11 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         if job.cancelled:
             self._finish(job, reason="cancelled")
             return
-        rec = job.req.record
+        fig = job.figures
         common = common_prefix(slot.history, job.items)
         if slot.parked is not None:
             if worth_restoring(slot, common) and self._unpark(slot):
-                rec.restored_tokens = len(slot.history)
+                fig.restored_tokens = len(slot.history)
             else:
                 slot.truncate(0)
                 common = 0
@@ -275,15 +276,15 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         slot.prompt_end = len(job.prompt_items)
         if job.n_prompt - reuse >= PARK_MIN_PREFILL:
             self._park_idle()
-        rec.slot = slot.seq_id
+        fig.slot = slot.seq_id
         if job.preemptions:
-            rec.middleware["engine.preemptions"] = job.preemptions
+            fig.preemptions = job.preemptions
             return  # sampler, text state and first-admission figures carry on
-        rec.cached_tokens = reuse
-        rec.shared_tokens = reuse - own
-        rec.prefilled_tokens = job.n_prompt - reuse
-        rec.input_tokens = job.n_prompt
-        rec.queue_ms = (job.t_admit - job.t_submit) * 1000.0
+        fig.cached_tokens = reuse
+        fig.shared_tokens = reuse - own
+        fig.prefilled_tokens = job.n_prompt - reuse
+        fig.input_tokens = job.n_prompt
+        fig.queue_ms = (job.t_admit - job.t_submit) * 1000.0
         if job.req.sampling.plain_greedy:
             return  # _sample takes the argmax itself
         try:
@@ -372,11 +373,11 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         else:
             tok = int(llama_cpp.llama_sampler_sample(job.sampler, self.ctx, idx))
         now = time.perf_counter()
-        rec = job.req.record
+        fig = job.figures
         if job.n_generated == 0 and not job.t_first:
             job.t_first = now
-            rec.ttft_ms = (now - job.req.arrival) * 1000.0
-            rec.prefill_ms = (now - job.t_admit) * 1000.0
+            fig.ttft_ms = (now - job.req.arrival) * 1000.0
+            fig.prefill_ms = (now - job.t_admit) * 1000.0
         job.t_last = now
         if not job.req.ignore_eos and llama_cpp.llama_vocab_is_eog(self.vocab, tok):
             self._finish(job, reason="stop")
@@ -407,18 +408,16 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         if job.slot is not None:
             job.slot.job = None
             job.slot.last_used = time.monotonic()
-        rec = job.req.record
-        rec.output_tokens = job.n_generated
+        fig = job.figures
+        fig.output_tokens = job.n_generated
         if job.t_first:
-            rec.decode_ms = (job.t_last - job.t_first) * 1000.0
+            fig.decode_ms = (job.t_last - job.t_first) * 1000.0
         if job.batch_steps:
-            rec.batch_size_mean = job.batch_sum / job.batch_steps
+            fig.batch_size_mean = job.batch_sum / job.batch_steps
         if error is not None:
-            rec.error_type = getattr(error, "code", type(error).__name__)
-            self._emit(job, Failed(error))
+            self._emit(job, Failed(error, dataclasses.replace(fig)))
             return
         tail = job.text.flush() if reason != "cancelled" else ""
         if tail:
             self._emit(job, TextDelta(tail))
-        rec.finish_reason = reason
-        self._emit(job, Finished(reason or "stop"))
+        self._emit(job, Finished(reason or "stop", dataclasses.replace(fig)))
