@@ -8,6 +8,7 @@ ended in the stream's ``finally``) lives here once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -162,11 +163,11 @@ async def execute(request: Request, record: RequestRecord, model: LoadedModel,
             rec.prompt_text = prepared.prompt_text
         gen_request = GenerationRequest(
             segments=prepared.segments, sampling=prepared.sampling, max_tokens=prepared.max_tokens,
-            record=rec, stop=prepared.stop, ignore_eos=prepared.ignore_eos,
+            stop=prepared.stop, ignore_eos=prepared.ignore_eos,
             arrival=request.state.arrival,
         )
         try:
-            gen = submit(model, gen_request, max_queue=app.state.settings.max_queue)
+            gen = submit(model, gen_request, max_queue=app.state.settings.max_queue, record=rec)
         except EngineError as exc:
             if exc.status == 429:
                 app.state.telemetry.rejected(rec.model.model_id)
@@ -184,7 +185,9 @@ async def execute(request: Request, record: RequestRecord, model: LoadedModel,
         if isinstance(error, (asyncio.CancelledError, GeneratorExit, ClientDisconnected)):
             rec.error_type = "client_disconnected"
             rec.finish_reason = "cancelled"
-            if gen.job is not None:  # the worker may not have written its figures yet
+            if gen.job is not None:
+                if not gen.ended:  # its final event comes later: take the figures so far
+                    dataclasses.replace(gen.job.figures).fill(rec)
                 rec.output_tokens = max(rec.output_tokens, gen.job.n_generated)
         elif error is not None and rec.error_type is None:
             rec.error_type = getattr(error, "code", type(error).__name__)

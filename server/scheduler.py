@@ -3,7 +3,8 @@
 Each loaded model has one engine worker with a bounded wait queue (``max_queue``); a
 full queue is refused at once with 429 and ``Retry-After`` instead of growing without
 bound. Engine events arrive on the worker thread and are handed to the request's
-event loop; a client that goes away cancels its job, which frees the slot within one
+event loop, which copies the engine's figures from the final event into the
+request's telemetry record (the worker never writes the record); a client that goes away cancels its job, which frees the slot within one
 decode step.
 """
 
@@ -19,6 +20,7 @@ from starlette.requests import Request
 
 from models.engine import Event, Failed, Finished, GenerationRequest, Job, TextDelta
 from models.registry import LoadedModel
+from telemetry.record import RequestRecord
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Generation:
     """One submitted job, seen from asyncio."""
 
     job: Job | None = None
+    record: RequestRecord | None = None  # filled from the final event, on the event loop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finish_reason: str | None = None
     error: Exception | None = None
@@ -53,15 +56,26 @@ class Generation:
                 self.text_parts.append(text)
                 yield text
             elif isinstance(event, Finished):
+                if self.record is not None:
+                    event.figures.fill(self.record)
+                    self.record.finish_reason = event.reason
                 self.finish_reason = event.reason
                 return
             elif isinstance(event, Failed):
+                if self.record is not None:
+                    event.figures.fill(self.record)
+                    self.record.error_type = getattr(event.error, "code", type(event.error).__name__)
                 self.error = event.error
                 raise event.error
 
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+    @property
+    def ended(self) -> bool:
+        """Whether the engine's final event (and so its figures) has been taken."""
+        return self.finish_reason is not None or self.error is not None
 
 
 class _Mailbox:
@@ -109,10 +123,14 @@ def _mailbox_for(loop: asyncio.AbstractEventLoop) -> _Mailbox:
     return mailbox
 
 
-def submit(model: LoadedModel, request: GenerationRequest, *, max_queue: int) -> Generation:
-    """Queue ``request`` on the model's worker; raises QueueFull/PromptTooLong at once."""
+def submit(model: LoadedModel, request: GenerationRequest, *, max_queue: int,
+           record: RequestRecord | None = None) -> Generation:
+    """Queue ``request`` on the model's worker; raises QueueFull/PromptTooLong at once.
+
+    ``record`` gets the engine's figures when ``Generation.deltas`` takes the final event.
+    """
     mailbox = _mailbox_for(asyncio.get_running_loop())
-    gen = Generation()
+    gen = Generation(record=record)
 
     def sink(event: Event) -> None:
         mailbox.post(gen.queue, event)

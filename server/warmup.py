@@ -59,10 +59,11 @@ def run_warmup_request(model: LoadedModel, segments: list[Segment],
             ended.append(event)
             done.set()
 
-    engine.submit(GenerationRequest(segments, sampling or SamplingParams(temperature=0), 1, record),
+    engine.submit(GenerationRequest(segments, sampling or SamplingParams(temperature=0), 1),
                   sink, max_queue=1 << 30)
     if not done.wait(WARMUP_TIMEOUT_S):
         raise WarmupError(f"warm-up request did not finish within {WARMUP_TIMEOUT_S:g} s")
+    ended[0].figures.fill(record)  # on this thread, from the final event
     if isinstance(ended[0], Failed):
         raise WarmupError(f"warm-up request failed: {ended[0].error}") from ended[0].error
     if record.prefilled_tokens <= 0 or record.prefill_ms <= 0:

@@ -1,7 +1,7 @@
 """What one inference request cost, as plain data.
 
-The engine (``models``) fills these records while it works and hands them back to
-``server``, which passes them to telemetry. Keeping the type here lets both sides
+``server`` fills these records, from what it measured and from the figures the engine
+(``models``) reports in each request's final event, and passes them to telemetry. Keeping the type here lets both sides
 depend on telemetry without ``telemetry`` importing either of them, and gives span
 attributes, metrics and reports one source of truth.
 """

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import dataclasses
 import re
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Iterator
 
 import llama_cpp
 import pytest
 
-import models.engine as engine_module
+import models.engine.worker as worker_module
 import models.llama_lib as llama_lib
-from models.engine import (Engine, EngineConfig, Failed, Finished, GenerationRequest, Job,
-                           PromptTooLong, TextDelta)
+from models.engine import (PARK_MIN_PREFILL, Engine, EngineConfig, Failed, Finished,
+                           GenerationRequest, Job, PromptTooLong, TextDelta)
+from models.engine.slots import Slot, common_prefix, pool_cells
 from models.sampling import SamplingParams
 from telemetry.record import RequestRecord
 
 
 class Run:
-    """Collects one job's events."""
+    """Collects one job's events; ``wait`` fills ``record`` from the final one, as the server does."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -32,6 +36,7 @@ class Run:
         self.record: RequestRecord | None = None
         self.job: Job | None = None
         self.done_at: float | None = None
+        self.ended: Finished | Failed | None = None
 
     def __call__(self, event: object) -> None:
         if isinstance(event, TextDelta):
@@ -41,9 +46,11 @@ class Run:
         elif isinstance(event, Finished):
             self.finish = event.reason
             self.done_at = time.monotonic()
+            self.ended = event
             self.done.set()
         elif isinstance(event, Failed):
             self.error = event.error
+            self.ended = event
             self.done.set()
 
     @property
@@ -52,6 +59,8 @@ class Run:
 
     def wait(self, timeout: float = 60) -> "Run":
         assert self.done.wait(timeout), "generation did not finish"
+        if self.record is not None and self.ended is not None:
+            self.ended.figures.fill(self.record)
         return self
 
 
@@ -59,7 +68,7 @@ def submit(engine: Engine, prompt: str, max_tokens: int = 24, *, max_queue: int 
     run = Run()
     run.record = RequestRecord(operation="chat", model=engine.info)
     req = GenerationRequest([engine.tokenize(prompt)], SamplingParams(temperature=0), max_tokens,
-                            run.record, ignore_eos=True, **kw)  # type: ignore[arg-type]
+                            ignore_eos=True, **kw)  # type: ignore[arg-type]
     run.job = engine.submit(req, run, max_queue=max_queue)
     return run
 
@@ -90,8 +99,8 @@ def test_batched_greedy_outputs_equal_sequential(engine: Engine) -> None:
 
 def test_argmax_greedy_picks_what_llama_cpp_greedy_sampler_picks(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     chains: list[SamplingParams] = []
-    build = engine_module.build_sampler
-    monkeypatch.setattr(engine_module, "build_sampler", lambda params, vocab: chains.append(params) or build(params, vocab))
+    build = worker_module.build_sampler
+    monkeypatch.setattr(worker_module, "build_sampler", lambda params, vocab: chains.append(params) or build(params, vocab))
     prompts = [chat(engine, p) for p in PROMPTS]
     fast = [submit(engine, p, max_tokens=64) for p in prompts]
     fast_texts = [r.wait().text for r in fast]
@@ -107,7 +116,7 @@ def test_greedy_rows_stay_exact_beside_sampled_requests_in_one_step(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # Greedy tokens come from one argmax over the step's logits rows while sampled
     # requests read their own row through a sampler chain: rows must not get mixed up.
-    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
+    monkeypatch.setattr(worker_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
     greedy_prompts = [chat(engine, p) for p in PROMPTS[:2]]
     alone = [submit(engine, p, max_tokens=32).wait().text for p in greedy_prompts]
 
@@ -115,7 +124,7 @@ def test_greedy_rows_stay_exact_beside_sampled_requests_in_one_step(
         run = Run()
         run.record = RequestRecord(operation="chat", model=engine.info)
         req = GenerationRequest([engine.tokenize(chat(engine, prompt))], SamplingParams(temperature=0.9, seed=seed),
-                                32, run.record, ignore_eos=True)
+                                32, ignore_eos=True)
         run.job = engine.submit(req, run, max_queue=16)
         return run
 
@@ -131,11 +140,11 @@ def test_greedy_rows_stay_exact_beside_sampled_requests_in_one_step(
 
 def test_requests_arriving_together_share_the_idle_engines_first_step(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
+    monkeypatch.setattr(worker_module, "ARRIVAL_WAIT_S", 30.0)  # only the arrivals end the wait
     with engine.preparing():  # the server is still preparing a second request
         first = submit(engine, chat(engine, PROMPTS[0]), max_tokens=1)
         time.sleep(0.05)  # the idle engine holds its first step meanwhile
-        assert first.record.slot is None
+        assert first.job.slot is None
         second = submit(engine, chat(engine, PROMPTS[1]), max_tokens=1)
     first.wait(), second.wait()
     assert first.record.batch_size_mean == second.record.batch_size_mean == 2
@@ -145,7 +154,7 @@ def test_an_idle_engine_waits_only_briefly_for_requests_still_being_prepared(eng
     with engine.preparing():  # e.g. an image still encoding: never submitted in time
         alone = submit(engine, chat(engine, PROMPTS[0]), max_tokens=1).wait()
     assert alone.finish == "length" and alone.record.batch_size_mean == 1
-    assert alone.record.queue_ms < 1000 * engine_module.ARRIVAL_WAIT_S + 500
+    assert alone.record.queue_ms < 1000 * worker_module.ARRIVAL_WAIT_S + 500
 
 
 def test_cancelled_sequence_frees_its_slot_while_others_stream(tiny_llm: Path) -> None:
@@ -192,11 +201,11 @@ def test_prefix_reuse_matches_cold_run_and_prefills_only_the_suffix(tiny_llm: Pa
     assert warm.text == cold.text
 
 
-def _slot_of(engine: Engine, run: Run) -> "engine_module._Slot":
+def _slot_of(engine: Engine, run: Run) -> "Slot":
     return next(s for s in engine._slots if s.seq_id == run.record.slot)
 
 
-def _pool_cells(engine: Engine, slot: "engine_module._Slot") -> int:
+def _pool_cells(engine: Engine, slot: "Slot") -> int:
     return int(llama_cpp.llama_memory_seq_pos_max(engine.mem, slot.seq_id)) + 1
 
 
@@ -205,7 +214,7 @@ def _two_turns(engine: Engine) -> tuple[Run, str]:
     turn1 = [{"role": "system", "content": "You are terse. " * 20},
              {"role": "user", "content": "First question?"}]
     first = submit(engine, engine.template.render(turn1)).wait()
-    long_run = submit(engine, "river " * (engine_module.PARK_MIN_PREFILL + 50), max_tokens=4).wait()
+    long_run = submit(engine, "river " * (PARK_MIN_PREFILL + 50), max_tokens=4).wait()
     assert long_run.record.slot != first.record.slot  # an unrelated prompt leaves the chat's slot alone
     turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And?"}]
     return first, engine.template.render(turn2)
@@ -293,7 +302,7 @@ class KvCellLog:
 def test_a_burst_restores_parked_caches_into_the_cells_it_freed(
         tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")  # read when the context is made
-    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # each burst starts in one step
+    monkeypatch.setattr(worker_module, "ARRIVAL_WAIT_S", 30.0)  # each burst starts in one step
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=4))
 
     def burst(tag: str) -> list[Run]:
@@ -305,7 +314,7 @@ def test_a_burst_restores_parked_caches_into_the_cells_it_freed(
     try:
         with KvCellLog() as log:
             burst("a")
-            long_chat = submit(eng, "river " * (engine_module.PARK_MIN_PREFILL + 300), max_tokens=4).wait()
+            long_chat = submit(eng, "river " * (PARK_MIN_PREFILL + 300), max_tokens=4).wait()
             assert sum(s.parked is not None for s in eng._slots) == 3  # the idle short chats left the pool
             log.seen.clear()
             runs = burst("b")
@@ -336,12 +345,12 @@ def _operator_prompt(engine: Engine, question: str) -> str:
 def test_requests_starting_together_prefill_their_shared_system_prompt_once(
         tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")  # read when the context is made
-    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)  # the burst starts in one step
+    monkeypatch.setattr(worker_module, "ARRIVAL_WAIT_S", 30.0)  # the burst starts in one step
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=4))
     prompts = [_operator_prompt(eng, q) for q in PROMPTS]
     tokens = [eng.tokenize(p) for p in prompts]
-    shared = engine_module._common_prefix(tokens[0], tokens[1])
-    assert shared > 100 and all(engine_module._common_prefix(tokens[0], t) == shared for t in tokens[1:])
+    shared = common_prefix(tokens[0], tokens[1])
+    assert shared > 100 and all(common_prefix(tokens[0], t) == shared for t in tokens[1:])
     try:
         with KvCellLog() as log:
             runs = _start_together(eng, prompts)
@@ -367,7 +376,7 @@ def test_a_new_conversation_shares_a_cached_system_prompt_and_leaves_idle_chats_
     # cells instead of taking over the first chat's slot.
     second_prompt = _operator_prompt(engine, PROMPTS[1])
     second = submit(engine, second_prompt).wait()
-    shared = engine_module._common_prefix(engine.tokenize(_operator_prompt(engine, PROMPTS[0])),
+    shared = common_prefix(engine.tokenize(_operator_prompt(engine, PROMPTS[0])),
                                           engine.tokenize(second_prompt))
     assert second.record.slot != first.record.slot
     assert second.record.shared_tokens == second.record.cached_tokens == shared
@@ -386,7 +395,7 @@ def test_a_new_conversation_shares_a_cached_system_prompt_and_leaves_idle_chats_
 
 def test_a_follower_goes_on_alone_when_its_leader_is_cancelled_mid_prefill(
         tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 30.0)
+    monkeypatch.setattr(worker_module, "ARRIVAL_WAIT_S", 30.0)
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2, n_batch=32))
     put_prompt = eng._put_prompt
 
@@ -451,7 +460,7 @@ def test_requests_sharing_a_prefix_fit_together_where_two_copies_would_not(
     checked: list[tuple[int, int]] = []  # (engine's count, llama.cpp's count) before each step
 
     def counted_decode(ctx: object, batch: llama_cpp.llama_batch) -> int:
-        ours = engine_module.pool_cells(eng._slots) - batch.n_tokens  # this step's rows are in history
+        ours = pool_cells(eng._slots) - batch.n_tokens  # this step's rows are in history
         seen = len(log.seen)
         rc = decode(ctx, batch)
         checked.append((ours, log.seen[seen][1]))
@@ -488,7 +497,7 @@ def test_a_mixed_load_keeps_the_engines_cell_count_equal_to_llama_cpps(
     checked: list[tuple[int, int]] = []
 
     def counted_decode(ctx: object, batch: llama_cpp.llama_batch) -> int:
-        ours = engine_module.pool_cells(eng._slots) - batch.n_tokens
+        ours = pool_cells(eng._slots) - batch.n_tokens
         seen = len(log.seen)
         rc = decode(ctx, batch)
         checked.append((ours, log.seen[seen][1]))
@@ -552,7 +561,7 @@ def test_kv_pressure_preempts_the_youngest_request_which_resumes_later(tiny_llm:
             cold.record = RequestRecord(operation="chat", model=cold_engine.info)
             cold.job = cold_engine.submit(
                 GenerationRequest([prompt + b.job.sampled[:cut]], SamplingParams(temperature=0), 16,
-                                  cold.record, ignore_eos=True), cold, max_queue=1)
+                                  ignore_eos=True), cold, max_queue=1)
             cold.wait()
         finally:
             cold_engine.close()
@@ -575,7 +584,7 @@ def test_long_prompt_prefill_is_chunked_between_decode_steps(tiny_llm: Path) -> 
 
         a.record = RequestRecord(operation="chat", model=eng.info)
         a.job = eng.submit(GenerationRequest([eng.tokenize(chat(eng, "stream"))], SamplingParams(temperature=0),
-                                             3000, a.record, ignore_eos=True), sink, max_queue=4)
+                                             3000, ignore_eos=True), sink, max_queue=4)
         while len(stamps) < 5:
             time.sleep(0.001)
         long_prompt = chat(eng, "word " * 1500)
@@ -599,9 +608,8 @@ def test_a_failing_sink_does_not_stop_the_worker(engine: Engine) -> None:
     def broken(event: object) -> None:
         raise RuntimeError("Event loop is closed")  # what a dead request's loop raises
 
-    rec = RequestRecord(operation="chat", model=engine.info)
     engine.submit(GenerationRequest([engine.tokenize(chat(engine, "x"))], SamplingParams(temperature=0), 8,
-                                    rec, ignore_eos=True), broken, max_queue=4)
+                                    ignore_eos=True), broken, max_queue=4)
     after = submit(engine, chat(engine, "y"), max_tokens=8).wait(30)
     assert after.finish == "length" and after.record.output_tokens == 8
 
@@ -648,3 +656,44 @@ def test_failed_setup_frees_the_model(default_gguf: Path) -> None:
         attempt()
     # Without cleanup each attempt keeps the model and a 4096-token context (~150 MiB).
     assert proc.memory_info().rss - before < 100 * 2**20
+
+
+def test_the_engine_reports_its_figures_in_the_final_event_and_holds_no_record(engine: Engine) -> None:
+    assert "record" not in {f.name for f in dataclasses.fields(GenerationRequest)}
+    prompt = engine.tokenize(chat(engine, PROMPTS[0]))
+    run = Run()
+    run.job = engine.submit(GenerationRequest([prompt], SamplingParams(temperature=0), 6, ignore_eos=True),
+                            run, max_queue=4)
+    run.wait()
+    assert isinstance(run.ended, Finished) and run.ended.reason == "length"
+    figures = run.ended.figures
+    assert figures.input_tokens == len(prompt) == figures.cached_tokens + figures.prefilled_tokens
+    assert figures.output_tokens == 6 and figures.slot is not None and figures.batch_size_mean == 1
+    assert 0 < figures.prefill_ms <= figures.ttft_ms and figures.decode_ms > 0
+    assert figures is not run.job.figures  # a copy: the worker's own books stay on its side
+
+
+def test_the_server_fills_the_record_from_the_final_event_on_its_event_loop(engine: Engine) -> None:
+    from server.scheduler import submit as schedule
+
+    writers: set[str] = set()
+
+    class WatchedRecord(RequestRecord):
+        def __setattr__(self, name: str, value: object) -> None:
+            writers.add(threading.current_thread().name)
+            super().__setattr__(name, value)
+
+    async def answer() -> tuple[WatchedRecord, str]:
+        record = WatchedRecord(operation="chat", model=engine.info)
+        writers.clear()
+        request = GenerationRequest([engine.tokenize(chat(engine, PROMPTS[1]))], SamplingParams(temperature=0),
+                                    5, ignore_eos=True)
+        gen = schedule(types.SimpleNamespace(engine=engine), request, max_queue=4, record=record)  # type: ignore[arg-type]
+        text = "".join([t async for t in gen.deltas()])
+        return record, text
+
+    record, text = asyncio.run(answer())
+    assert writers == {threading.current_thread().name}  # asyncio.run's loop runs on this thread
+    assert text and record.finish_reason == "length" and record.output_tokens == 5
+    assert record.input_tokens > 0 and record.ttft_ms > 0 and record.slot is not None
+    assert record.batch_size_mean == 1

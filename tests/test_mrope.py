@@ -109,13 +109,17 @@ def _generate(engine: Engine, segments: list[Any], max_tokens: int = 8) -> tuple
             errors.append(ev.error)
             done.set()
         elif isinstance(ev, Finished):
+            ended.append(ev)
             done.set()
 
-    rec = RequestRecord(operation="chat", model=engine.info)
+    ended: list[Finished] = []
     req = GenerationRequest(segments=segments, sampling=SamplingParams(temperature=0.0), max_tokens=max_tokens,
-                            record=rec, ignore_eos=True)
+                            ignore_eos=True)
     engine.submit(req, sink, max_queue=8)
     assert done.wait(120)
+    rec = RequestRecord(operation="chat", model=engine.info)
+    if ended:
+        ended[0].figures.fill(rec)
     if errors:
         raise errors[0]
     return "".join(parts), rec

@@ -1,0 +1,203 @@
+"""Batch building: one ``llama_decode`` over every sequence's next rows, M-RoPE included."""
+
+from __future__ import annotations
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+
+from models.engine.job import Job
+from models.engine.types import EngineError, ImageSegment
+
+# Prompt tokens prefilled per step while other sequences are decoding: bounds how long
+# a new long prompt can delay the next token of running streams.
+PREFILL_CHUNK_WHILE_DECODING = 256
+
+
+class BatchBuilder:
+    """Builds and decodes each step's batch: decode tokens, prompt chunks, image rows."""
+
+    def _step(self, running: list[Job]) -> None:
+        for job in running:
+            if job.cancelled and not job.done:
+                self._finish(job, reason="cancelled")
+        live = [j for j in running if not j.done]
+        if not live:
+            return
+        self._ensure_room(live, sum(1 for j in live if j.next_token is not None and j.cursor >= j.n_prompt))
+        live = [j for j in live if not j.done and j.slot is not None]
+        decoding = [j for j in live if j.next_token is not None and j.cursor >= j.n_prompt]
+        prefilling = [j for j in live if j.cursor < j.n_prompt]
+
+        batch = self._batch
+        n = 0
+        outputs: list[tuple[int, Job]] = []
+        # (job, history length, cursor, generated length) before this step, to undo a failed decode
+        undo: list[tuple[Job, int, int, int]] = []
+        for job in decoding:
+            slot = job.slot
+            undo.append((job, len(slot.history), job.cursor, len(job.generated)))
+            self._put(batch, n, job.next_token, len(slot.history) + slot.shift, slot.seq_id, True)
+            slot.history.append(job.next_token)
+            job.generated.append(job.next_token)
+            outputs.append((n, job))
+            n += 1
+        budget = self.n_batch - n
+        if decoding:
+            budget = min(budget, PREFILL_CHUNK_WHILE_DECODING)
+        image_job: Job | None = None
+        followers = [j for j in prefilling if j.lead is not None]
+        # Leaders first: a follower whose shared part ends in this step goes on alone after them.
+        for job in [j for j in prefilling if j.lead is None] + followers:
+            if budget <= 0:
+                break
+            if job.lead is not None:
+                if job.cursor < job.lead_end:
+                    continue  # its leader carries its rows
+                self._detach(job)
+            start, end, seg = job.segment_at(job.cursor)
+            if isinstance(seg, ImageSegment):
+                if image_job is None:
+                    image_job = job
+                continue
+            take = min(end - job.cursor, budget)
+            n = self._put_prompt(job, take, n, outputs, undo)
+            budget -= take
+        if n:
+            batch.n_tokens = n
+            self._flush()
+            rc = llama_cpp.llama_decode(self.ctx, batch)
+            if rc != 0:
+                self._decode_failed(rc, undo, live)
+                return
+            n_seqs = len(decoding) + sum(1 for j in prefilling if j.cursor > 0)
+            greedy = self._greedy_tokens(outputs)
+            for row, (idx, job) in enumerate(outputs):
+                job.batch_sum += n_seqs
+                job.batch_steps += 1
+                self._sample(job, idx, None if greedy is None else int(greedy[row]))
+        if image_job is not None and not image_job.done:
+            self._prefill_image(image_job)
+
+    def _put_prompt(self, job: Job, take: int, n: int, outputs: list[tuple[int, Job]],
+                    undo: list[tuple[Job, int, int, int]]) -> int:
+        """Add ``take`` prompt tokens of ``job`` at batch row ``n``; returns the next row.
+
+        Rows its followers share carry their sequence ids too, and advance them.
+        """
+        batch = self._batch
+        slot = job.slot
+        start = job.cursor
+        # each follower rides on the first ``k`` rows, the longest riders first
+        riders = sorted(((f, min(take, f.lead_end - start)) for f in job.followers
+                         if f.cursor == start and f.cursor < f.lead_end), key=lambda fk: -fk[1])
+        for f in [job] + [f for f, _ in riders]:
+            undo.append((f, len(f.slot.history), f.cursor, len(f.generated)))
+        last_prompt = start + take == job.n_prompt and not job.resuming
+        base = len(slot.history) + slot.shift
+        width = len(riders)
+        for k in range(take):
+            tok = job.items[start + k]
+            want = last_prompt and k == take - 1
+            self._put(batch, n, tok, base + k, slot.seq_id, want)
+            if riders:
+                while width and riders[width - 1][1] <= k:
+                    width -= 1
+                for i in range(width):
+                    batch.seq_id[n][i + 1] = riders[i][0].slot.seq_id
+                batch.n_seq_id[n] = 1 + width
+            if want:
+                outputs.append((n, job))
+            n += 1
+        slot.history.extend(job.items[start:start + take])
+        job.cursor += take
+        for f, k in riders:
+            f.slot.history.extend(job.items[start:start + k])
+            f.cursor += k
+            f.figures.shared_tokens += k
+            f.figures.prefilled_tokens -= k
+        return n
+
+    def _put(self, batch: llama_cpp.llama_batch, i: int, token: int, pos: int, seq: int,
+             logits: bool) -> None:
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+
+    def _prefill_image(self, job: Job) -> None:
+        start, end, seg = job.segment_at(job.cursor)
+        assert isinstance(seg, ImageSegment)
+        slot = job.slot
+        take = min(end - job.cursor, self.n_batch)
+        rows = seg.embeddings[job.cursor - start: job.cursor - start + take]
+        batch = self._embd_batch
+        ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+        last_prompt = job.cursor + take == job.n_prompt and not job.resuming
+        if self.mrope:
+            # Follow mtmd-helper: rows at (n_past + t, n_past + y, n_past + x, z) with
+            # n_past the image's first position (set_position_mrope_2d), section-major.
+            img_base = start + slot.shift
+            off = job.cursor - start
+            if seg.positions is not None:
+                pos4 = np.array(seg.positions[:, off: off + take], dtype=np.int32)
+                pos4[:3] += img_base
+            else:  # set_position_mrope_1d
+                pos4 = np.broadcast_to(np.arange(img_base + off, img_base + off + take, dtype=np.int32),
+                                       (4, take)).copy()
+            ctypes.memmove(self._mrope_pos, pos4.ctypes.data, pos4.nbytes)
+            for k in range(take):
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = slot.seq_id
+                batch.logits[k] = last_prompt and k == take - 1
+        else:
+            base = len(slot.history)
+            for k in range(take):
+                batch.pos[k] = base + k
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = slot.seq_id
+                batch.logits[k] = last_prompt and k == take - 1
+        batch.n_tokens = take
+        if seg.non_causal:
+            llama_cpp.llama_set_causal_attn(self.ctx, False)
+        try:
+            self._flush()
+            rc = llama_cpp.llama_decode(self.ctx, batch)
+        finally:
+            if seg.non_causal:
+                llama_cpp.llama_set_causal_attn(self.ctx, True)
+        if rc != 0:
+            self._finish(job, error=EngineError(f"image prefill failed (llama_decode={rc})"))
+            return
+        slot.history.extend(job.items[job.cursor: job.cursor + take])
+        job.cursor += take
+        if self.mrope and job.cursor == end:
+            # After an image n_past advances by n_pos (max(nx, ny)), not by its rows.
+            slot.shift = start + slot.shift + seg.mrope_advance - end
+            slot.marks.append((end, slot.shift))
+        if last_prompt:
+            self._sample(job, take - 1)
+
+    def _greedy_tokens(self, outputs: list[tuple[int, Job]]) -> np.ndarray | None:
+        """Argmax of every output row in one call, when any plain-greedy job wants one.
+
+        Rows of ``llama_get_logits`` follow the batch order of the rows that asked for
+        logits, which is the order of ``outputs``. One vectorised argmax replaces a
+        ctypes lookup, an array view and an argmax per sequence each step.
+        """
+        if not any(job.sampler is None for _, job in outputs):
+            return None
+        logits = llama_cpp.llama_get_logits(self.ctx)
+        if not logits:
+            return None
+        # A view is costlier to make than the argmax; the buffer moves only when
+        # llama.cpp grows it, so views are kept per (address, rows).
+        key = (ctypes.cast(logits, ctypes.c_void_p).value, len(outputs))
+        view = self._logit_views.get(key)
+        if view is None:
+            if len(self._logit_views) >= 16:
+                self._logit_views.clear()
+            view = self._logit_views[key] = np.ctypeslib.as_array(logits, shape=(len(outputs), self.n_vocab))
+        return view.argmax(axis=1)

@@ -1,0 +1,215 @@
+"""The llama.cpp side of a loaded model: weights, context, batches and tokenizer.
+
+The CPU fast paths are the ones ``models.cpu_paths`` self-tested on this machine (its
+``load_model`` applies the choice); nothing here assumes a CPU feature works.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+import llama_cpp
+import numpy as np
+import psutil
+
+from models import cpu_info, cpu_paths, gguf_info
+from models.engine.types import EngineConfig, EngineError
+from models.llama_lib import ensure_backend, meta_str
+from models.templates import CHATML_TEMPLATE, ChatTemplate
+from telemetry.record import ModelInfo
+
+log = logging.getLogger("edgevlm.engine")
+
+
+class NativeModel:
+    """Loads the model and context; frees them in ``_free_native``."""
+
+    def _load(self, config: EngineConfig) -> None:
+        """Load weights and set up the context; on failure nothing native is left behind."""
+        ensure_backend()
+        self.config = config
+        rss_before = psutil.Process().memory_info().rss
+        n_threads = config.n_threads or default_threads()
+        self.fast_paths = choose_fast_paths(config, n_threads)
+        log.info("model %s: %s", config.model_id, self.fast_paths.describe())
+        warning = cpu_info.threads_warning(n_threads)
+        if warning:
+            log.warning("model %s: %s", config.model_id, warning)
+        model = cpu_paths.load_model(config.path, self.fast_paths.allowed,
+                                     gpu_layers=0 if os.environ.get("EDGEVLM_CPU_ONLY") else 999)
+        if not model:
+            raise EngineError(f"could not load model file {config.path}", code="model_load_failed")
+        self.model = model
+        self.ctx = None
+        self._batch = self._embd_batch = None
+        self._embd_pos_orig = None
+        try:
+            self._init_context(config, rss_before)
+        except BaseException as exc:
+            self._free_native()
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(f"could not set up model {config.model_id}: {exc}",
+                              code="model_load_failed") from exc
+
+    def _init_context(self, config: EngineConfig, rss_before: int) -> None:
+        """Context, template and batches; any failure is cleaned up by the caller."""
+        model = self.model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        n_threads = config.n_threads or default_threads()  # as chosen in _load
+        n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+        n_ctx = config.n_ctx or min(n_ctx_train, 4096)
+        n_batch = max(32, min(config.n_batch, n_ctx))
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = config.n_parallel if config.n_parallel > 0 else default_parallel()
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        # One shared KV pool across slots, so a long prompt may use any free cell instead
+        # of a fixed 1/n share; a single slot needs no sharing.
+        cparams.kv_unified = cparams.n_seq_max > 1
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise EngineError(f"could not create a context of {n_ctx} tokens", code="context_failed")
+        self.ctx = ctx
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        self.n_batch = n_batch
+        self.n_embd = int(llama_cpp.llama_model_n_embd_inp(model))
+        self.n_threads = n_threads
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.template = ChatTemplate(
+            config.chat_template or meta_str(model, "tokenizer.chat_template") or CHATML_TEMPLATE,
+            bos_token=self.token_text(self.bos_id),
+            eos_token=self.token_text(int(llama_cpp.llama_vocab_eos(self.vocab))),
+        )
+        self.info = ModelInfo(
+            model_id=config.model_id,
+            path=config.path,
+            mmproj_path=config.mmproj_path,
+            quantization=gguf_info.quantization_name(model),
+            bits_per_weight=gguf_info.bits_per_weight(model),
+            n_params=int(llama_cpp.llama_model_n_params(model)),
+            file_bytes=gguf_info.file_bytes(config.path),
+            n_ctx=self.n_ctx,
+            n_threads=n_threads,
+            n_parallel=cparams.n_seq_max,
+        )
+        # Token rows may belong to every slot at once (a prefix prefilled jointly).
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, cparams.n_seq_max)
+        self._embd_batch = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+        # M-RoPE (Qwen2-VL family): embedding batches carry 4 positions per row, laid out
+        # section-major (pos[j * n_tokens + i]); llama_batch_init allocates only one per
+        # row, so the embedding batch points at our own array (restored before freeing).
+        # Token batches keep one position: llama.cpp broadcasts it to all sections.
+        rope = int(llama_cpp.llama_model_rope_type(model))
+        mrope_types = {llama_cpp.LLAMA_ROPE_TYPE_MROPE, getattr(llama_cpp, "LLAMA_ROPE_TYPE_IMROPE", -1)}
+        self.mrope = rope in mrope_types
+        self._mrope_pos = None
+        if self.mrope:
+            self._mrope_pos = (llama_cpp.llama_pos * (4 * n_batch))()
+            # The address, not the field object: a ctypes pointer read from a Structure
+            # is a view of the field and would follow the reassignment below.
+            self._embd_pos_orig = ctypes.cast(self._embd_batch.pos, ctypes.c_void_p).value
+            self._embd_batch.pos = ctypes.cast(self._mrope_pos, ctypes.POINTER(llama_cpp.llama_pos))
+        self.n_parallel = int(cparams.n_seq_max)
+        # Each generated token's text, looked up once per token id: a ctypes call and a
+        # buffer per token is a measurable share of a decode step's Python work.
+        self._pieces: dict[int, bytes] = {}
+        self._logit_views: dict[tuple[int | None, int], np.ndarray] = {}
+        self._load_bytes = max(psutil.Process().memory_info().rss - rss_before,
+                               int(llama_cpp.llama_model_size(model)))
+
+    # ----------------------------------------------------------- tokenizer
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Tokenize with special tokens parsed; drops a BOS the template already wrote."""
+        data = text.encode("utf-8")
+        add = add_special and self.add_bos
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add, True)
+        if n < 0:
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add, True)
+        tokens = list(buf[:n])
+        if add and len(tokens) > 1 and tokens[0] == self.bos_id and tokens[1] == self.bos_id:
+            tokens.pop(0)
+        return tokens
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        if not special:
+            piece = self._pieces.get(token)
+            if piece is None:
+                piece = self._pieces[token] = self._token_piece(token, special=False)
+            return piece
+        return self._token_piece(token, special=True)
+
+    def _token_piece(self, token: int, *, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)  # per call: the worker and request threads both use this
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def _free_native(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._embd_batch is not None:
+            if self._embd_pos_orig is not None:
+                # free() what llama_batch_init allocated, not our ctypes array
+                self._embd_batch.pos = ctypes.cast(self._embd_pos_orig, ctypes.POINTER(llama_cpp.llama_pos))
+            llama_cpp.llama_batch_free(self._embd_batch)
+            self._embd_batch = None
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+def default_parallel() -> int:
+    """Slots for an edge box: 4 (llama-server's default), fewer on 1 core or < 4 GiB free.
+
+    Batching pays off once two sequences can share each weight read, so one physical
+    core gets 2 slots; each slot's working set (sampler, logits, KV of its share of the
+    context) is small next to 1 GiB, which bounds the count on tiny boards.
+    """
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    free_gib = psutil.virtual_memory().available / 2**30
+    return max(1, min(4, 2 * cores, int(free_gib)))
+
+
+def choose_fast_paths(config: EngineConfig, n_threads: int) -> cpu_paths.Verdict:
+    """The self-tested fast paths; a file the self-test cannot read gets the plain path
+    (its load then fails with llama.cpp's own clear error)."""
+    if config.repack not in cpu_paths.REPACK_MODES:
+        raise EngineError(f"repack must be one of {', '.join(cpu_paths.REPACK_MODES)}, not {config.repack!r}",
+                          code="invalid_config")
+    try:
+        return cpu_paths.choose(config.path, config.repack, n_threads)
+    except Exception as exc:  # unreadable or not GGUF: nothing to test
+        return cpu_paths.Verdict(config.repack, (), (), f"not self-tested ({exc})")
+
+
+def default_threads() -> int:
+    """Physical cores (hyper-threads slow llama.cpp's matmuls down), at least 1."""
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)

@@ -1,0 +1,162 @@
+"""Errors, configuration, requests and the events the engine sends back.
+
+Every other module of the engine and the server speaks in these types, so they depend
+on nothing of the engine itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Callable, Union
+
+import numpy as np
+
+from models.sampling import SamplingParams
+from telemetry.record import RequestRecord
+
+
+class EngineError(Exception):
+    """A request the engine cannot serve; ``code`` is stable for API errors."""
+
+    code = "engine_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+
+class QueueFull(EngineError):
+    code = "queue_full"
+    status = 429
+
+
+class PromptTooLong(EngineError):
+    code = "context_length_exceeded"
+    status = 400
+
+
+class EngineClosed(EngineError):
+    code = "model_unloaded"
+    status = 503
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_id: str
+    path: str
+    n_ctx: int = 4096
+    n_threads: int = 0  # 0 = physical cores
+    n_parallel: int = 0  # 0 = default_parallel()
+    n_batch: int = 512
+    chat_template: str | None = None  # overrides the GGUF's template
+    mmproj_path: str | None = None
+    repack: str = "auto"  # CPU fast paths: auto (self-tested) | on | off; see models.cpu_paths
+
+
+@dataclass
+class ImageSegment:
+    """An image's (possibly pruned) embedding rows, prefilled in place of tokens.
+
+    ``positions`` and ``n_pos`` matter only to M-RoPE models (Qwen2-VL family):
+    ``positions`` is ``(4, n_tokens)`` int, each kept row's (t, y, x, z) position relative
+    to the image's first position (``ImageChunk.positions``, indexed by the kept rows
+    after pruning), and the image advances the sequence by ``n_pos`` positions
+    (``max(nx, ny)`` of the *encoded* grid, pruned or not). Without ``positions`` an
+    M-RoPE model gets consecutive positions in all four sections (mtmd-helper's
+    ``set_position_mrope_1d``). 1-D RoPE models ignore both and number rows consecutively.
+    """
+
+    embeddings: np.ndarray  # (n_tokens, n_embd) float32, C-contiguous
+    key: str  # identity for KV reuse: image hash + resolution + pruning
+    non_causal: bool = False
+    positions: np.ndarray | None = None  # (4, n_tokens) relative M-RoPE positions
+    n_pos: int | None = None  # positions the image advances (M-RoPE); None -> derived
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def mrope_advance(self) -> int:
+        """Positions this image occupies in an M-RoPE sequence."""
+        if self.n_pos is not None:
+            return int(self.n_pos)
+        if self.positions is not None and self.positions.size:
+            return int(self.positions[:3].max()) + 1
+        return self.n_tokens
+
+
+Segment = Union[list[int], ImageSegment]
+
+
+def segment_tokens(segments: list[Segment]) -> int:
+    """Prompt positions the segments take (image rows count one each)."""
+    return sum(len(s) if isinstance(s, list) else s.n_tokens for s in segments)
+
+
+@dataclass
+class GenerationRequest:
+    segments: list[Segment]
+    sampling: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass
+class JobFigures:
+    """What the engine measured for one request (times in milliseconds).
+
+    The worker keeps these on the job and sends a copy in the request's ``Finished``
+    or ``Failed`` event; the server copies them into the telemetry record on its own
+    thread, so the worker never writes a record whose span the server may be ending.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from a reused KV prefix
+    restored_tokens: int = 0  # KV tokens copied back from host RAM before reuse
+    shared_tokens: int = 0  # prompt tokens whose KV another request's slot holds or computed
+    prefilled_tokens: int = 0  # prompt tokens actually computed
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    slot: int | None = None
+    batch_size_mean: float | None = None
+    preemptions: int = 0
+
+    def fill(self, record: RequestRecord) -> None:
+        """Copy the figures into ``record``; preemptions go to its middleware, when any."""
+        for f in fields(self):
+            if f.name != "preemptions":
+                setattr(record, f.name, getattr(self, f.name))
+        if self.preemptions:
+            record.middleware["engine.preemptions"] = self.preemptions
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # stop | length | cancelled
+    figures: JobFigures = field(default_factory=JobFigures)
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+    figures: JobFigures = field(default_factory=JobFigures)
+
+
+Event = Union[TextDelta, Finished, Failed]
+Sink = Callable[[Event], None]

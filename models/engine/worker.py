@@ -1,0 +1,423 @@
+"""The engine: its front door, its worker thread and loop, and making room in the KV pool."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from typing import Iterator
+
+import llama_cpp
+import numpy as np
+
+from models.engine.admission import place, preemption_victim, resume_point, worth_restoring
+from models.engine.batch import PREFILL_CHUNK_WHILE_DECODING, BatchBuilder
+from models.engine.job import Job
+from models.engine.native import NativeModel
+from models.engine.prefix import PARK_MIN_PREFILL, PrefixSharing
+from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
+from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
+                                 GenerationRequest, ImageSegment, PromptTooLong, QueueFull, Sink,
+                                 TextDelta)
+from models.sampling import build_sampler
+
+log = logging.getLogger("edgevlm.engine")
+
+# Longest an idle engine holds its first step for requests the server is still
+# preparing, so a burst prefills in one step (long enough for a text prompt's template
+# and tokenizer, short next to an image encode it would otherwise wait out).
+ARRIVAL_WAIT_S = 0.015
+
+
+class Engine(NativeModel, PrefixSharing, BatchBuilder):
+    """One model, one context, ``n_parallel`` sequences, one worker thread."""
+
+    def __init__(self, config: EngineConfig):
+        self._load(config)
+        run_ids = itertools.count()  # one numbering for every slot's cell runs
+        self._slots = [Slot(seq_id=i, run_ids=run_ids) for i in range(self.n_parallel)]
+        self._waiting: deque[Job] = deque()
+        self._outbox: list[tuple[Sink, Event]] = []  # events waiting for the next flush
+        self._cond = threading.Condition()
+        self._closing = False
+        self._active = 0
+        self._preparing = 0  # requests the server is still preparing for this engine
+        self._thread = threading.Thread(target=self._run, name=f"engine-{config.model_id}", daemon=True)
+        self._thread.start()
+
+    @property
+    def memory_bytes(self) -> int:
+        """What loading took (weights, KV pool, buffers) plus KV parked in host RAM."""
+        parked = [s.parked for s in self._slots]  # read once: the worker may drop one meanwhile
+        return self._load_bytes + sum(p.nbytes for p in parked if p is not None)
+
+    # ----------------------------------------------------------- front door
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting) or self._active > 0
+
+    def submit(self, req: GenerationRequest, sink: Sink, *, max_queue: int) -> Job:
+        """Queue a request; raises at once rather than accept what it cannot serve."""
+        job = Job(req, sink)
+        if job.n_prompt == 0:
+            raise EngineError("the prompt is empty", code="empty_prompt", status=400)
+        if job.n_prompt >= self.n_ctx:
+            raise PromptTooLong(
+                f"this model's context is {self.n_ctx} tokens, but the prompt has "
+                f"{job.n_prompt} tokens; shorten the messages or raise --ctx-size"
+            )
+        for seg in req.segments:
+            if isinstance(seg, ImageSegment):
+                if seg.embeddings.ndim != 2 or seg.embeddings.shape[1] != self.n_embd:
+                    raise EngineError("image embeddings do not match the model width",
+                                      code="bad_embeddings", status=400)
+                if self.mrope and seg.positions is not None:
+                    p = seg.positions
+                    if p.ndim != 2 or p.shape != (4, seg.n_tokens) or not np.issubdtype(p.dtype, np.integer):
+                        raise EngineError("image positions must be an int (4, n_tokens) array",
+                                          code="bad_positions", status=400)
+                    if p.size and (int(p.min()) < 0 or int(p[:3].max()) >= seg.mrope_advance):
+                        raise EngineError("image positions fall outside the image's n_pos",
+                                          code="bad_positions", status=400)
+                if self.mrope and seg.mrope_advance < 1:
+                    raise EngineError("an image must advance at least one position",
+                                      code="bad_positions", status=400)
+                if seg.non_causal and seg.n_tokens > self.n_batch:
+                    raise EngineError(
+                        f"an image of {seg.n_tokens} tokens needs a batch of at least that size "
+                        f"(batch is {self.n_batch})", code="image_too_large", status=400)
+        with self._cond:
+            if self._closing or not self._thread.is_alive():
+                raise EngineClosed("the model is being unloaded")
+            # Jobs beyond the free slots are the real queue (they may also wait for KV room).
+            free_slots = max(0, len(self._slots) - self._active)
+            if len(self._waiting) - free_slots >= max_queue:
+                raise QueueFull(f"the queue for model {self.config.model_id} is full "
+                                f"({max_queue} waiting)")
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Mark a request being prepared (template, images) for this engine until it is submitted.
+
+        An idle engine holds its first step (at most ``ARRIVAL_WAIT_S``) while any are
+        marked, so requests that arrive together prefill in one step instead of the
+        first prompt running alone while the rest wait for it. Submit inside the block.
+        """
+        with self._cond:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            log.error("engine thread for %s did not stop; leaking its context", self.config.model_id)
+            return
+        self._free_native()
+
+    # ----------------------------------------------------------- worker
+    def _emit(self, job: Job, event: Event) -> None:
+        self._outbox.append((job.sink, event))
+
+    def _flush(self) -> None:
+        """Hand queued events to their requests.
+
+        Called just before each ``llama_decode`` (which releases the GIL), so the event
+        loop formats and sends the previous step's tokens while the next step computes,
+        instead of contending with this thread for the GIL between steps.
+        """
+        if self._outbox:
+            out, self._outbox = self._outbox, []
+            for sink, event in out:
+                try:
+                    sink(event)
+                except Exception:  # e.g. the request's event loop is gone; others still get theirs
+                    log.warning("could not deliver an engine event", exc_info=True)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("engine worker for %s stopped", self.config.model_id)
+            with self._cond:
+                self._closing = True
+                pending = list(self._waiting) + [s.job for s in self._slots if s.job is not None]
+                self._waiting.clear()
+            for job in pending:
+                self._finish(job, error=EngineError("the inference worker stopped", code="engine_failed"))
+            self._flush()
+
+    def _loop(self) -> None:
+        running: list[Job] = []
+        while True:
+            if not running:
+                self._flush()
+            with self._cond:
+                while not self._closing and not self._waiting and not running:
+                    self._cond.wait()
+                if not running:
+                    self._await_arrivals_locked()
+                if self._closing:
+                    pending = list(self._waiting) + running
+                    self._waiting.clear()
+                    break
+                admitted = self._admit_locked(running)
+            # Trim the caches that stay in the pool before copying parked ones back, so the
+            # restored cells fill the holes just freed: llama.cpp attends over every cell up
+            # to the highest one in use, and caches restored above a long chat's cells kept
+            # a burst's attention twice as wide as its cells for as long as they lived.
+            for job in sorted(admitted, key=self._restores):
+                self._start(job)
+                if not job.done:
+                    running.append(job)
+            if len(running) > 1 and admitted:
+                self._join_prefills(admitted, running)
+            try:
+                self._step(running)
+            except Exception as exc:  # never let one bad step kill the worker
+                log.exception("engine step failed")
+                with self._cond:
+                    for job in running:
+                        if job in self._waiting:  # preempted during the failed step
+                            self._waiting.remove(job)
+                for job in running:
+                    self._finish(job, error=EngineError(f"inference failed: {exc}"))
+            running = [j for j in running if not j.done and j.slot is not None]
+            with self._cond:
+                self._active = len(running)
+        for job in pending:
+            self._finish(job, error=EngineClosed("the model was unloaded"))
+        self._flush()
+
+    def _await_arrivals_locked(self) -> None:
+        """Before an idle engine's first step, let requests still being prepared join it."""
+        deadline = time.perf_counter() + ARRIVAL_WAIT_S
+        while self._preparing and not self._closing and len(self._waiting) < len(self._slots):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    # ----------------------------------------------------------- admission
+    def _admit_locked(self, running: list[Job]) -> list[Job]:
+        admitted: list[Job] = []
+        needs: list[int] = []  # cells each admitted job adds to the pool
+        if any(j.cancelled or j.done for j in self._waiting):
+            for job in [j for j in self._waiting if j.cancelled or j.done]:
+                self._waiting.remove(job)
+                self._finish(job, reason="cancelled")
+        while self._waiting:
+            job = self._waiting[0]
+            plan = place(job, self._slots, running, needs, self.n_ctx)
+            if plan is None:
+                break
+            evict_idle(self._slots, plan.evict, self._clear, keep=plan.slot)
+            needs.append(plan.need)
+            self._waiting.popleft()
+            job.slot = plan.slot
+            plan.slot.job = job
+            admitted.append(job)
+            self._active = len(running) + len(admitted)
+        return admitted
+
+    def _restores(self, job: Job) -> bool:
+        """Whether starting ``job`` copies its slot's parked KV back into the pool."""
+        slot = job.slot
+        return (slot is not None and slot.parked is not None
+                and worth_restoring(slot, common_prefix(slot.history, job.items)))
+
+    def _start(self, job: Job) -> None:
+        slot = job.slot
+        assert slot is not None
+        if not job.preemptions:
+            job.t_admit = time.perf_counter()
+        if job.cancelled:
+            self._finish(job, reason="cancelled")
+            return
+        fig = job.figures
+        common = common_prefix(slot.history, job.items)
+        if slot.parked is not None:
+            if worth_restoring(slot, common) and self._unpark(slot):
+                fig.restored_tokens = len(slot.history)
+            else:
+                slot.truncate(0)
+                common = 0
+        reuse = resume_point(job, common)
+        if reuse < len(slot.history):
+            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(reuse), -1):
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+                reuse = 0
+            slot.truncate(reuse)
+        own = reuse
+        reuse = self._share_cached_prefix(job, reuse)
+        job.cursor = reuse
+        slot.prompt_end = len(job.prompt_items)
+        if job.n_prompt - reuse >= PARK_MIN_PREFILL:
+            self._park_idle()
+        fig.slot = slot.seq_id
+        if job.preemptions:
+            fig.preemptions = job.preemptions
+            return  # sampler, text state and first-admission figures carry on
+        fig.cached_tokens = reuse
+        fig.shared_tokens = reuse - own
+        fig.prefilled_tokens = job.n_prompt - reuse
+        fig.input_tokens = job.n_prompt
+        fig.queue_ms = (job.t_admit - job.t_submit) * 1000.0
+        if job.req.sampling.plain_greedy:
+            return  # _sample takes the argmax itself
+        try:
+            job.sampler = build_sampler(job.req.sampling, self.vocab)
+        except Exception as exc:
+            self._finish(job, error=EngineError(str(exc), code="invalid_sampling", status=400))
+
+    # ----------------------------------------------------------- room
+    def _ensure_room(self, live: list[Job], n_new: int) -> None:
+        """Free KV cells before a step: idle caches first, then preempt the youngest request."""
+        used = pool_cells(self._slots)
+        # Cells this step may add: a token per decoding sequence, the step's prompt chunk
+        # (shared by all prefilling jobs) and possibly one image chunk of up to n_batch rows.
+        remaining = sum(j.n_prompt - j.cursor for j in live if j.cursor < j.n_prompt)
+        chunk = PREFILL_CHUNK_WHILE_DECODING if n_new else self.n_batch
+        need = n_new + min(remaining, chunk + self.n_batch)
+        used -= evict_idle(self._slots, used + need - self.n_ctx, self._clear)
+        # Still short: the most recently admitted job gives its cells back and waits at the
+        # head of the queue, resuming later exactly where it was; a running stream is
+        # never cut short for a newcomer. A job alone at the limit ends with "length".
+        while used + need > self.n_ctx:
+            holders = [j for j in live if not j.done and j.slot is not None]
+            if len(holders) <= 1:
+                for j in holders:
+                    if j.next_token is not None:
+                        self._finish(j, reason="length")
+                break
+            youngest = preemption_victim(holders)
+            if youngest.next_token is not None and not youngest.resuming:
+                n_new -= 1
+            else:
+                remaining -= youngest.n_prompt - youngest.cursor
+            need = n_new + min(remaining, chunk + self.n_batch)
+            self._preempt(youngest)
+            used = pool_cells(self._slots)  # its cells that others share stay
+
+    def _clear(self, slot: Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.truncate(0)
+
+    def _preempt(self, job: Job) -> None:
+        slot = job.slot
+        self._detach(job)
+        self._clear(slot)
+        slot.job = None
+        slot.last_used = time.monotonic()
+        job.requeue()
+        with self._cond:
+            self._waiting.appendleft(job)
+        log.info("preempted a request of %s to free KV cells; it resumes when room frees up",
+                 self.config.model_id)
+
+    def _decode_failed(self, rc: int, undo: list[tuple[Job, int, int, int]], live: list[Job]) -> None:
+        """Undo what the failed batch added; on "no KV room" free some and retry next step."""
+        for job, *_ in undo:
+            self._detach(job)  # followers go on alone: their undone rows were the leader's
+        for job, n_hist, cursor, n_gen in undo:
+            slot = job.slot
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(n_hist), -1)
+            slot.truncate(n_hist)
+            job.cursor = cursor
+            del job.generated[n_gen:]
+        if rc == 1:  # llama.cpp found no room in the KV cache for this batch: recoverable
+            holders = [j for j in live if not j.done and j.slot is not None]
+            if len(holders) > 1:
+                self._preempt(preemption_victim(holders))
+                return
+            for job in holders:
+                self._finish(job, reason="length")
+            return
+        for job, *_ in undo:
+            self._finish(job, error=EngineError(f"llama_decode failed with status {rc}"))
+
+    def _sample(self, job: Job, idx: int, greedy: int | None = None) -> None:
+        if job.sampler is None:
+            # Plain greedy: the first maximal logit, exactly what llama.cpp's greedy sampler
+            # picks, without copying 49k candidates into a token-data array each step.
+            if greedy is not None:
+                tok = greedy
+            else:
+                row = llama_cpp.llama_get_logits_ith(self.ctx, idx)
+                if not row:
+                    self._finish(job, error=EngineError(f"llama.cpp returned no logits for batch row {idx}"))
+                    return
+                tok = int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
+        else:
+            tok = int(llama_cpp.llama_sampler_sample(job.sampler, self.ctx, idx))
+        now = time.perf_counter()
+        fig = job.figures
+        if job.n_generated == 0 and not job.t_first:
+            job.t_first = now
+            fig.ttft_ms = (now - job.req.arrival) * 1000.0
+            fig.prefill_ms = (now - job.t_admit) * 1000.0
+        job.t_last = now
+        if not job.req.ignore_eos and llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+            self._finish(job, reason="stop")
+            return
+        job.n_generated += 1
+        job.sampled.append(tok)
+        text, stopped = job.text.push(self.token_bytes(tok))
+        if text:
+            self._emit(job, TextDelta(text))
+        if stopped:
+            self._finish(job, reason="stop")
+        elif job.n_generated >= job.req.max_tokens:
+            self._finish(job, reason="length")
+        elif job.slot is not None and len(job.slot.history) + 1 >= self.n_ctx:
+            self._finish(job, reason="length")
+        else:
+            job.next_token = tok
+
+    def _finish(self, job: Job, *, reason: str | None = None, error: Exception | None = None) -> None:
+        if job.done:
+            return
+        job.done = True
+        job.next_token = None
+        self._detach(job)
+        if job.sampler is not None:
+            llama_cpp.llama_sampler_free(job.sampler)
+            job.sampler = None
+        if job.slot is not None:
+            job.slot.job = None
+            job.slot.last_used = time.monotonic()
+        fig = job.figures
+        fig.output_tokens = job.n_generated
+        if job.t_first:
+            fig.decode_ms = (job.t_last - job.t_first) * 1000.0
+        if job.batch_steps:
+            fig.batch_size_mean = job.batch_sum / job.batch_steps
+        if error is not None:
+            self._emit(job, Failed(error, dataclasses.replace(fig)))
+            return
+        tail = job.text.flush() if reason != "cancelled" else ""
+        if tail:
+            self._emit(job, TextDelta(tail))
+        self._emit(job, Finished(reason or "stop", dataclasses.replace(fig)))
