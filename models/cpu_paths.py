@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -76,17 +77,13 @@ class _BufferList:
         self.names = {b: g.buffer_type_name(b) for b in self.original}
 
 
-_buffers: _BufferList | None = None
-_buffers_lock = threading.Lock()
 _load_lock = threading.Lock()  # the buffer list is process-wide: one load at a time edits it
 
 
+@functools.cache
 def _buffer_list() -> _BufferList:
-    global _buffers
-    with _buffers_lock:
-        if _buffers is None:
-            _buffers = _BufferList()
-        return _buffers
+    """Read once per process, before any load edits the array."""
+    return _BufferList()
 
 
 def available_extra_buffers() -> tuple[str, ...]:

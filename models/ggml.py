@@ -10,7 +10,7 @@ the library by reading tensors whose names and shapes are known.
 from __future__ import annotations
 
 import ctypes
-import threading
+import functools
 from pathlib import Path
 
 import llama_cpp
@@ -146,14 +146,7 @@ class Ggml:
         return buf.raw
 
 
-_ggml: Ggml | None = None
-_lock = threading.Lock()
-
-
+@functools.cache
 def ggml() -> Ggml:
     """The process's one binding (loading the libraries once)."""
-    global _ggml
-    with _lock:
-        if _ggml is None:
-            _ggml = Ggml()
-        return _ggml
+    return Ggml()
