@@ -45,7 +45,7 @@ COLUMNS = ["cell", "model", "file", "quantization", "source_quantization", "requ
            "bpw", "file_mib", "load_s", "peak_rss_mib", "requests", "errors", "ttft_p50_ms", "ttft_p95_ms",
            "prefill_tok_s", "decode_tok_s", "j_per_token", "energy_source", "kld_mean", "kld_stderr",
            "same_top_p_pct", "ppl", "qa_accuracy", "fabrication_rate", "toxicity_rate", "kernels",
-           "repack_mib", "trace", "workload_start_ns", "workload_end_ns"]
+           "repack_mib", "trace", "workload_start_ns", "workload_end_ns", "imatrix"]
 
 
 class BenchError(ValueError):
@@ -218,11 +218,15 @@ def read_results(path: Path) -> list[dict[str, str]]:
 def append_result(path: Path, row: dict[str, Any]) -> None:
     """One finished cell; the row is written and flushed whole, so a crash leaves no half row."""
     new = not path.is_file() or path.stat().st_size == 0
+    columns = COLUMNS
+    if not new:  # a sweep resumed by a newer edgevlm keeps the file's own columns
+        with path.open(newline="", encoding="utf-8") as f:
+            columns = next(csv.reader(f), COLUMNS)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     if new:
         w.writeheader()
-    w.writerow({k: _cell_text(row.get(k)) for k in COLUMNS})
+    w.writerow({k: _cell_text(row.get(k)) for k in columns})
     with path.open("a", encoding="utf-8", newline="") as f:
         f.write(buf.getvalue())
         f.flush()
@@ -260,9 +264,10 @@ def _md_value(v: str) -> str:
 def origin(row: dict[str, str]) -> str:
     """Where a variant came from: every figure of a requantization says so."""
     src = row.get("source_quantization") or ""
+    guided = f" with importance matrix {row['imatrix']}" if row.get("imatrix") else ""
     if row.get("requantized") == "yes":
-        return f"requantized from {src}"
-    return f"from {src}" if src else "as shipped"
+        return f"requantized from {src}{guided}"
+    return f"from {src}{guided}" if src else "as shipped"
 
 
 def results_table(rows: list[dict[str, str]]) -> str:
@@ -295,7 +300,7 @@ def run_cell(v: Variant, threads: int, args: argparse.Namespace, out: Path, sour
     """One variant at one thread count; QA and toxicity only when asked (they do not depend on
     threads, so the sweep measures them at one thread count and reuses them)."""
     from models import cpu_paths
-    from models.quantize import is_requantization
+    from models.quantize import imatrix_of, is_requantization
 
     cell = f"{v.name}-t{threads}"
     trace = out / "traces" / f"{cell}.jsonl"
@@ -321,6 +326,7 @@ def run_cell(v: Variant, threads: int, args: argparse.Namespace, out: Path, sour
             "device", "quantization", "bpw", "requests", "errors", "ttft_p50_ms", "ttft_p95_ms", "prefill_tok_s",
             "decode_tok_s", "j_per_token", "energy_source")},
     }
+    row["imatrix"] = imatrix_of(v.path) or ""
     derived = args.source is not None and v.path != args.source
     row["requantized"] = "yes" if derived and is_requantization(source_type) else "no"
     if not derived:

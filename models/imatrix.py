@@ -61,6 +61,7 @@ class Imatrix:
     chunk_size: int = 0
     model_sha256: str | None = None
     tokens: int = 0  # tokens evaluated (not stored in the file)
+    source: str | None = None  # the file it was read from (its name goes into quantized outputs)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -275,7 +276,8 @@ def read(path: str | os.PathLike[str]) -> Imatrix:
                    datasets=list(datasets) if isinstance(datasets, list) else [str(datasets)],
                    chunk_count=int(field_value("imatrix.chunk_count") or 0),
                    chunk_size=int(field_value("imatrix.chunk_size") or 0),
-                   model_sha256=field_value(MODEL_HASH_KEY))  # type: ignore[arg-type]
+                   model_sha256=field_value(MODEL_HASH_KEY),  # type: ignore[arg-type]
+                   source=Path(path).name)
 
 
 def check_fits(imatrix: Imatrix, model_path: str, *, check_hash: bool = True) -> None:

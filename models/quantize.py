@@ -40,6 +40,9 @@ NEEDS_IMATRIX = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"})
 BETTER_WITH_IMATRIX = frozenset({"Q2_K", "Q2_K_S", "Q3_K_S", "IQ3_XXS"})
 
 
+IMATRIX_FILE_KEY = "quantize.imatrix.file"
+
+
 class QuantizeError(ValueError):
     """An unknown type, an unreadable source, or llama.cpp refusing the conversion."""
 
@@ -73,6 +76,42 @@ def source_type(src: str | os.PathLike[str]) -> str:
         return "unknown"
     ftype = int(declared) & ~1024
     return FTYPE_NAMES.get(ftype, f"ftype_{ftype}")
+
+
+def imatrix_of(path: str | os.PathLike[str]) -> str | None:
+    """The importance matrix a variant was quantized with (``quantize.imatrix.file``, as
+    llama.cpp's own quantize tool records it), or None."""
+    ensure_backend()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        return None
+    try:
+        return meta_str(model, IMATRIX_FILE_KEY)
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def _imatrix_overrides(imatrix: "Imatrix") -> ctypes.Array:
+    """The keys llama.cpp's quantize tool writes when it uses a matrix, so either tool's
+    output says which matrix shaped it."""
+    values: list[tuple[str, int, object]] = [
+        (IMATRIX_FILE_KEY, llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, imatrix.source or "unnamed"),
+        ("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR,
+         ", ".join(imatrix.datasets) or "unknown"),
+        ("quantize.imatrix.entries_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, len(imatrix.entries)),
+        ("quantize.imatrix.chunks_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, imatrix.chunk_count),
+    ]
+    arr = (llama_cpp.llama_model_kv_override * (len(values) + 1))()  # zeroed: the last one ends it
+    for o, (key, tag, value) in zip(arr, values):
+        o.key = key.encode()
+        o.tag = tag
+        if tag == llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR:
+            o.value.val_str = str(value).encode()[:127]
+        else:
+            o.value.val_i64 = int(value)  # type: ignore[arg-type]
+    return arr
 
 
 def is_requantization(src_type: str) -> bool:
@@ -118,6 +157,9 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], type_name
     params.nthread = threads
     if imatrix is not None:
         params.imatrix = ctypes.cast(items, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        overrides = _imatrix_overrides(imatrix)
+        keep.append(overrides)
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     tmp = dst.with_name(f".{dst.name}.partial")
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)

@@ -23,7 +23,7 @@ BPW_METRICS: list[tuple[str, str, bool]] = [
 ]
 BPW_FLOOR = 3.5
 _TEXT_COLUMNS = {"cell", "model", "file", "quantization", "source_quantization", "requantized", "device",
-                 "energy_source", "kernels", "trace"}
+                 "energy_source", "kernels", "trace", "imatrix"}
 
 
 def load_results(path: str) -> list[dict[str, Any]]:
@@ -229,6 +229,17 @@ def write_plots(rows: list[dict[str, Any]], fit_list: list[Fit], out_dir: str) -
     return written
 
 
+def imatrix_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(without, with) an importance matrix for each type the sweep has both ways (quality
+    does not depend on the thread count, so the first row of each is taken)."""
+    by: dict[tuple[Any, Any], dict[bool, dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("kld_mean") is not None:
+            by.setdefault((r.get("quantization"), r.get("source_quantization")), {}).setdefault(
+                bool(r.get("imatrix")), r)
+    return [(v[False], v[True]) for v in by.values() if False in v and True in v]
+
+
 def render_section(rows: list[dict[str, Any]], fit_list: list[Fit], plots: list[str],
                    max_ttft_ms: float, max_rss_mib: float) -> str:
     """The report's PalmBench part, in Markdown."""
@@ -238,6 +249,17 @@ def render_section(rows: list[dict[str, Any]], fit_list: list[Fit], plots: list[
         lines += [f"**Requantized:** the variants were quantized from an already quantized file ({', '.join(srcs)}); "
                   "their errors include the source's.", ""]
     lines += ["### Recommendation", ""] + recommendation(rows, max_ttft_ms, max_rss_mib) + [""]
+    pairs = imatrix_pairs(rows)
+    if pairs:
+        lines += ["### With and without an importance matrix", "",
+                  "Each type quantized from the same source with and without the matrix "
+                  "(`edgevlm calibrate`), measured in this run against the same reference.", "",
+                  "| type | matrix | BPW | KLD | same top p % | PPL |", "|---|---|---|---|---|---|"]
+        for plain, guided in pairs:
+            for r in (plain, guided):
+                lines.append(f"| {r.get('quantization')} | {r.get('imatrix') or 'none'} | {r.get('bpw') or 0:.2f} | "
+                             f"{r['kld_mean']:.4f} | {r.get('same_top_p_pct') or 0:.1f} | {r.get('ppl') or 0:.2f} |")
+        lines.append("")
     lines += ["### Linear fit against effective BPW", "",
               "PalmBench's claim: system metrics track effective BPW almost linearly (R² near 1).", "",
               "| metric | threads | points | slope per BPW | intercept | R² |", "|---|---|---|---|---|---|"]

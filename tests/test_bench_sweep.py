@@ -136,3 +136,16 @@ def test_fit_pareto_and_recommendation_follow_the_numbers() -> None:
     assert "fastest decoder is Q2_K" in text and "Below the 3.5 BPW floor: Q2_K" in text
     table[0]["peak_rss_mib"] = 410  # Q8_0 no longer fits in memory
     assert "peak RSS is Q4_0" in palmbench.recommendation(table)[0]
+
+
+def test_report_puts_each_type_with_and_without_a_matrix_side_by_side() -> None:
+    plain, guided, other = _row("Q2_K", 5.1, 60.0, 200, 300, 0.58), _row("Q2_K", 5.1, 60.0, 200, 300, 0.37), \
+        _row("Q4_0", 5.4, 70.0, 150, 310, 0.26)
+    for r, matrix in ((plain, ""), (guided, "smollm2.imatrix.gguf"), (other, "")):
+        r.update(quantization=r["model"], source_quantization="Q4_1", imatrix=matrix,
+                 same_top_p_pct=60.0, ppl=40.0)
+    assert palmbench.imatrix_pairs([plain, guided, other]) == [(plain, guided)]  # Q4_0 has no partner
+    text = palmbench.render_section([plain, guided, other], [], [], 1000.0, 400.0)
+    assert "### With and without an importance matrix" in text
+    assert "| Q2_K | none | 5.10 | 0.5800 |" in text and "| Q2_K | smollm2.imatrix.gguf | 5.10 | 0.3700 |" in text
+    assert "Q4_0 |" not in text.split("### With and without")[1].split("###")[0]

@@ -11,7 +11,7 @@ from gguf import GGUFReader
 
 from bench.tinymodels import write_tiny_llm
 from models import cpu_paths, imatrix
-from models.quantize import QuantizeError, quantize
+from models.quantize import QuantizeError, imatrix_of, quantize
 
 TEXT = ("Before starting the press, check the hydraulic oil level, the hose fittings and the "
         "guard interlock. Record every fault with the time and the operator's badge number. ") * 40
@@ -67,6 +67,7 @@ def test_quantizing_with_the_matrix_gives_a_different_loadable_file(
     plain = quantize(tiny_llm, tmp_path / "plain-q4_0.gguf", "Q4_0")
     guided = quantize(tiny_llm, tmp_path / "imatrix-q4_0.gguf", "Q4_0", imatrix=calibrated)
     assert plain.read_bytes() != guided.read_bytes()
+    assert imatrix_of(guided) == "unnamed" and imatrix_of(plain) is None  # as llama-quantize records it
     model = cpu_paths.load_model(str(guided), ())
     assert model
     llama_cpp.llama_model_free(model)
@@ -125,7 +126,8 @@ def test_quantize_command_takes_the_matrix_and_refuses_another_models(
     proc = edgevlm("quantize", str(tiny_llm), "--types", "Q4_0", "--imatrix", str(matrix),
                    "--out", str(tmp_path / "out"), timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert len(list((tmp_path / "out").glob("*.Q4_0.gguf"))) == 1
+    [out] = (tmp_path / "out").glob("*.Q4_0.gguf")
+    assert imatrix_of(out) == "tiny.imatrix.gguf"
     other = write_tiny_llm(tmp_path / "other.gguf", seed=7)
     assert_one_line_error(edgevlm("quantize", str(other), "--types", "Q4_0", "--imatrix", str(matrix),
                                   "--out", str(tmp_path / "out2")), "another model file")
