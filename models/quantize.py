@@ -98,8 +98,8 @@ def _imatrix_overrides(imatrix: "Imatrix") -> ctypes.Array:
     output says which matrix shaped it."""
     values: list[tuple[str, int, object]] = [
         (IMATRIX_FILE_KEY, llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, imatrix.source or "unnamed"),
-        ("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR,
-         ", ".join(imatrix.datasets) or "unknown"),
+        ("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR,  # llama.cpp: the first one
+         imatrix.datasets[0] if imatrix.datasets else "unknown"),
         ("quantize.imatrix.entries_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, len(imatrix.entries)),
         ("quantize.imatrix.chunks_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, imatrix.chunk_count),
     ]
