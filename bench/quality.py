@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.llama_lib import OneSequence, tokenize
+
 # Bundled evaluation text: written for this project (MIT, like the code), never used for
 # calibration (imatrix) so quality is not measured on what a quantization was tuned on.
 EVAL_TEXT = "eval_text.txt"
@@ -98,29 +100,17 @@ class ScoredModel:
         if not self.model:
             raise QualityError(f"{path}: llama.cpp could not load it")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = ctx
-        cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.no_perf = True
-        self.lctx = llama_cpp.llama_init_from_model(self.model, cparams)
-        if not self.lctx:
+        try:
+            self.seq = OneSequence(self.model, n_ctx=ctx, n_batch=ctx, n_threads=threads)
+        except RuntimeError as exc:
             llama_cpp.llama_model_free(self.model)
-            raise QualityError(f"{path}: could not create a context of {ctx} tokens")
-        self.batch = llama_cpp.llama_batch_init(ctx, 0, 1)
+            raise QualityError(f"{path}: {exc}") from None
 
     def n_vocab(self) -> int:
-        import llama_cpp
-
-        return int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        return self.seq.n_vocab
 
     def tokenize(self, text: str) -> list[int]:
-        import llama_cpp
-
-        data = text.encode("utf-8")
-        buf = (llama_cpp.llama_token * (len(data) + 8))()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, False)
-        return list(buf[:max(n, 0)])
+        return tokenize(self.vocab, text)
 
     def logprobs(self, tokens: list[int], max_chunks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(log-probabilities at the scored positions [N, vocab], the tokens that came next [N])."""
@@ -136,23 +126,14 @@ class ScoredModel:
         first = n // 2
         out, targets = [], []
         bos = int(llama_cpp.llama_vocab_bos(self.vocab))
-        n_vocab = self.n_vocab()
-        mem = llama_cpp.llama_get_memory(self.lctx)
-        batch = self.batch
         for c in range(chunks):
             chunk = list(tokens[c * n:(c + 1) * n])
             if bos >= 0:
                 chunk[0] = bos
-            llama_cpp.llama_memory_clear(mem, True)
-            batch.n_tokens = n
-            for i, tok in enumerate(chunk):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = first <= i < n - 1
-            if llama_cpp.llama_decode(self.lctx, batch) != 0:
+            self.seq.clear()
+            if self.seq.decode(chunk, 0, logits=lambda i: first <= i < n - 1) != 0:
                 raise QualityError(f"{self.path}: llama_decode failed on chunk {c}")
-            scores = np.stack([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.lctx, i), shape=(n_vocab,))
-                               for i in range(first, n - 1)]).astype(np.float32)
+            scores = np.stack([self.seq.logits(i) for i in range(first, n - 1)]).astype(np.float32)
             out.append(_log_softmax(scores))
             targets.append(np.asarray(chunk[first + 1:n]))
         return np.concatenate(out), np.concatenate(targets)
@@ -160,8 +141,7 @@ class ScoredModel:
     def close(self) -> None:
         import llama_cpp
 
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.lctx)
+        self.seq.close()
         llama_cpp.llama_model_free(self.model)
 
 

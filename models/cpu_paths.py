@@ -45,7 +45,7 @@ import numpy as np
 
 from models import cpu_info, isolation
 from models.ggml import ggml
-from models.llama_lib import ensure_backend
+from models.llama_lib import OneSequence, ensure_backend, tokenize
 
 log = logging.getLogger("edgevlm.cpu_paths")
 
@@ -129,11 +129,7 @@ def load_model(path: str, allowed: tuple[str, ...] | None, *, gpu_layers: int = 
 
 # ------------------------------------------------------------------ the self-test (child side)
 def _selftest_tokens(model: llama_cpp.llama_model_p, n: int) -> list[int]:
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    data = (_SELFTEST_TEXT * 4).encode()
-    buf = (llama_cpp.llama_token * len(data))()
-    got = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(data), True, False)
-    tokens = list(buf[:max(got, 0)]) or [0]
+    tokens = tokenize(llama_cpp.llama_model_get_vocab(model), _SELFTEST_TEXT * 4, add_special=True) or [0]
     while len(tokens) < n:
         tokens += tokens
     return tokens[:n]
@@ -142,38 +138,14 @@ def _selftest_tokens(model: llama_cpp.llama_model_p, n: int) -> list[int]:
 def _decode_logits(model: llama_cpp.llama_model_p, tokens: list[int], n_prompt: int,
                    n_threads: int) -> np.ndarray:
     """Logits of a batched prefill (GEMM kernels) and single-token steps (GEMV kernels)."""
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx = 256
-    cparams.n_batch = cparams.n_ubatch = 64
-    cparams.n_seq_max = 1
-    cparams.n_threads = cparams.n_threads_batch = n_threads
-    cparams.no_perf = True
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
-    if not ctx:
-        raise RuntimeError("could not create a context")
-    n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
-    batch = llama_cpp.llama_batch_init(64, 0, 1)
     rows: list[np.ndarray] = []
-    try:
-        steps = [tokens[:n_prompt]] + [[t] for t in tokens[n_prompt:]]
+    with OneSequence(model, n_ctx=256, n_batch=64, n_threads=n_threads) as seq:
         pos = 0
-        for step in steps:
-            batch.n_tokens = len(step)
-            for i, tok in enumerate(step):
-                batch.token[i] = tok
-                batch.pos[i] = pos + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = True
-            if llama_cpp.llama_decode(ctx, batch) != 0:
+        for step in [tokens[:n_prompt]] + [[t] for t in tokens[n_prompt:]]:
+            if seq.decode(step, pos) != 0:
                 raise RuntimeError("llama_decode failed")
-            for i in range(len(step)):
-                ptr = llama_cpp.llama_get_logits_ith(ctx, i)
-                rows.append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
+            rows += [seq.logits(i).copy() for i in range(len(step))]
             pos += len(step)
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
     return np.stack(rows)
 
 

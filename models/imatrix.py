@@ -29,7 +29,7 @@ import numpy as np
 from models import cpu_paths
 from models.engine import default_threads
 from models.ggml import EvalCallback, GgmlTensor, ggml, tensor_at
-from models.llama_lib import meta_str
+from models.llama_lib import OneSequence, meta_str, tokenize
 
 MODEL_HASH_KEY = "edgevlm.imatrix.model_sha256"
 
@@ -165,12 +165,7 @@ def calibrate(model_path: str, texts: Iterable[str], *, n_ctx: int = 512, chunks
                                "calibrate supports dense models only")
         vocab = llama_cpp.llama_model_get_vocab(model)
         add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-        tokens: list[int] = []
-        for text in texts:
-            data = text.encode()
-            buf = (llama_cpp.llama_token * (len(data) + 8))()
-            n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), False, False)
-            tokens.extend(buf[:max(n, 0)])
+        tokens = [t for text in texts for t in tokenize(vocab, text)]
         body = n_ctx - 1 if add_bos else n_ctx
         n_chunks = len(tokens) // body
         if chunks is not None:
@@ -178,38 +173,23 @@ def calibrate(model_path: str, texts: Iterable[str], *, n_ctx: int = 512, chunks
         if n_chunks < 1:
             raise ImatrixError(f"calibration text has {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
         collector = _Collector()
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
-        cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = threads or default_threads()
-        cparams.no_perf = True
-        cparams.cb_eval = collector.callback
-        cparams.cb_eval_user_data = None
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
-        if not ctx:
-            raise ImatrixError(f"could not create a context of {n_ctx} tokens")
-        batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         try:
-            mem = llama_cpp.llama_get_memory(ctx)
+            seq = OneSequence(model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads or default_threads(),
+                              cb_eval=collector.callback)
+        except RuntimeError as exc:
+            raise ImatrixError(str(exc)) from None
+        with seq:
             bos = int(llama_cpp.llama_vocab_bos(vocab))
             for c in range(n_chunks):
                 chunk = ([bos] if add_bos else []) + tokens[c * body:(c + 1) * body]
-                llama_cpp.llama_memory_clear(mem, True)
-                batch.n_tokens = len(chunk)
-                for i, tok in enumerate(chunk):
-                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = True  # else the last layer computes the final row only
-                rc = llama_cpp.llama_decode(ctx, batch)
+                seq.clear()
+                rc = seq.decode(chunk, 0)  # every row: else the last layer computes the final row only
                 if collector.error:
                     raise ImatrixError(collector.error)
                 if rc != 0:
                     raise ImatrixError(f"llama_decode failed on chunk {c} ({rc})")
                 if progress:
                     progress(c + 1, n_chunks)
-        finally:
-            llama_cpp.llama_batch_free(batch)
-            llama_cpp.llama_free(ctx)
     finally:
         llama_cpp.llama_model_free(model)
     return Imatrix(entries=collector.entries, datasets=list(datasets or []), chunk_count=n_chunks,

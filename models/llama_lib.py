@@ -1,7 +1,9 @@
-"""Process-wide llama.cpp set-up shared by every engine.
+"""llama.cpp set-up and the small direct uses of its C API shared across edgevlm.
 
 llama.cpp needs one backend initialisation per process and routes its (very chatty)
-log output through a single C callback; both belong in one place.
+log output through a single C callback; both belong in one place. So do tokenizing,
+and evaluating one sequence outside the serving engine (the fast-path self-test,
+calibration, quality scoring and benchmarks): one place fills a batch correctly.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from typing import Callable
 
 import llama_cpp
+import numpy as np
 
 log = logging.getLogger("edgevlm.llama")
 
@@ -49,3 +53,66 @@ def meta_str(model: llama_cpp.llama_model_p, key: str) -> str | None:
         if n < size:
             return buf.value.decode("utf-8", errors="replace")
         size = n + 1
+
+
+def tokenize(vocab: llama_cpp.llama_vocab_p, text: str, *, add_special: bool = False,
+             parse_special: bool = False) -> list[int]:
+    """``llama_tokenize`` with a buffer that grows when the first guess is too small."""
+    data = text.encode("utf-8")
+    n_max = len(data) + 8
+    buf = (llama_cpp.llama_token * n_max)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+    if n < 0:
+        n_max = -n
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+    return list(buf[:max(n, 0)])
+
+
+class OneSequence:
+    """A context and batch for evaluating one sequence of tokens outside the engine."""
+
+    def __init__(self, model: llama_cpp.llama_model_p, *, n_ctx: int, n_batch: int, n_threads: int,
+                 cb_eval: object = None) -> None:
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.no_perf = True
+        if cb_eval is not None:
+            cparams.cb_eval = cb_eval
+        self.ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not self.ctx:
+            raise RuntimeError(f"could not create a context of {n_ctx} tokens")
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+    def clear(self) -> None:
+        """Forget every cell (the next decode starts a new sequence)."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+
+    def decode(self, tokens: list[int], start: int, logits: bool | Callable[[int], bool] = True) -> int:
+        """Decode ``tokens`` at positions ``start...``; ``logits`` says which rows to output
+        (all, none, or by row index). Returns llama_decode's code (0 = done)."""
+        batch = self.batch
+        batch.n_tokens = len(tokens)
+        for i, tok in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = logits(i) if callable(logits) else logits
+        return int(llama_cpp.llama_decode(self.ctx, batch))
+
+    def logits(self, row: int) -> np.ndarray:
+        """The logits of an output row of the last decode (a view: copy to keep it)."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+    def __enter__(self) -> "OneSequence":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -62,16 +62,9 @@ def source_type(src: str | os.PathLike[str]) -> str:
     vocabulary only; raises :class:`QuantizeError` for a missing or unreadable file."""
     if not Path(src).is_file():
         raise QuantizeError(f"{src}: no such file")
-    ensure_backend()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(src).encode(), params)
-    if not model:
+    readable, declared = _header_value(src, "general.file_type")  # a vocab-only load leaves the ftype unset
+    if not readable:
         raise QuantizeError(f"{src}: not a GGUF model llama.cpp can read")
-    try:
-        declared = meta_str(model, "general.file_type")  # a vocab-only load leaves llama_model_ftype unset
-    finally:
-        llama_cpp.llama_model_free(model)
     if declared is None or not declared.isdigit():
         return "unknown"
     ftype = int(declared) & ~1024
@@ -81,14 +74,19 @@ def source_type(src: str | os.PathLike[str]) -> str:
 def imatrix_of(path: str | os.PathLike[str]) -> str | None:
     """The importance matrix a variant was quantized with (``quantize.imatrix.file``, as
     llama.cpp's own quantize tool records it), or None."""
+    return _header_value(path, IMATRIX_FILE_KEY)[1]
+
+
+def _header_value(path: str | os.PathLike[str], key: str) -> tuple[bool, str | None]:
+    """(whether llama.cpp could read the file, one metadata value), from a vocab-only load."""
     ensure_backend()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
-        return None
+        return False, None
     try:
-        return meta_str(model, IMATRIX_FILE_KEY)
+        return True, meta_str(model, key)
     finally:
         llama_cpp.llama_model_free(model)
 

@@ -9,6 +9,7 @@ from gguf import GGUFReader
 
 from models import cpu_paths
 from models.ggml import EvalCallback, ggml, tensor_at
+from models.llama_lib import OneSequence
 
 
 def test_eval_callback_sees_weights_with_their_gguf_names_shapes_and_types(tiny_llm: Path) -> None:
@@ -29,21 +30,10 @@ def test_eval_callback_sees_weights_with_their_gguf_names_shapes_and_types(tiny_
 
     callback = EvalCallback(on_node)
     model = cpu_paths.load_model(str(tiny_llm), ())
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = 64, 16, 16
-    cparams.cb_eval = callback
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
-    batch = llama_cpp.llama_batch_init(16, 0, 1)
-    batch.n_tokens = 10
-    for i in range(10):
-        batch.token[i], batch.pos[i], batch.n_seq_id[i] = 100 + i, i, 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = i == 9
     try:
-        assert llama_cpp.llama_decode(ctx, batch) == 0
+        with OneSequence(model, n_ctx=64, n_batch=16, n_threads=2, cb_eval=callback) as seq:
+            assert seq.decode([100 + i for i in range(10)], 0, logits=lambda i: i == 9) == 0
     finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
 
     by_name = {name: (ne, ty, xne, nbytes) for name, ne, ty, xne, nbytes in seen}

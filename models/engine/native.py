@@ -16,7 +16,7 @@ import psutil
 
 from models import cpu_info, cpu_paths, gguf_info
 from models.engine.types import EngineConfig, EngineError
-from models.llama_lib import ensure_backend, meta_str
+from models.llama_lib import ensure_backend, meta_str, tokenize
 from models.templates import CHATML_TEMPLATE, ChatTemplate
 from telemetry.record import ModelInfo
 
@@ -130,16 +130,8 @@ class NativeModel:
     # ----------------------------------------------------------- tokenizer
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """Tokenize with special tokens parsed; drops a BOS the template already wrote."""
-        data = text.encode("utf-8")
         add = add_special and self.add_bos
-        n_max = len(data) + 8
-        buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add, True)
-        if n < 0:
-            n_max = -n
-            buf = (llama_cpp.llama_token * n_max)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add, True)
-        tokens = list(buf[:n])
+        tokens = tokenize(self.vocab, text, add_special=add, parse_special=True)
         if add and len(tokens) > 1 and tokens[0] == self.bos_id and tokens[1] == self.bos_id:
             tokens.pop(0)
         return tokens
