@@ -82,6 +82,8 @@ class RequestRecord:
     shared_tokens: int = 0
     prefilled_tokens: int = 0  # prompt tokens actually computed
     dropped_tokens: int = 0  # tokens removed by the long-prompt policy
+    drafted_tokens: int = 0  # speculative decoding: tokens proposed and verified
+    accepted_tokens: int = 0  # of those, tokens the model agreed with
     finish_reason: str | None = None
     error_type: str | None = None
     profile: str | None = None  # the middleware profile the request ran under (its own or the server's)
@@ -149,6 +151,9 @@ class RequestRecord:
             out["middleware"] = dict(self.middleware)
         if self.dropped_tokens:
             out["dropped_tokens"] = self.dropped_tokens
+        if self.drafted_tokens:
+            out["drafted_tokens"] = self.drafted_tokens
+            out["accepted_tokens"] = self.accepted_tokens
         if self.load_ms:
             out["load_ms"] = round(self.load_ms, 3)
         return out

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import time
 
 import llama_cpp
 import numpy as np
 
 from models.engine.job import Job
+from models.engine.slots import pool_cells
+from models.engine.speculative import MAX_DRAFT, NgramIndex, SpecState, plan_drafts
 from models.engine.types import EngineError, ImageSegment
 
 # Prompt tokens prefilled per step while other sequences are decoding: bounds how long
@@ -29,6 +32,7 @@ class BatchBuilder:
         live = [j for j in live if not j.done and j.slot is not None]
         decoding = [j for j in live if j.next_token is not None and j.cursor >= j.n_prompt]
         prefilling = [j for j in live if j.cursor < j.n_prompt]
+        drafts = self._plan_drafts(decoding, prefilling) if self.config.speculative != "off" else {}
 
         batch = self._batch
         n = 0
@@ -43,6 +47,11 @@ class BatchBuilder:
             job.generated.append(job.next_token)
             outputs.append((n, job))
             n += 1
+            for tok in drafts.get(job, ()):  # verified in the same decode, after the token
+                self._put(batch, n, tok, len(slot.history) + slot.shift, slot.seq_id, True)
+                slot.history.append(tok)
+                outputs.append((n, job))
+                n += 1
         budget = self.n_batch - n
         if decoding:
             budget = min(budget, PREFILL_CHUNK_WHILE_DECODING)
@@ -67,18 +76,88 @@ class BatchBuilder:
         if n:
             batch.n_tokens = n
             self._flush()
+            t0 = time.perf_counter()
             rc = llama_cpp.llama_decode(self.ctx, batch)
             if rc != 0:
                 self._decode_failed(rc, undo, live)
                 return
+            if decoding and n == len(outputs):  # a decoding step without a prompt chunk
+                self._step_costs.record(len(decoding), n, (time.perf_counter() - t0) * 1000.0)
             n_seqs = len(decoding) + sum(1 for j in prefilling if j.cursor > 0)
             greedy = self._greedy_tokens(outputs)
-            for row, (idx, job) in enumerate(outputs):
+            row = 0
+            while row < len(outputs):
+                idx, job = outputs[row]
                 job.batch_sum += n_seqs
                 job.batch_steps += 1
-                self._sample(job, idx, None if greedy is None else int(greedy[row]))
+                draft = drafts.get(job)
+                if draft:
+                    self._verify(job, outputs, row, draft, greedy)
+                    row += 1 + len(draft)
+                else:
+                    self._sample(job, idx, None if greedy is None else int(greedy[row]))
+                    row += 1
         if image_job is not None and not image_job.done:
             self._prefill_image(image_job)
+
+    def _plan_drafts(self, decoding: list[Job], prefilling: list[Job]) -> dict[Job, list[int]]:
+        """Each decoding sequence's drafted tokens for this step (prompt lookup), sized by
+        its acceptance so far, the step's measured cost and the free KV cells."""
+        jobs: list[tuple[Job, list[int]]] = []
+        candidates: list[tuple[float, int]] = []
+        for job in decoding:
+            if not job.req.speculative:
+                continue
+            spec = job.spec
+            if spec is None:
+                spec = job.spec = SpecState(NgramIndex(job.prompt_items))
+            spec.catch_up(job.sampled)
+            if job.n_generated < spec.paused_until:
+                continue
+            # every accepted token is emitted: stay within max_tokens and the context
+            room = min(MAX_DRAFT, job.req.max_tokens - job.n_generated - 1,
+                       self.n_ctx - len(job.slot.history) - 2)
+            draft = spec.index.draft(room)
+            if draft:
+                jobs.append((job, draft))
+                candidates.append((spec.acceptance, len(draft)))
+        if not jobs:
+            return {}
+        remaining = sum(j.n_prompt - j.cursor for j in prefilling)
+        prefill = min(remaining, PREFILL_CHUNK_WHILE_DECODING, self.n_batch - len(decoding))
+        base_rows = len(decoding) + prefill
+        free = self.n_ctx - pool_cells(self._slots) - base_rows
+        ks = plan_drafts(candidates, len(decoding), base_rows, self._step_costs,
+                         min(self.n_batch, base_rows + max(0, free)), explore=self._step_costs.explore())
+        return {job: draft[:k] for (job, draft), k in zip(jobs, ks) if k}
+
+    def _verify(self, job: Job, outputs: list[tuple[int, Job]], row: int, draft: list[int],
+                greedy: np.ndarray | None) -> None:
+        """Sample the job's token row and its drafted rows in order while they agree.
+
+        Row i's logits follow the token and the first i drafted tokens; as long as the
+        sampled token equals drafted token i, row i + 1 is a valid next step. The first
+        disagreement is itself the next token (sampled from the right context), so a
+        verification step emits between 1 and len(draft) + 1 tokens. Cells of rejected
+        drafted tokens leave the KV cache.
+        """
+        slot = job.slot
+        keep = len(slot.history) - len(draft)  # history up to and including the decoded token
+        fig = job.figures  # counted before sampling: the last sample may finish the job
+        fig.drafted_tokens += len(draft)
+        accepted = 0
+        for i in range(len(draft) + 1):
+            self._sample(job, outputs[row + i][0], None if greedy is None else int(greedy[row + i]))
+            if job.done or i == len(draft) or job.next_token != draft[i]:
+                break
+            accepted += 1
+            fig.accepted_tokens += 1
+            job.generated.append(draft[i])
+        keep += accepted
+        if keep < len(slot.history):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(keep), -1)
+            slot.truncate(keep)
+        job.spec.record(len(draft), accepted, job.n_generated)
 
     def _put_prompt(self, job: Job, take: int, n: int, outputs: list[tuple[int, Job]],
                     undo: list[tuple[Job, int, int, int]]) -> int:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import llama_cpp
 
     from models.engine.slots import Slot
+    from models.engine.speculative import SpecState
 
 # Cells of KV reserved for a request's generation when admitting it, so a new prompt
 # does not take the room a running stream is about to need.
@@ -58,6 +59,7 @@ class Job:
         self.batch_sum = 0
         self.batch_steps = 0
         self.done = False
+        self.spec: SpecState | None = None  # drafting state, made on its first decode step
         self.figures = JobFigures()  # written by the worker only; events carry copies
 
     def cancel(self) -> None:

@@ -56,6 +56,7 @@ class EngineConfig:
     chat_template: str | None = None  # overrides the GGUF's template
     mmproj_path: str | None = None
     repack: str = "auto"  # CPU fast paths: auto (self-tested) | on | off; see models.cpu_paths
+    speculative: str = "off"  # off | ngram (prompt lookup); see models.engine.speculative
 
 
 @dataclass
@@ -106,6 +107,7 @@ class GenerationRequest:
     max_tokens: int
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    speculative: bool = True  # may draft, when the engine's mode is not "off"
     arrival: float = field(default_factory=time.perf_counter)
 
 
@@ -136,6 +138,8 @@ class JobFigures:
     slot: int | None = None
     batch_size_mean: float | None = None
     preemptions: int = 0
+    drafted_tokens: int = 0  # tokens proposed by speculative decoding and verified
+    accepted_tokens: int = 0  # of those, tokens the model agreed with (emitted at no extra step)
 
     def fill(self, record: RequestRecord) -> None:
         """Copy the figures into ``record``; preemptions go to its middleware, when any."""

@@ -20,6 +20,7 @@ from models.engine.job import Job
 from models.engine.native import NativeModel
 from models.engine.prefix import PARK_MIN_PREFILL, PrefixSharing
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
+from models.engine.speculative import SPECULATIVE_MODES, StepCosts
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
                                  GenerationRequest, ImageSegment, PromptTooLong, QueueFull, Sink,
                                  TextDelta)
@@ -37,6 +38,10 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
     """One model, one context, ``n_parallel`` sequences, one worker thread."""
 
     def __init__(self, config: EngineConfig):
+        if config.speculative not in SPECULATIVE_MODES:
+            raise EngineError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, "
+                              f"not {config.speculative!r}", code="invalid_config")
+        self._step_costs = StepCosts()  # measured llama_decode ms per batch rows (plans drafts)
         self._load(config)
         run_ids = itertools.count()  # one numbering for every slot's cell runs
         self._slots = [Slot(seq_id=i, run_ids=run_ids) for i in range(self.n_parallel)]

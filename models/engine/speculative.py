@@ -1,0 +1,234 @@
+"""Speculative decoding by prompt lookup: draft tokens, plan how many to verify, learn.
+
+Small models on CPUs are latency-bound: one ``llama_decode`` over a token and a few
+drafted tokens after it costs little more than over the token alone, so every drafted
+token the model agrees with is a token for (almost) free. Answers that repeat text
+already in the context (copying a work order, filling a form from it, reading back part
+numbers) are full of such tokens, and the context itself is the drafter: match the last
+few tokens of the sequence against earlier ones and propose what followed them.
+
+Pure Python, like admission: the worker puts the drafts in its batch, verifies them
+against its own sampling (``models.engine.worker``) and rolls rejected cells back.
+
+Why verification keeps the output distribution: the drafter proposes one token with
+certainty (q(d) = 1). The standard rejection rule then accepts d with probability
+min(1, p(d)/q(d)) = p(d) and, on rejection, samples from p with d removed. Sampling x
+from the target's own chain at each drafted position and accepting while x == d does
+exactly that, and what is emitted is always the sampled x, so greedy output is the
+same argmax sequence and sampled output keeps the target's distribution (and its
+grammar and penalties, which live in the sampler chain).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Sequence
+
+__all__ = [
+    "MAX_DRAFT", "NGRAM_MAX", "NGRAM_MIN", "SPECULATIVE_MODES", "NgramIndex", "SpecState", "StepCosts",
+    "plan_drafts",
+]
+
+SPECULATIVE_MODES = ("off", "ngram")
+
+# Longest n-gram matched first; shorter ones only when no longer one matches. A 1-gram
+# proposes after any repeated word and is rejected far more often than it helps.
+NGRAM_MAX = 4
+NGRAM_MIN = 2
+# Most tokens drafted for one sequence in one step (llama-server's default draft max).
+MAX_DRAFT = 16
+# Drafts with no token accepted, in a row, before a sequence pauses drafting; the pause
+# (in generated tokens) starts at PAUSE_TOKENS and doubles each time it recurs.
+FAIL_STREAK = 4
+PAUSE_TOKENS = 16
+PAUSE_MAX_TOKENS = 256
+# Weight of older drafts in the acceptance estimate, per verified draft.
+ACCEPT_DECAY = 0.8
+
+
+class NgramIndex:
+    """A sequence's tokens and, per n-gram, where it last occurred before the tail.
+
+    ``items`` may hold non-token entries (an image's placeholder rows): they never match
+    anything and never enter a draft. The index lags one token behind the sequence, so
+    the n-gram ending at the newest token is never matched against itself.
+    """
+
+    def __init__(self, items: Iterable[Hashable] = ()):
+        self.tokens: list[int] = []
+        self._last: dict[tuple[int, ...], int] = {}
+        self.extend(items)
+
+    def extend(self, items: Iterable[Hashable]) -> None:
+        for item in items:
+            # a unique negative stand-in: equal to no token and to no other stand-in
+            tok = item if isinstance(item, int) and item >= 0 else -1 - len(self.tokens)
+            self._index_tail()
+            self.tokens.append(tok)
+
+    def _index_tail(self) -> None:
+        """Record the n-grams ending at the current last token (their continuation comes next)."""
+        toks, end = self.tokens, len(self.tokens)
+        for n in range(NGRAM_MIN, NGRAM_MAX + 1):
+            if end < n:
+                break
+            gram = tuple(toks[end - n:end])
+            if min(gram) < 0:
+                continue
+            self._last[gram] = end
+
+    def draft(self, k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the longest recent match of the tail."""
+        if k <= 0:
+            return []
+        toks = self.tokens
+        for n in range(NGRAM_MAX, NGRAM_MIN - 1, -1):
+            if len(toks) < n:
+                continue
+            at = self._last.get(tuple(toks[-n:]))
+            if at is None:
+                continue
+            out = []
+            for tok in toks[at:at + k]:
+                if tok < 0:
+                    break
+                out.append(tok)
+            if out:
+                return out
+        return []
+
+
+@dataclass
+class SpecState:
+    """One sequence's drafting: its index, acceptance so far and any pause."""
+
+    index: NgramIndex
+    seen: int = 0  # sampled tokens already in the index
+    hits: float = 0.0  # decayed count of accepted drafted tokens
+    misses: float = 0.0  # decayed count of rejected first-mismatches
+    fail_streak: int = 0
+    pause: int = PAUSE_TOKENS
+    paused_until: int = 0  # n_generated before which this sequence does not draft
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance the next drafted token is accepted (a geometric run's p)."""
+        return (self.hits + 1.0) / (self.hits + self.misses + 2.0)
+
+    def catch_up(self, sampled: Sequence[int]) -> None:
+        """Add the tokens sampled since the last draft to the index."""
+        if len(sampled) > self.seen:
+            self.index.extend(sampled[self.seen:])
+            self.seen = len(sampled)
+
+    def record(self, n_drafted: int, n_accepted: int, n_generated: int) -> None:
+        """Learn from one verified draft; pause after a run of wholly rejected ones."""
+        self.drafted += n_drafted
+        self.accepted += n_accepted
+        self.hits = self.hits * ACCEPT_DECAY + n_accepted
+        self.misses = self.misses * ACCEPT_DECAY + (1 if n_accepted < n_drafted else 0)
+        if n_accepted:
+            self.fail_streak = 0
+            self.pause = PAUSE_TOKENS
+            return
+        self.fail_streak += 1
+        if self.fail_streak >= FAIL_STREAK:
+            self.paused_until = n_generated + self.pause
+            self.pause = min(PAUSE_MAX_TOKENS, self.pause * 2)
+            self.fail_streak = 0
+
+
+# Row counts whose step times are learned separately; a count costs what its bucket does.
+_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Every this many plans one ignores the measured costs, so a cost measured in a bad
+# moment (another process on the cores) cannot keep drafts off for good.
+EXPLORE_EVERY = 32
+
+
+@dataclass
+class StepCosts:
+    """How long a decoding step takes, by decoding sequences and batch rows, as measured.
+
+    Every step without a prompt chunk is a measurement (plain decode steps and
+    verification steps alike), so the planner's view of "what do k more rows cost" is
+    this machine's, under its present load, not a guess. Sequences are part of the key
+    because each one attends over its own context: four streams' rows cost more than
+    one stream's. A row count never measured costs what the nearest smaller measured
+    count does: optimistic, so the planner tries it once and learns.
+    """
+
+    weight: float = 0.2
+    ms: dict[tuple[int, int], float] = field(default_factory=dict)
+    plans: int = 0
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        i = bisect.bisect_left(_BUCKETS, rows)
+        return _BUCKETS[min(i, len(_BUCKETS) - 1)]
+
+    def record(self, seqs: int, rows: int, ms: float) -> None:
+        key = (seqs, self.bucket(rows))
+        old = self.ms.get(key)
+        self.ms[key] = ms if old is None else old + self.weight * (ms - old)
+
+    def cost(self, seqs: int, rows: int) -> float | None:
+        """Estimated ms for ``rows`` rows of ``seqs`` sequences; None if none measured."""
+        b = self.bucket(rows)
+        if (seqs, b) in self.ms:
+            return self.ms[(seqs, b)]
+        below = [k for s, k in self.ms if s == seqs and k < b]
+        return self.ms[(seqs, max(below))] if below else None
+
+    def explore(self) -> bool:
+        """Whether this plan should ignore the costs (one in EXPLORE_EVERY)."""
+        self.plans += 1
+        return self.plans % EXPLORE_EVERY == 0
+
+
+def plan_drafts(candidates: Sequence[tuple[float, int]], base_tokens: int, base_rows: int,
+                costs: StepCosts, max_rows: int, *, explore: bool = False) -> list[int]:
+    """How many drafted tokens each sequence verifies this step.
+
+    ``candidates`` are (acceptance, tokens available) per drafting sequence; the step
+    yields ``base_tokens`` tokens (one per decoding sequence) from ``base_rows`` rows
+    without drafts. ``explore`` treats rows as free, to measure what they cost now. Each sequence's expected tokens for k drafts are
+    1 + a + ... + a^k; rows are added one at a time where the next one is likeliest to
+    be accepted, while expected tokens per ms of the step still rise. With one stream on
+    a CPU extra rows cost almost nothing and drafts run long; with a batch full of
+    decoding streams each row costs real time, and only well-accepted drafts stay.
+    """
+    ks = [0] * len(candidates)
+    gains = [a for a, _ in candidates]  # a^(k+1): the chance the next row of each is accepted
+    def cost(rows: int) -> float:
+        ms = None if explore else costs.cost(base_tokens, rows)
+        return ms if ms is not None and ms > 0 else base
+
+    base = costs.cost(base_tokens, base_rows) or 1.0
+    expected = float(base_tokens)
+    best_value, best_rows = expected / base, 0
+    order: list[int] = []
+    rows = base_rows
+    # Step costs jump at bucket edges, so the rows are added all the way and the best
+    # prefix of that order is kept, rather than stopping at the first jump.
+    while rows < max_rows:
+        pick = -1
+        for i, (_, avail) in enumerate(candidates):
+            if ks[i] < avail and (pick < 0 or gains[i] > gains[pick]):
+                pick = i
+        if pick < 0 or gains[pick] <= 0.0:
+            break
+        ks[pick] += 1
+        expected += gains[pick]
+        gains[pick] *= candidates[pick][0]
+        rows += 1
+        order.append(pick)
+        value = expected / cost(rows)
+        if value > best_value:
+            best_value, best_rows = value, len(order)
+    ks = [0] * len(candidates)
+    for i in order[:best_rows]:
+        ks[i] += 1
+    return ks
