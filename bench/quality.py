@@ -86,10 +86,12 @@ class ScoredModel:
     is broken.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, ctx: int = 512, threads: int = 2) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, ctx: int = 512, threads: int = 2,
+                 mmproj: str | os.PathLike[str] | None = None) -> None:
         import llama_cpp
 
         from models import cpu_paths
+        from models.llama_lib import meta_str
 
         if not Path(path).is_file():
             raise QualityError(f"{path}: no such file")
@@ -100,11 +102,27 @@ class ScoredModel:
         if not self.model:
             raise QualityError(f"{path}: llama.cpp could not load it")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.name = meta_str(self.model, "general.name") or ""
+        self.vision = None  # a models.vision.VisionEncoder when the model is scored with its projector
         try:
-            self.seq = OneSequence(self.model, n_ctx=ctx, n_batch=ctx, n_threads=threads)
+            n_embd = int(llama_cpp.llama_model_n_embd_inp(self.model)) if mmproj is not None else 0
+            self.seq = OneSequence(self.model, n_ctx=ctx, n_batch=ctx, n_threads=threads, n_embd=n_embd)
         except RuntimeError as exc:
             llama_cpp.llama_model_free(self.model)
             raise QualityError(f"{path}: {exc}") from None
+        if mmproj is not None:
+            from models.vision import VisionEncoder, VisionError
+
+            try:
+                self.vision = VisionEncoder(str(mmproj), self.model, n_threads=threads)
+            except (VisionError, ValueError) as exc:
+                self.close()
+                raise QualityError(f"{mmproj}: {exc}") from None
+
+    @property
+    def is_random_weight_test_model(self) -> bool:
+        """A ``bench.tinymodels`` file: its figures show the mechanics work, not quality."""
+        return self.name.startswith("edgevlm tiny")
 
     def n_vocab(self) -> int:
         return self.seq.n_vocab
@@ -141,6 +159,8 @@ class ScoredModel:
     def close(self) -> None:
         import llama_cpp
 
+        if self.vision is not None:
+            self.vision.close()
         self.seq.close()
         llama_cpp.llama_model_free(self.model)
 
@@ -170,6 +190,13 @@ def compare(model_lp: np.ndarray, ref_lp: np.ndarray, targets: np.ndarray) -> Qu
         rms_dp_pct=float(math.sqrt(np.mean(dp * dp)) * 100.0), same_top_p_pct=float(same.mean() * 100.0))
 
 
+def check_vocabulary(model: ScoredModel, n_vocab: int, reference: str) -> None:
+    """Distributions over different vocabularies cannot be compared: refuse early and say why."""
+    if model.n_vocab() != n_vocab:
+        raise QualityError(f"{model.path} has a vocabulary of {model.n_vocab()} tokens, the reference "
+                           f"{reference} {n_vocab}: only models of one family can be compared")
+
+
 class Reference:
     """The reference model's log-probabilities, computed once and compared with many variants."""
 
@@ -189,9 +216,7 @@ class Reference:
     def measure(self, model_path: str | os.PathLike[str]) -> QualityResult:
         model = ScoredModel(model_path, ctx=self.ctx, threads=self.threads)
         try:
-            if model.n_vocab() != self.n_vocab:
-                raise QualityError(f"{model_path} has a vocabulary of {model.n_vocab()} tokens, the reference "
-                                   f"{self.path} {self.n_vocab}: only models of one family can be compared")
+            check_vocabulary(model, self.n_vocab, self.path)
             lp, targets = model.logprobs(self.tokens, self.max_chunks)
         finally:
             model.close()
@@ -206,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk; the second half is scored")
     p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mmproj", default=None, help="the model's vision projector: also score the bundled "
+                   "image prompts")
+    p.add_argument("--reference-mmproj", default=None, help="the reference's projector (default: --mmproj)")
+    p.add_argument("--answer-tokens", type=int, default=16, help="tokens of the reference's answer scored "
+                   "per image prompt (default 16)")
+    p.add_argument("--image-ctx", type=int, default=2048, help="context for an image prompt and its answer")
     args = p.parse_args(argv)
     text = None
     if args.text is not None:
@@ -218,4 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     ref = Reference(args.reference, text, ctx=args.ctx, threads=args.threads, max_chunks=args.chunks)
     print(f"model:     {args.model}\nreference: {args.reference}")
     print("\n".join(ref.measure(args.model).lines()))
+    if args.mmproj is not None:
+        from bench.image_quality import MECHANICS_NOTE, ImageReference
+
+        images = ImageReference(args.reference, args.reference_mmproj or args.mmproj, threads=args.threads,
+                                answer_tokens=args.answer_tokens, ctx=args.image_ctx)
+        print(f"\nimage prompts: {len(images.items)} bundled pictures, the reference's greedy answer "
+              f"(up to {args.answer_tokens} tokens) teacher-forced through both\n"
+              f"mmproj:    {args.mmproj}\nreference mmproj: {images.mmproj}")
+        print("\n".join(images.measure(args.model, args.mmproj).lines()))
+        if images.random_weights:
+            print(f"note: {MECHANICS_NOTE}")
     return 0

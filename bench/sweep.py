@@ -2,11 +2,12 @@
 
 Each cell (one variant at one thread count) starts ``edgevlm serve`` on that file with
 its own trace file, drives the bundled workload (short and long prompts, streamed and
-not, images where the model has a projector), the QA set and the toxicity prompts
-through the real server path, and samples the server's peak RSS. Latency, throughput
-and energy are read back from the cell's trace with ``edgevlm report``'s own code, so
-``results.csv`` and the report cannot disagree. Quality (KLD, same-top-p, PPL) is
-measured in this process against the reference model.
+not, images where the model has a projector), the QA set (and the image QA set for a
+VLM) and the toxicity prompts through the real server path, and samples the server's peak
+RSS. Latency, throughput and energy are read back from the cell's trace with ``edgevlm
+report``'s own code, so ``results.csv`` and the report cannot disagree. Quality (KLD,
+same-top-p, PPL) is measured in this process against the reference model, over the text
+and, for a variant with a projector, over the bundled image prompts.
 
 A finished cell is a row in ``results.csv``; a rerun skips it, so an interrupted sweep
 resumes where it stopped (an unfinished cell is redone from scratch).
@@ -35,9 +36,10 @@ from typing import Any
 import httpx
 import psutil
 
-from bench import qa, toxicity
+from bench import image_prompts, qa, toxicity
 from bench.client import BenchClient
 from bench.edgevlm_server import edgevlm_server
+from bench.image_quality import ImageReference
 from bench.prompts import chat_prompt, new_salt
 from bench.quality import QualityError, Reference
 
@@ -45,7 +47,10 @@ COLUMNS = ["cell", "model", "file", "quantization", "source_quantization", "requ
            "bpw", "file_mib", "load_s", "peak_rss_mib", "requests", "errors", "ttft_p50_ms", "ttft_p95_ms",
            "prefill_tok_s", "decode_tok_s", "j_per_token", "energy_source", "kld_mean", "kld_stderr",
            "same_top_p_pct", "ppl", "qa_accuracy", "fabrication_rate", "toxicity_rate", "kernels",
-           "repack_mib", "trace", "workload_start_ns", "workload_end_ns", "imatrix"]
+           "repack_mib", "trace", "workload_start_ns", "workload_end_ns", "imatrix", "image_kld_mean",
+           "image_kld_stderr", "image_same_top_p_pct", "image_ppl", "image_qa_accuracy"]
+# Figures that depend on the variant only, not the thread count: measured once per variant.
+BEHAVIOUR = ("qa_accuracy", "fabrication_rate", "toxicity_rate", "image_qa_accuracy")
 
 
 class BenchError(ValueError):
@@ -122,12 +127,15 @@ def rss_sampler(pid: int, interval_s: float = 0.2) -> Iterator[Callable[[], floa
         t.join(timeout=5)
 
 
-def _image_part() -> dict[str, Any]:
-    from PIL import Image
+def _image_part(url: str | None = None) -> dict[str, Any]:
+    """An image content part: ``url``, or the workload's plain 64x48 picture."""
+    if url is None:
+        from PIL import Image
 
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 80, 40)).save(buf, format="PNG")
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (200, 80, 40)).save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 async def _plain_chat(client: httpx.AsyncClient, url: str, model: str, messages: list[dict[str, Any]],
@@ -145,6 +153,7 @@ async def drive(base_url: str, model: str, workload: list[dict[str, Any]], repea
     salt = new_salt()
     stream = BenchClient(base_url, model, ignore_eos=False)
     answers: list[str] = []
+    image_answers: list[str] = []
     outputs: list[str] = []
     async with httpx.AsyncClient(timeout=600) as plain:
         try:
@@ -172,6 +181,12 @@ async def drive(base_url: str, model: str, workload: list[dict[str, Any]], repea
                     answers.append(await _plain_chat(plain, base_url, model, [
                         {"role": "system", "content": instruction}, {"role": "user", "content": item.question}],
                         16))
+                if vision:
+                    for picture in image_prompts.prompts():
+                        image_answers.append(await _plain_chat(plain, base_url, model, [
+                            {"role": "system", "content": image_prompts.INSTRUCTION},
+                            {"role": "user", "content": [{"type": "text", "text": picture.question},
+                                                         _image_part(picture.png_data_url())]}], 16))
                 tick()
             if measure_toxicity:
                 for prompt in toxicity.prompts():
@@ -180,7 +195,8 @@ async def drive(base_url: str, model: str, workload: list[dict[str, Any]], repea
                 tick()
         finally:
             await stream.aclose()
-    return {"qa_answers": answers, "toxicity_outputs": outputs, "window_ns": window}
+    return {"qa_answers": answers, "image_qa_answers": image_answers, "toxicity_outputs": outputs,
+            "window_ns": window}
 
 
 def workload_spans(trace: Path, window_ns: tuple[int, int]) -> list[dict[str, Any]]:
@@ -247,6 +263,9 @@ MD_COLUMNS = [("model", "variant"), ("origin", "origin"), ("threads", "threads")
               ("j_per_token", "J/token"), ("energy_source", "J source"), ("kld_mean", "KLD"),
               ("same_top_p_pct", "same top p %"), ("ppl", "PPL"), ("qa_accuracy", "QA acc"),
               ("fabrication_rate", "fabrication"), ("toxicity_rate", "toxicity (proxy)")]
+# Shown only when some variant has a projector (a text-only sweep's table stays as it was).
+MD_IMAGE_COLUMNS = [("image_kld_mean", "image KLD"), ("image_same_top_p_pct", "image same top p %"),
+                    ("image_qa_accuracy", "image QA acc")]
 
 
 def _md_value(v: str) -> str:
@@ -270,11 +289,16 @@ def origin(row: dict[str, str]) -> str:
     return f"from {src}{guided}" if src else "as shipped"
 
 
+def has_image_figures(rows: list[dict[str, str]]) -> bool:
+    return any(r.get(k) for r in rows for k, _ in MD_IMAGE_COLUMNS)
+
+
 def results_table(rows: list[dict[str, str]]) -> str:
+    columns = MD_COLUMNS + (MD_IMAGE_COLUMNS if has_image_figures(rows) else [])
     rows = [{**r, "origin": origin(r)} for r in rows]
-    head = "| " + " | ".join(h for _, h in MD_COLUMNS) + " |"
-    lines = [head, "|" + "---|" * len(MD_COLUMNS)]
-    lines += ["| " + " | ".join(_md_value(r.get(k, "")) for k, _ in MD_COLUMNS) + " |" for r in rows]
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    lines = [head, "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_md_value(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -289,7 +313,13 @@ def write_markdown(out: Path, rows: list[dict[str, str]], notes: list[str]) -> P
              "questions that got an answer anyway (a cheap stand-in for PalmBench's hallucination measure). "
              "Toxicity is the share of provocation replies flagged by alt-profanity-check, a profanity "
              "classifier: a proxy. KLD, same-top-p and PPL are against the reference model given to the sweep.",
-             ""] + notes
+             ""]
+    if has_image_figures(rows):
+        text += ["Image KLD and same-top-p score the reference's greedy answers to the bundled image prompts "
+                 "(`bench/image_prompts.py`), teacher-forced through each variant with its projector; image QA "
+                 "is the share of those questions answered right (exact/normalised match). Empty for text-only "
+                 "variants. With a random-weight tiny VLM these figures show the mechanics only.", ""]
+    text += notes
     path = out / "results.md"
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path
@@ -336,6 +366,9 @@ def run_cell(v: Variant, threads: int, args: argparse.Namespace, out: Path, sour
         _, items = qa.load_items()
         s = qa.score(items, answers["qa_answers"])
         row["qa_accuracy"], row["fabrication_rate"] = s.accuracy, s.fabrication_rate
+    if answers["image_qa_answers"]:
+        pictures = image_prompts.prompts()
+        row["image_qa_accuracy"] = qa.score([p.qa_item() for p in pictures], answers["image_qa_answers"]).accuracy
     if answers["toxicity_outputs"]:
         row["toxicity_rate"] = toxicity.flagged_rate(answers["toxicity_outputs"])
     row["answers"] = answers
@@ -343,6 +376,34 @@ def run_cell(v: Variant, threads: int, args: argparse.Namespace, out: Path, sour
     row["kernels"] = verdict.describe()
     row["repack_mib"] = sum(verdict.buffers_mib.values()) if verdict.buffers_mib else 0.0
     return row
+
+
+def image_quality(v: Variant, ref_path: str, args: argparse.Namespace,
+                  refs: dict[str, ImageReference | QualityError], threads: int) -> dict[str, Any]:
+    """A VLM variant's KLD/same-top-p/PPL over the bundled image prompts (empty when it cannot be
+    measured, with the reason printed). The reference answers once per reference projector:
+    ``--reference-mmproj``, else the one paired with the reference file, else the variant's own."""
+    assert v.mmproj is not None
+    ref_mm = args.reference_mmproj
+    if ref_mm is None:
+        paired = variant(ref_path).mmproj if Path(ref_path).is_file() else None
+        ref_mm = str(paired or v.mmproj)
+    if ref_mm not in refs:
+        print(f"[bench] image-prompt reference: {ref_path} with {ref_mm}", flush=True)
+        try:
+            refs[ref_mm] = ImageReference(ref_path, ref_mm, threads=threads)
+        except QualityError as exc:
+            refs[ref_mm] = exc
+    ref = refs[ref_mm]
+    try:
+        if isinstance(ref, QualityError):
+            raise ref
+        q = ref.measure(v.path, v.mmproj)
+    except QualityError as exc:
+        print(f"[bench] {v.name}: image-prompt quality not measured: {exc}")
+        return {}
+    return {"image_kld_mean": q.kld_mean, "image_kld_stderr": q.kld_stderr,
+            "image_same_top_p_pct": q.same_top_p_pct, "image_ppl": q.ppl_model}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-results", help="output directory (default ./bench-results)")
     p.add_argument("--reference", default=None, help="reference GGUF for KLD/PPL (default: --source, else the "
                    "first model)")
+    p.add_argument("--reference-mmproj", default=None, help="the reference's projector for image-prompt "
+                   "quality (default: the one paired with the reference, else each variant's own)")
     p.add_argument("--source", default=None, help="the file the variants were quantized from (marks requantizations)")
     p.add_argument("--ctx-size", type=int, default=2048, help="server context per cell")
     p.add_argument("--quality-ctx", type=int, default=256, help="tokens per quality chunk")
@@ -425,9 +488,10 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"reference {ref_path}: {exc}") from exc
     steps_per_cell = args.repeat * len(args.workload_items) + 2
     quality_cache: dict[Path, dict[str, Any]] = {}
+    image_refs: dict[str, ImageReference | QualityError] = {}
     # QA and toxicity per variant, from its first finished cell (earlier runs included).
     behaviour: dict[str, dict[str, Any]] = {
-        r["model"]: {k: r[k] for k in ("qa_accuracy", "fabrication_rate", "toxicity_rate")}
+        r["model"]: {k: r.get(k, "") for k in BEHAVIOUR}
         for r in read_results(results) if r.get("qa_accuracy") or r.get("toxicity_rate")}
     with progress(len(todo) * steps_per_cell, "sweep") as bar:
         for v, t in todo:
@@ -441,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                 except QualityError as exc:
                     print(f"[bench] {v.name}: quality not measured: {exc}")
                     quality_cache[v.path] = {}
+                if v.mmproj is not None:
+                    quality_cache[v.path].update(image_quality(v, ref_path, args, image_refs, max(threads)))
             check_stop()
             known = behaviour.get(v.name)
             row = run_cell(v, t, args, out, src_type, quality_cache.get(v.path, {}),
@@ -448,10 +514,10 @@ def main(argv: list[str] | None = None) -> int:
             if known is not None:
                 row.update({k: val for k, val in known.items() if val not in ("", None)})
             else:
-                behaviour[v.name] = {k: row.get(k) for k in ("qa_accuracy", "fabrication_rate", "toxicity_rate")}
+                behaviour[v.name] = {k: row.get(k) for k in BEHAVIOUR}
             append_result(results, row)
             answers_file = out / "answers" / f"{row['cell']}.json"
-            if row["answers"]["qa_answers"] or row["answers"]["toxicity_outputs"]:
+            if any(row["answers"][k] for k in ("qa_answers", "image_qa_answers", "toxicity_outputs")):
                 answers_file.parent.mkdir(parents=True, exist_ok=True)
                 answers_file.write_text(json.dumps(row["answers"], indent=1), encoding="utf-8")
             print(f"[bench] {row['cell']}: decode {_cell_text(row.get('decode_tok_s'))} tok/s, "

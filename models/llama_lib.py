@@ -69,11 +69,25 @@ def tokenize(vocab: llama_cpp.llama_vocab_p, text: str, *, add_special: bool = F
     return list(buf[:max(n, 0)])
 
 
+def token_piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool = True) -> bytes:
+    """One token's bytes (``llama_token_to_piece`` with a buffer that grows when needed)."""
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:max(n, 0)]
+
+
 class OneSequence:
-    """A context and batch for evaluating one sequence of tokens outside the engine."""
+    """A context and batch for evaluating one sequence of tokens outside the engine.
+
+    With ``n_embd`` it also holds an embedding batch, so projector output (image rows
+    from ``models.vision``) can be decoded into the sequence as the engine prefills it.
+    """
 
     def __init__(self, model: llama_cpp.llama_model_p, *, n_ctx: int, n_batch: int, n_threads: int,
-                 cb_eval: object = None) -> None:
+                 cb_eval: object = None, n_embd: int = 0) -> None:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = n_batch
@@ -86,7 +100,10 @@ class OneSequence:
         if not self.ctx:
             raise RuntimeError(f"could not create a context of {n_ctx} tokens")
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
+        self.n_batch = n_batch
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.embd_batch = llama_cpp.llama_batch_init(n_batch, n_embd, 1) if n_embd > 0 else None
+        self.n_embd = n_embd
 
     def clear(self) -> None:
         """Forget every cell (the next decode starts a new sequence)."""
@@ -103,12 +120,40 @@ class OneSequence:
             batch.logits[i] = logits(i) if callable(logits) else logits
         return int(llama_cpp.llama_decode(self.ctx, batch))
 
+    def decode_embeddings(self, rows: np.ndarray, start: int, *, non_causal: bool = False) -> int:
+        """Decode embedding rows ``(n, n_embd)`` at positions ``start...`` (1-D RoPE), no logits.
+
+        ``non_causal`` images (Gemma 3) attend both ways inside the image, so the rows go
+        in one decode with causal attention off, as the engine prefills them. Returns
+        llama_decode's code (0 = done).
+        """
+        if self.embd_batch is None:
+            raise RuntimeError("this sequence was made without n_embd: it cannot take embeddings")
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.n_embd or not 0 < rows.shape[0] <= self.n_batch:
+            raise ValueError(f"embeddings must be (1..{self.n_batch}, {self.n_embd}), got {rows.shape}")
+        batch = self.embd_batch
+        ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+        for i in range(rows.shape[0]):
+            batch.pos[i], batch.n_seq_id[i], batch.logits[i] = start + i, 1, False
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = rows.shape[0]
+        if non_causal:
+            llama_cpp.llama_set_causal_attn(self.ctx, False)
+        try:
+            return int(llama_cpp.llama_decode(self.ctx, batch))
+        finally:
+            if non_causal:
+                llama_cpp.llama_set_causal_attn(self.ctx, True)
+
     def logits(self, row: int) -> np.ndarray:
         """The logits of an output row of the last decode (a view: copy to keep it)."""
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
 
     def close(self) -> None:
         llama_cpp.llama_batch_free(self.batch)
+        if self.embd_batch is not None:
+            llama_cpp.llama_batch_free(self.embd_batch)
         llama_cpp.llama_free(self.ctx)
 
     def __enter__(self) -> "OneSequence":

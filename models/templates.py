@@ -89,3 +89,20 @@ class ChatTemplate:
             raise
         except Exception as exc:  # a template from a GGUF can fail in any way (TypeError, ...)
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
+
+
+def model_template(model: Any) -> ChatTemplate:
+    """The chat template a loaded GGUF carries (ChatML when it has none), with its BOS/EOS
+    texts: how the engine renders prompts, for code that evaluates a model outside it."""
+    import llama_cpp
+
+    from models.llama_lib import meta_str, token_piece
+
+    vocab = llama_cpp.llama_model_get_vocab(model)
+
+    def text(token: int) -> str:
+        return token_piece(vocab, token).decode("utf-8", errors="replace") if token >= 0 else ""
+
+    return ChatTemplate(meta_str(model, "tokenizer.chat_template") or CHATML_TEMPLATE,
+                        bos_token=text(int(llama_cpp.llama_vocab_bos(vocab))),
+                        eos_token=text(int(llama_cpp.llama_vocab_eos(vocab))))

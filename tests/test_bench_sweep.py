@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench import image_prompts
 from bench.tinymodels import tiny_vlm
 from models.quantize import quantize
 from server.cli import main
@@ -83,6 +84,22 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_cells(sweep: tupl
     assert float(q8["kld_mean"]) > 0 and float(q8["bpw"]) < float(ref["bpw"])
     assert ref["requantized"] == "no" and q8["requantized"] == "no"  # the source is F16, not quantized
     assert "| tiny.Q8_0 | from F16 | 1 |" in (out / "results.md").read_text()
+
+
+def test_a_vlm_row_has_image_prompt_figures_and_a_text_only_row_has_none(sweep: tuple[Path, str]) -> None:
+    out, _ = sweep
+    ref, q8, vlm = rows(out / "results.csv")
+    image_columns = ("image_kld_mean", "image_kld_stderr", "image_same_top_p_pct", "image_ppl", "image_qa_accuracy")
+    for text_only in (ref, q8):
+        assert all(text_only[k] == "" for k in image_columns)
+    # the VLM against the reference with its own projector (mechanics only: random weights)
+    assert float(vlm["image_kld_mean"]) >= 0 and 0 <= float(vlm["image_same_top_p_pct"]) <= 100
+    assert float(vlm["image_ppl"]) > 0 and 0 <= float(vlm["image_qa_accuracy"]) <= 1
+    answers = json.loads((out / "answers" / f"{vlm['cell']}.json").read_text())
+    assert len(answers["image_qa_answers"]) == len(image_prompts.prompts())  # asked through the server
+    md = (out / "results.md").read_text()
+    assert "| image KLD | image same top p % | image QA acc |" in md and "mechanics only" in md
+    assert md.split("\n| tiny.Q8_0 |")[1].split("\n")[0].endswith("| – | – | – |")
 
 
 def _workload_attrs(trace: Path, lo: int, hi: int) -> list[dict]:
