@@ -13,6 +13,9 @@ one from seeded random numbers in about a second:
 
   - ``"mlp"``: LLaVA-1.5 layout. Every image is resized to ``image_size`` and becomes a
     fixed ``(image_size / patch_size)**2`` tokens (defaults: 64 px, 8 px patches -> 64).
+    With ``grid_pinpoints`` it is a LLaVA-1.6 (llava-uhd) *tiling* projector instead:
+    libmtmd cuts an image larger than ``image_size`` into an overview plus tiles of
+    ``image_size`` px, each a separate image chunk of that fixed token count.
   - ``"pixtral"``: dynamic resolution (Pixtral / Mistral-Small-3.1 layout with a 2x2
     patch merger). An image aligned to ``patch_size * spatial_merge`` pixels gives
     ``cols * rows`` tokens plus one ``[IMG_BREAK]`` token after every row but the last,
@@ -34,7 +37,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -268,11 +271,15 @@ def write_tiny_mmproj(
     spatial_merge: int = 2,
     proj_hidden: int = 64,
     seed: int = 0,
+    grid_pinpoints: Sequence[int] | None = None,
 ) -> Path:
     """Write a random-weight CLIP ``mmproj`` GGUF for an LLM with ``n_embd_text``; returns ``path``.
 
     ``kind="mlp"`` (LLaVA-1.5): fixed ``(image_size // patch_size)**2`` tokens
-    (``image_size`` defaults to 64 -> 64 tokens). ``kind="pixtral"``: dynamic; one token
+    (``image_size`` defaults to 64 -> 64 tokens); with ``grid_pinpoints`` (flat
+    ``w, h, w, h, ...`` resolutions, multiples of ``image_size``, written as the INT32
+    array ``clip.vision.image_grid_pinpoints`` clip.cpp requires) libmtmd tiles large
+    images as LLaVA-1.6 does. ``kind="pixtral"``: dynamic; one token
     per ``patch_size * spatial_merge`` pixels square plus a row-break token per row but
     the last (``image_size`` only sets the warm-up/nominal size, default 256).
 
@@ -311,6 +318,9 @@ def write_tiny_mmproj(
             raise ValueError("image_size must be a multiple of patch_size")
     else:
         image_size = 256 if image_size is None else image_size
+    pinpoints = [int(v) for v in grid_pinpoints or ()]
+    if pinpoints and (kind != "mlp" or len(pinpoints) % 2 or any(v < 1 or v % image_size for v in pinpoints)):
+        raise ValueError("grid_pinpoints needs kind='mlp' and (w, h) pairs that are multiples of image_size")
     if kind == "qwen2vl":
         # clip_graph_qwen2vl hard-codes a 2x2 merge (view of n_embd * 4 per token): any other
         # spatial_merge_size makes the token count and the graph disagree (GGML_ASSERT).
@@ -341,6 +351,8 @@ def write_tiny_mmproj(
             w.add_uint32("clip.vision.spatial_merge_size", merge)
         else:
             w.add_bool("clip.use_gelu", False)  # gelu_quick, as CLIP ViT-L
+            if pinpoints:
+                w.add_array("clip.vision.image_grid_pinpoints", pinpoints)
         _clip_header(w, kind, image_size=image_size, patch_size=patch_size, n_embd=n_embd, n_ff=n_ff,
                      n_layer=n_layer, n_head=n_head, eps=1e-5, n_embd_text=n_embd_text)
 

@@ -179,6 +179,15 @@ class ProjectorFacts:
     ``align = patch_size * merge`` pixels, clamped to ``[min_tokens, max_tokens]``;
     ``row_break`` projectors (Pixtral) add one more token after every row but the last.
     Fixed projectors emit ``fixed_tokens`` for any image (resized to ``image_size``).
+
+    ``tiling`` projectors (LLaVA-1.6 / llava-uhd with grid pinpoints, MiniCPM-V,
+    Idefics3, Llama 4, LFM2, ...) have libmtmd cut an image larger than ``image_size``
+    into an overview plus tiles, each its own image chunk of about ``tile_tokens``
+    tokens; an image of at most ``image_size`` per side stays one chunk. Whether a
+    projector tiles is *probed* (a large placeholder image comes back as several
+    chunks) rather than read from ``projector_type``: libmtmd decides it per type
+    *and* per file (``mlp`` tiles only when the mmproj lists grid pinpoints), and the
+    probe stays right for types added to llama.cpp later.
     """
 
     projector_type: str
@@ -192,6 +201,8 @@ class ProjectorFacts:
     row_break: bool = False
     uses_mrope: bool = False
     uses_non_causal: bool = False
+    tiling: bool = False
+    tile_tokens: int | None = None  # tokens of one image_size x image_size part (tiling projectors)
 
     @property
     def align(self) -> int:
@@ -512,7 +523,9 @@ class VisionEncoder:
     def _probe_facts(self, meta: _MmprojMeta, min_tok: int | None, max_tok: int | None) -> ProjectorFacts:
         proj = meta.projector_type
         small = self.count_tokens(meta.patch_size * 2 or 32, meta.patch_size * 2 or 32)
-        big = self.count_tokens(max(meta.image_size, 64) * 2 + 8, max(meta.image_size, 64) + 24)
+        big_parts = self._image_chunk_tokens(max(meta.image_size, 64) * 2 + 8, max(meta.image_size, 64) + 24)
+        big = sum(big_parts)
+        tiling = len(big_parts) > 1 and meta.image_size > 0
         fixed = small if small == big and proj not in _DYNAMIC_PROJECTORS else None
         lo, hi = _DEFAULT_TOKEN_LIMITS.get(proj, (None, None))
         return ProjectorFacts(
@@ -527,6 +540,8 @@ class VisionEncoder:
             row_break=meta.has_img_break and proj == "pixtral",
             uses_mrope=self.uses_mrope,
             uses_non_causal=self.uses_non_causal,
+            tiling=tiling,
+            tile_tokens=self.count_tokens(meta.image_size, meta.image_size) if tiling else None,
         )
 
     @property
@@ -537,15 +552,19 @@ class VisionEncoder:
 
     def count_tokens(self, width: int, height: int) -> int:
         """LLM tokens an image of this size would cost, without encoding it (placeholder bitmap)."""
+        return sum(self._image_chunk_tokens(width, height))
+
+    def _image_chunk_tokens(self, width: int, height: int) -> list[int]:
+        """Tokens of each image chunk libmtmd makes of one image of this size (several when it tiles)."""
         check_image_size(width, height, 0)
         chunks = self._run_tokenize(self._marker_bytes, [None], [(width, height)], [None], add_special=False)
         try:
-            total = 0
+            out: list[int] = []
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, i)
                 if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    total += int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
-            return total
+                    out.append(int(mtmd.mtmd_input_chunk_get_n_tokens(chunk)))
+            return out
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
 

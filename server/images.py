@@ -9,7 +9,9 @@ Per image, in order (DESIGN.md, request path steps 2-5):
 2. ``policy.resolution.decide_budget`` picks a token budget (request > detail >
    profile, and a TTFT budget may lower a profile's budget);
 3. ``models.reduce.plan_resize`` / ``resize_to_plan`` shrink the image to it on the
-   projector grid (never upscaling; fixed projectors are left alone);
+   projector grid (never upscaling; fixed projectors are left alone); a zoomed image
+   is cropped first, or, on a tiling projector, becomes several image parts
+   (``policy.zoom.zoom_parts``: overview + relevant tiles, one media marker each);
 4. ``VisionEncoder.tokenize`` encodes (with its embedding cache) in a worker thread,
    and ``models.reduce.prune`` keeps the rows ``policy.pruning.decide_prune`` asked for;
 5. the result is a list of engine segments, and one ``ImageRecord`` per image.
@@ -39,7 +41,7 @@ from server.policy.profiles import ProfileSet
 from server.policy.pruning import PruneDecision, decide_prune
 from server.policy.resolution import BudgetDecision, ContentClass, decide_budget
 from server.policy.routing import CONTENT_LABELS, route_content
-from server.policy.zoom import ZOOM_MAX_TILES, ZOOM_TILE_PX, ZoomDecision, decide_zoom
+from server.policy.zoom import ZOOM_MAX_TILES, ZOOM_TILE_PX, ZoomDecision, ZoomParts, decide_zoom, zoom_parts
 from server.prompt import RenderedChat
 from server.settings import Settings
 from telemetry.record import ImageRecord, RequestRecord
@@ -88,7 +90,7 @@ def cost_observer(app: FastAPI, model: LoadedModel) -> Callable[[RequestRecord],
     def observe(rec: RequestRecord) -> None:
         if rec.error_type is not None or rec.input_tokens <= 0:
             return
-        encoded = sum(im.tokens_before for im in rec.images if not im.cache_hit)
+        encoded = sum(im.tokens_before - im.cached_tokens for im in rec.images)
         overhead = rec.ttft_ms - rec.queue_ms - rec.encode_ms - rec.prefill_ms
         # A request that waited for its model to load carries the load and the model's
         # first-use costs (template compile, cold caches) in its TTFT: none of that is a
@@ -136,13 +138,18 @@ class _ClipLook:
     label: tuple[str, ContentClass] | None = None
     zoom: ZoomDecision | None = None
     relevance: Any = None  # (rows, cols) scores of the region, for ``relevant`` pruning
+    parts: ZoomParts | None = None  # what zoom sends (set once the image's budget is known)
     ms: float = 0.0
     attributes: dict[str, Any] | None = None
 
 
 def _clip_look(clip: Any, im: LoadedImage, prompt: str, *, route: bool, zoom: bool,
-               relevance: bool) -> _ClipLook:
-    """Run the CLIP look-ahead one image needs (worker thread; results cached by CLIP)."""
+               relevance: bool, tiling: bool = False) -> _ClipLook:
+    """Run the CLIP look-ahead one image needs (worker thread; results cached by CLIP).
+
+    On a ``tiling`` projector zoom does not crop: the image is split into parts once
+    its budget is known, and each part's relevance is scored then (``_zoom_tiles``).
+    """
     look = _ClipLook(region=im.image, attributes={})
     if route:
         probs, ms, _ = clip.classify(im.image, list(CONTENT_LABELS), image_key=im.sha256)
@@ -156,16 +163,60 @@ def _clip_look(clip: Any, im: LoadedImage, prompt: str, *, route: bool, zoom: bo
         look.ms += tiles.ms
         look.zoom = decide_zoom(tiles.scores, im.width, im.height)
         look.attributes.update(look.zoom.attributes())
+        if tiling:
+            return look
         if look.zoom.crops:
             look.region = im.image.crop(look.zoom.box)
             key = f"{im.sha256}:{look.zoom.box}"
     if relevance:
-        w, h = look.region.size
-        tile = max(1, round(max(w, h) / 4))
-        cols, rows = tile_grid(w, h, tile, RELEVANCE_MAX_TILES)
-        scores = clip.score_tiles(look.region, prompt, cols, rows, image_key=key)
-        look.relevance, look.ms = scores.scores, look.ms + scores.ms
+        look.relevance, ms = _region_relevance(clip, look.region, prompt, key)
+        look.ms += ms
     return look
+
+
+def _region_relevance(clip: Any, region: Image.Image, prompt: str, key: str) -> tuple[Any, float]:
+    """CLIP's (rows, cols) scores of ``region`` for ``relevant`` pruning, and their ms."""
+    w, h = region.size
+    tile = max(1, round(max(w, h) / 4))
+    cols, rows = tile_grid(w, h, tile, RELEVANCE_MAX_TILES)
+    scores = clip.score_tiles(region, prompt, cols, rows, image_key=key)
+    return scores.scores, scores.ms
+
+
+def _zoom_tiles(im: LoadedImage, parts: ZoomParts, side: int, clip: Any, prompt: str,
+                relevance: bool) -> tuple[list[Image.Image], list[Any], float]:
+    """The part images of a zoomed image on a tiling projector, their relevance, CLIP ms.
+
+    Each part is shrunk to at most ``side`` (the projector's tile) per side, so libmtmd
+    encodes it as one chunk instead of tiling it again; relevance is scored on the
+    source pixels of each part.
+    """
+    images: list[Image.Image] = []
+    scores: list[Any] = []
+    ms = 0.0
+    for box in parts.boxes:
+        part = im.image.crop(box)
+        if relevance:
+            rel, t = _region_relevance(clip, part, prompt, f"{im.sha256}:{box}")
+            scores.append(rel)
+            ms += t
+        scale = min(1.0, side / max(part.size))
+        if scale < 1.0:
+            size = (max(1, round(part.width * scale)), max(1, round(part.height * scale)))
+            part = part.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        images.append(part)
+    return images, scores, ms
+
+
+def _expand_markers(text: str, marker: str, counts: list[int]) -> str:
+    """``text`` with its i-th media marker repeated ``counts[i]`` times (one per image part)."""
+    pieces = text.split(marker)
+    if len(pieces) != len(counts) + 1:
+        raise ValueError(f"prompt has {len(pieces) - 1} media markers for {len(counts)} images")
+    out = [pieces[0]]
+    for n, piece in zip(counts, pieces[1:]):
+        out.append(marker * n + piece)
+    return "".join(out)
 
 
 @dataclass
@@ -175,7 +226,7 @@ class _ImageWork:
     loaded: LoadedImage
     budget: BudgetDecision
     plan: ResizePlan
-    encoder_input: LoadedImage | Image.Image
+    encoder_inputs: list[LoadedImage | Image.Image]  # one, or zoom's parts on a tiling projector
 
 
 # --------------------------------------------------------------------------- request path
@@ -230,6 +281,7 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     wants_relevance = clip is not None and (asked_prune or prof.prune_method) == "relevant"
     route = (clip is not None and prof.content_aware
              and not (extension is not None and extension.max_image_tokens is not None))
+    tiling = mode == "zoom" and facts.tiling
     looks: list[_ClipLook] = []
     for ref, im in zip(rendered.images, loaded):
         if clip is None:
@@ -237,7 +289,7 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
             continue
         looks.append(await run_in_threadpool(
             _clip_look, clip, im, rendered.prompt_cue, route=route and ref.detail in (None, "auto"),
-            zoom=mode == "zoom", relevance=wants_relevance))
+            zoom=mode == "zoom", relevance=wants_relevance, tiling=tiling))
     sizes = [lk.region.size for lk in looks]
     # M-RoPE models (Qwen2-VL) are causal over image rows; pruning is safe there because
     # kept rows keep their original (t, y, x) positions (engine ImageSegment.positions).
@@ -294,20 +346,36 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     prune_decision = chosen_prune if all(locked) else budget_prune
 
     work: list[_ImageWork] = []
-    for im, b, p, look in zip(loaded, budgets, plans, looks):
-        if look.region is not im.image:  # zoomed: encode the crop at the budget
-            enc_in: LoadedImage | Image.Image = await run_in_threadpool(resize_to_plan, look.region, p)
+    relevance: dict[int, Any] = {}  # per encoder input
+    owners: list[int] = []  # encoder input -> request image
+    for i, (im, b, p, look) in enumerate(zip(loaded, budgets, plans, looks)):
+        if look.zoom is not None:
+            look.parts = zoom_parts(look.zoom, tiling=tiling, budget_tokens=b.tokens,
+                                    part_tokens=facts.tile_tokens, part_px=facts.image_size)
+            look.attributes = {**(look.attributes or {}), **look.parts.attributes()}
+        if tiling and look.parts is not None:  # zoomed on a tiling projector: overview + tiles
+            parts, scores, ms = await run_in_threadpool(_zoom_tiles, im, look.parts, facts.image_size, clip,
+                                                        rendered.prompt_cue, wants_relevance)
+            look.ms += ms
+            relevance.update({len(owners) + j: r for j, r in enumerate(scores)})
+            inputs: list[LoadedImage | Image.Image] = list(parts)
+        elif look.region is not im.image:  # zoomed: encode the crop at the budget
+            inputs = [await run_in_threadpool(resize_to_plan, look.region, p)]
         elif (p.width, p.height) == (im.width, im.height) or facts.is_fixed:
-            enc_in = im  # keeps its pixel hash: no rehash
+            inputs = [im]  # keeps its pixel hash: no rehash
         else:
-            enc_in = await run_in_threadpool(resize_to_plan, im.image, p)
-        work.append(_ImageWork(im, b, p, enc_in))
-    relevance = {i: lk.relevance for i, lk in enumerate(looks) if lk.relevance is not None}
+            inputs = [await run_in_threadpool(resize_to_plan, im.image, p)]
+        if look.relevance is not None:
+            relevance[len(owners)] = look.relevance
+        owners.extend([i] * len(inputs))
+        work.append(_ImageWork(im, b, p, inputs))
+    text = _expand_markers(rendered.text, marker, [len(w.encoder_inputs) for w in work])
 
     # 4. encode (embedding cache inside) and prune, off the event loop
     try:
-        chunks, pruned = await run_in_threadpool(_encode_and_prune, vision, rendered.text,
-                                                 [w.encoder_input for w in work], decisions, relevance, grid.align)
+        chunks, pruned = await run_in_threadpool(_encode_and_prune, vision, text,
+                                                 [x for w in work for x in w.encoder_inputs], decisions,
+                                                 relevance, grid.align, owners)
     except VisionError as exc:
         raise APIError(exc.status, f"The images could not be encoded: {exc}",
                        param="messages" if exc.status == 400 else None, code=exc.code) from exc
@@ -316,22 +384,34 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
 
     # 5. segments + records
     segments = segments_from_chunks(chunks, engine, pruned)
+    parts_of: dict[int, list[ImageChunk]] = {}
     for chunk in chunks:
-        if not isinstance(chunk, ImageChunk):
-            continue
-        w = work[chunk.index]
-        look = looks[chunk.index]
-        emb, method, prune_ms, _ = pruned[chunk.index]
-        kept = int(emb.shape[0])
+        if isinstance(chunk, ImageChunk):
+            parts_of.setdefault(owners[chunk.index], []).append(chunk)
+    for i, parts in parts_of.items():  # one record per request image, over all its parts
+        w, look, first = work[i], looks[i], parts[0]
+        before = sum(c.n_tokens for c in parts)
+        kept_each = [int(pruned[c.index][0].shape[0]) for c in parts]
+        kept = sum(kept_each)
+        methods = {pruned[c.index][1] for c in parts} - {"none"}
+        if look.parts is not None:
+            look.attributes = {**(look.attributes or {}), "zoom_part_tokens": [c.n_tokens for c in parts],
+                               "zoom_part_kept": kept_each}
         record.images.append(ImageRecord(
-            index=chunk.index, source_width=w.loaded.width, source_height=w.loaded.height,
-            encoded_width=chunk.width, encoded_height=chunk.height,
-            tokens_before=chunk.n_tokens, tokens_after=kept, encode_ms=chunk.encode_ms,
-            cache_hit=chunk.cache_hit, budget_tokens=w.budget.tokens, budget_source=w.budget.source,
-            resize_note=w.plan.note, prune_method=method,
-            prune_keep=round(kept / chunk.n_tokens, 6) if chunk.n_tokens else 1.0, prune_ms=prune_ms,
-            clip_ms=round(look.ms, 3), zoom_tiles=list(look.zoom.tiles) if look.zoom else None,
+            index=i, source_width=w.loaded.width, source_height=w.loaded.height,
+            encoded_width=first.width, encoded_height=first.height,
+            tokens_before=before, tokens_after=kept, encode_ms=sum(c.encode_ms for c in parts),
+            cache_hit=all(c.cache_hit for c in parts),
+            cached_tokens=sum(c.n_tokens for c in parts if c.cache_hit),
+            budget_tokens=w.budget.tokens, budget_source=w.budget.source,
+            resize_note=look.parts.reason if look.parts is not None and look.parts.mode == "tiles" else w.plan.note,
+            prune_method=methods.pop() if methods else "none",
+            prune_keep=round(kept / before, 6) if before else 1.0,
+            prune_ms=sum(pruned[c.index][2] for c in parts),
+            clip_ms=round(look.ms, 3), zoom_tiles=list(look.parts.tiles) if look.parts else None,
             zoom_grid=f"{look.zoom.cols}x{look.zoom.rows}" if look.zoom else None,
+            zoom_mode=look.parts.mode if look.parts else None,
+            zoom_parts=len(parts) if look.parts else None,
             clip_label=look.label[0] if look.label else None,
         ))
     record.encode_ms = sum(im.encode_ms for im in record.images)
@@ -348,7 +428,7 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
         mw["predicted_ttft_ms"] = round(ttft_plan.predicted_ttft_ms, 3)
     # What the cost model predicts for what is actually prefilled (cache hits encode nothing).
     final = rates.predict_ttft_ms(
-        text_tokens, [0 if r.cache_hit else r.tokens_before for r in record.images], queue_depth,
+        text_tokens, [r.tokens_before - r.cached_tokens for r in record.images], queue_depth,
         [r.tokens_after for r in record.images])
     mw["predicted_ttft_final_ms"] = round(final, 3)
     mw.setdefault("predicted_ttft_ms", round(final, 3))
@@ -389,31 +469,56 @@ def segments_from_chunks(chunks: list[Any], engine: Any,
 
 def _encode_and_prune(vision: Any, text: str, images: list[Any], decisions: list[PruneDecision],
                       relevance: dict[int, Any] | None = None, align: int = 1,
+                      owners: list[int] | None = None,
                       ) -> tuple[list[Any], dict[int, tuple[Any, str, float, Any]]]:
     """Tokenize + encode (worker thread), then keep the rows each image's decision asked for.
 
-    Per image: (embeddings, method, prune ms, M-RoPE positions or None). Kept rows keep
-    their original M-RoPE positions (``positions_mrope``); the image still advances by
-    the full grid's ``n_pos``. ``relevance`` holds CLIP's region scores per image for
-    ``relevant`` pruning, mapped onto libmtmd's token grid (``align`` px per token
-    when libmtmd does not report the grid).
+    Per encoder input: (embeddings, method, prune ms, M-RoPE positions or None). Kept
+    rows keep their original M-RoPE positions (``positions_mrope``); the image still
+    advances by the full grid's ``n_pos``. ``owners[j]`` is the request image input
+    ``j`` belongs to (zoom on a tiling projector sends one image as several parts);
+    ``decisions`` are per request image, and an image's kept count is decided over
+    all its parts (``PruneDecision.keep_for_parts``). ``relevance`` holds CLIP's region
+    scores per input for ``relevant`` pruning, mapped onto the input's token grid.
     """
     chunks = vision.tokenize(text, images)
-    pruned: dict[int, tuple[Any, str, float, Any]] = {}
+    owners = owners if owners is not None else list(range(len(images)))
+    groups: dict[int, list[ImageChunk]] = {}
     for chunk in chunks:
-        if not isinstance(chunk, ImageChunk):
-            continue
-        decision = decisions[chunk.index]
-        keep = decision.keep_for(chunk.n_tokens)
-        if decision.active and keep < chunk.n_tokens:
-            rel = None
-            if decision.method == "relevant" and relevance is not None and chunk.index in relevance:
-                nx = chunk.nx or max(1, chunk.width // align)
-                ny = chunk.ny or max(1, chunk.height // align)
-                rel = relevance_for_tokens(relevance[chunk.index], nx, ny, chunk.n_tokens)
-            res = prune(chunk.embeddings, keep, decision.method, rel)  # type: ignore[arg-type]
-            pos = positions_mrope(chunk.positions, res.indices) if chunk.positions is not None else None
-            pruned[chunk.index] = (res.embeddings, decision.method, res.ms, pos)
-        else:
-            pruned[chunk.index] = (chunk.embeddings, "none", 0.0, chunk.positions)
+        if isinstance(chunk, ImageChunk):
+            groups.setdefault(owners[chunk.index], []).append(chunk)
+    facts = getattr(vision, "projector", None)
+    square = facts is not None and (facts.is_fixed or facts.tiling)
+    pruned: dict[int, tuple[Any, str, float, Any]] = {}
+    for owner, parts in groups.items():
+        decision = decisions[owner]
+        keeps = decision.keep_for_parts([c.n_tokens for c in parts])
+        for chunk, keep in zip(parts, keeps):
+            if decision.active and keep < chunk.n_tokens:
+                rel = None
+                if decision.method == "relevant" and relevance is not None and chunk.index in relevance:
+                    nx, ny = _token_grid(chunk, align, square)
+                    rel = relevance_for_tokens(relevance[chunk.index], nx, ny, chunk.n_tokens)
+                res = prune(chunk.embeddings, keep, decision.method, rel)  # type: ignore[arg-type]
+                pos = positions_mrope(chunk.positions, res.indices) if chunk.positions is not None else None
+                pruned[chunk.index] = (res.embeddings, decision.method, res.ms, pos)
+            else:
+                pruned[chunk.index] = (chunk.embeddings, "none", 0.0, chunk.positions)
     return chunks, pruned
+
+
+def _token_grid(chunk: ImageChunk, align: int, square: bool) -> tuple[int, int]:
+    """(columns, rows) of an image chunk's tokens, for mapping CLIP's region scores onto them.
+
+    libmtmd reports a real grid only for M-RoPE projectors; for the others its nx is
+    the token count and ny is 1. Fixed projectors and the parts a tiling projector
+    encodes see the image resized to a square, so a square token count is that grid;
+    otherwise the encoded size in ``align`` px cells is (Pixtral's row breaks are
+    handled by ``relevance_for_tokens``).
+    """
+    if chunk.positions is not None and chunk.nx and chunk.ny:
+        return chunk.nx, chunk.ny
+    side = math.isqrt(chunk.n_tokens)
+    if square and side * side == chunk.n_tokens:
+        return side, side
+    return max(1, chunk.width // align), max(1, chunk.height // align)

@@ -133,6 +133,8 @@ def record_attributes(record: RequestRecord, capture_content: bool = False) -> A
         if zoomed:
             a["edgevlm.zoom.tiles"] = [len(im.zoom_tiles or ()) for im in zoomed]
             a["edgevlm.zoom.grid"] = [im.zoom_grid or "" for im in zoomed]
+            a["edgevlm.zoom.mode"] = [im.zoom_mode or "" for im in zoomed]
+            a["edgevlm.zoom.parts"] = [im.zoom_parts or 0 for im in zoomed]
         labels = [im.clip_label for im in ims if im.clip_label]
         if labels:
             a["edgevlm.clip.label"] = labels

@@ -24,7 +24,8 @@ class ImageRecord:
     tokens_before: int = 0  # tokens the projector produced for the encoded image
     tokens_after: int = 0  # tokens prefilled into the LLM after pruning
     encode_ms: float = 0.0
-    cache_hit: bool = False
+    cache_hit: bool = False  # every part of the image came from the embedding cache
+    cached_tokens: int = 0  # of tokens_before, those the embedding cache served (not encoded now)
     budget_tokens: int | None = None  # token budget the resolution policy asked for
     budget_source: str | None = None  # request | detail | profile | ttft_budget | model
     resize_note: str | None = None  # why the encoder saw the size it saw
@@ -32,8 +33,10 @@ class ImageRecord:
     prune_keep: float | None = None  # fraction of rows kept
     prune_ms: float = 0.0
     clip_ms: float = 0.0  # CLIP scoring of this image (zoom tiles, relevance, label); 0 on a cache hit
-    zoom_tiles: list[int] | None = None  # tiles zoom chose (row-major), None when not zoomed
+    zoom_tiles: list[int] | None = None  # tiles zoom sent (tiles) or cropped to (crop), row-major; None when not zoomed
     zoom_grid: str | None = None  # the zoom tile grid, "colsxrows"
+    zoom_mode: str | None = None  # "tiles" (overview + tiles as image parts) or "crop"
+    zoom_parts: int | None = None  # image parts sent for the image (tiles: overview + tiles; crop: 1)
     clip_label: str | None = None  # CLIP's zero-shot image type (routing for auto detail)
 
     @property

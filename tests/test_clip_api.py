@@ -85,6 +85,8 @@ def test_zoom_end_to_end(clip_server) -> None:  # type: ignore[no-untyped-def]
     a = last_span(tel, exporter)
     assert a["edgevlm.zoom.grid"] == ("4x3",) and a["edgevlm.zoom.tiles"] == (3,)  # ceil(12 / 4)
     assert a["edgevlm.clip.ms"] > 0 and a["edgevlm.middleware.resolution_mode"] == "zoom"
+    # Pixtral does not tile: the image is cropped to the chosen tiles, one image part
+    assert a["edgevlm.zoom.mode"] == ("crop",) and a["edgevlm.zoom.parts"] == (1,)
     # the crop of 3 tiles is encoded, not the whole 896x672 image
     w, h = (int(v) for v in a["edgevlm.image.resize.to"][0].split("x"))
     assert a["edgevlm.image.tokens_before"] > 0 and (w < 896 or h < 672)

@@ -50,6 +50,29 @@ class PruneDecision:
             k = min(k, keep_count(n_tokens, self.cap_ratio))
         return k
 
+    def keep_for_parts(self, sizes: list[int]) -> list[int]:
+        """Rows to keep of each part of one image (zoom's overview + tiles), exactly ``keep_for(sum)``.
+
+        The image's count is decided once over all its parts, as for an image sent
+        whole, then shared in proportion to the parts' sizes (largest remainder, ties
+        to the earlier part). Every part keeps at least one row, so a part is never
+        sent as an empty image; only a keep below one row per part exceeds the count.
+        """
+        if any(n < 1 for n in sizes):
+            raise ValueError(f"every part needs at least one token, got {sizes}")
+        total = sum(sizes)
+        k = max(self.keep_for(total), len(sizes))
+        if k >= total:
+            return list(sizes)
+        spare = [n - 1 for n in sizes]  # rows above each part's one guaranteed row
+        extra = k - len(sizes)
+        share = [extra * s / max(1, sum(spare)) for s in spare]
+        out = [int(x) for x in share]
+        order = sorted(range(len(sizes)), key=lambda i: (-(share[i] - out[i]), i))
+        for i in order[:extra - sum(out)]:
+            out[i] += 1
+        return [1 + o for o in out]
+
     def attributes(self) -> dict[str, Any]:
         out: dict[str, Any] = {"prune_method": self.method, "prune_source": self.source, "prune_reason": self.reason}
         if self.active:
