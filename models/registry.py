@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from models.engine import Engine, EngineConfig, EngineError
+from models.engine.speculative import DEFAULT_SPECULATIVE, SPECULATIVE_MODES
 
 log = logging.getLogger("edgevlm.registry")
 
@@ -48,6 +49,7 @@ class ModelSpec:
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
     repack: str = "auto"  # CPU fast paths: auto | on | off (models.cpu_paths)
+    speculative: str = DEFAULT_SPECULATIVE  # off | ngram (models.engine.speculative)
     image_cache_mb: int = 256  # image-embedding cache of a vision model; 0 = off
     owned_by: str = "edgevlm"
 
@@ -55,7 +57,7 @@ class ModelSpec:
         return EngineConfig(
             model_id=self.id, path=self.path, n_ctx=self.ctx_size, n_threads=self.threads,
             n_parallel=self.parallel, n_batch=self.batch, chat_template=self.chat_template,
-            mmproj_path=self.mmproj, repack=self.repack,
+            mmproj_path=self.mmproj, repack=self.repack, speculative=self.speculative,
         )
 
 
@@ -75,7 +77,7 @@ def default_model_path() -> Path | None:
 
 _SPEC_KEYS = {
     "id", "path", "mmproj", "ctx_size", "threads", "parallel", "batch", "chat_template",
-    "image_min_tokens", "image_max_tokens", "repack",
+    "image_min_tokens", "image_max_tokens", "repack", "speculative",
     "image_cache_mb",
 }
 
@@ -96,6 +98,9 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
     spec = ModelSpec(**values)
     if spec.repack not in ("auto", "on", "off"):
         raise ConfigError(f"model {spec.id}: repack must be auto, on or off, not {spec.repack!r}")
+    if spec.speculative not in SPECULATIVE_MODES:
+        raise ConfigError(f"model {spec.id}: speculative must be {' or '.join(SPECULATIVE_MODES)}, "
+                          f"not {spec.speculative!r}")
     if isinstance(spec.image_cache_mb, bool) or not isinstance(spec.image_cache_mb, int) or spec.image_cache_mb < 0:
         raise ConfigError(f"model {spec.id}: image_cache_mb must be a whole number of MiB >= 0")
     if not Path(spec.path).is_file():

@@ -42,6 +42,7 @@ def telemetry_settings(settings: Settings) -> TelemetrySettings:
 def registry_from(settings: Settings) -> Registry:
     defaults = {"ctx_size": settings.ctx_size, "threads": settings.threads,
                 "parallel": settings.parallel, "batch": settings.batch, "repack": settings.repack,
+                "speculative": settings.speculative,
                 "image_cache_mb": settings.image_cache_mb}
     return build_registry(
         model=settings.model, mmproj=settings.mmproj, config=settings.config,

@@ -33,6 +33,8 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--batch", "batch", int, "max tokens per llama_decode call (default 512)"),
     ("--repack", "repack", str, "CPU fast paths (AMX, repacked weights): auto = self-tested in a "
                                 "child process and cached (default) | on | off"),
+    ("--speculative", "speculative", str, "speculative decoding: ngram = draft from the context by prompt "
+                                          "lookup, verified in the same batch (default) | off"),
     ("--max-queue", "max_queue", int, "requests that may wait per model before 429 (default 8)"),
     ("--max-loaded-models", "max_loaded_models", int, "models kept in memory at once (default 2)"),
     ("--max-model-memory-mb", "max_model_memory_mb", int, "evict LRU models above this memory"),

@@ -46,6 +46,7 @@ class Prepared:
     stop: tuple[str, ...]
     prompt_text: str | None = None
     ignore_eos: bool = False
+    speculative: bool = True  # the request allows drafting (``edgevlm.speculative``)
     # Called with the finished record (e.g. to teach the TTFT cost model); errors ignored.
     on_done: Callable[[RequestRecord], None] | None = None
 
@@ -163,7 +164,7 @@ async def execute(request: Request, record: RequestRecord, model: LoadedModel,
             rec.prompt_text = prepared.prompt_text
         gen_request = GenerationRequest(
             segments=prepared.segments, sampling=prepared.sampling, max_tokens=prepared.max_tokens,
-            stop=prepared.stop, ignore_eos=prepared.ignore_eos,
+            stop=prepared.stop, ignore_eos=prepared.ignore_eos, speculative=prepared.speculative,
             arrival=request.state.arrival,
         )
         try:

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     batch: int | None = Field(None, ge=32, description="Max tokens per llama_decode call.")
     repack: Literal["auto", "on", "off"] | None = Field(
         None, description="CPU fast paths (AMX, repacked weights): auto = self-tested, on, off.")
+    speculative: Literal["off", "ngram"] | None = Field(
+        None, description="Speculative decoding: ngram (prompt lookup, default) or off.")
     max_queue: int = Field(8, ge=0, description="Requests waiting per model before 429.")
     max_loaded_models: int = Field(2, ge=1)
     max_model_memory_mb: int | None = Field(None, ge=1)

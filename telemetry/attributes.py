@@ -106,6 +106,9 @@ def record_attributes(record: RequestRecord, capture_content: bool = False) -> A
         a["edgevlm.cache.restored_tokens"] = record.restored_tokens
     if record.shared_tokens:
         a["edgevlm.cache.shared_tokens"] = record.shared_tokens
+    if record.drafted_tokens:
+        a["edgevlm.speculative.drafted_tokens"] = record.drafted_tokens
+        a["edgevlm.speculative.accepted_tokens"] = record.accepted_tokens
     _put(a, "edgevlm.slot", record.slot)
     _put(a, "edgevlm.batch_size_mean", record.batch_size_mean)
 

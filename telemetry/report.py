@@ -191,6 +191,9 @@ class Group:
                 if r.ok and isinstance(r.attrs.get("edgevlm.image.tokens_before"), int)
                 and r.attrs["edgevlm.image.tokens_before"] > 0
                 and isinstance(r.attrs.get("edgevlm.image.tokens_after"), int)]
+        # Speculative decoding: the share of drafted tokens the model accepted.
+        drafted = sum(self._vals("edgevlm.speculative.drafted_tokens"))
+        accepted = sum(self._vals("edgevlm.speculative.accepted_tokens"))
         return {
             "requests": len(self.rows),
             "errors": sum(1 for r in self.rows if not r.ok),
@@ -205,6 +208,7 @@ class Group:
             "peak_rss_mib": max(rss) / 2**20 if rss else None,
             "ttft_pred_err_pct": percentile(errors, 50),
             "image_kept": percentile(kept, 50),
+            "draft_accept_pct": accepted / drafted * 100.0 if drafted else None,
             "ttft_values": ttft,
         }
 
@@ -233,6 +237,7 @@ COLUMNS = [
     ("energy_source", "energy source", "{}"), ("peak_rss_mib", "peak RSS (MiB)", "{:.0f}"),
     ("ttft_pred_err_pct", "TTFT prediction error p50 (%)", "{:.1f}"),
     ("image_kept", "image tokens kept p50", "{:.2f}"),
+    ("draft_accept_pct", "drafts accepted (%)", "{:.0f}"),
 ]
 KEYS = [("device", "device"), ("model", "model"), ("quantization", "quant"), ("middleware", "middleware")]
 

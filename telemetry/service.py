@@ -256,7 +256,9 @@ class Telemetry:
             "edgevlm.prefilled_tokens": record.prefilled_tokens,
             "edgevlm.cache.reused_tokens": record.cached_tokens,
         })
-        child("decode", record.decode_ms, {"gen_ai.usage.output_tokens": record.output_tokens})
+        child("decode", record.decode_ms, {"gen_ai.usage.output_tokens": record.output_tokens,
+                                           "edgevlm.speculative.drafted_tokens": record.drafted_tokens,
+                                           "edgevlm.speculative.accepted_tokens": record.accepted_tokens})
 
     def _record_metrics(self, rt: RequestTrace, record: RequestRecord) -> None:
         m = self.metrics

@@ -36,6 +36,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
     ("[server]\nport = 1\n", "server"),
     ('[[models]]\nid = "a"\npath = "a.gguf"\ncolour = "red"\n', "colour"),
     ('[[models]]\nid = "a"\npath = "a.gguf"\nrepack = "sometimes"\n', "repack"),
+    ('[[models]]\nid = "a"\npath = "a.gguf"\nspeculative = "eagle"\n', "speculative"),
 ])
 def test_config_with_an_unknown_key_or_value(tmp_path: Path, tiny_llm: Path, toml: str, word: str) -> None:
     cfg = tmp_path / "models.toml"
@@ -47,8 +48,10 @@ def test_models_list_names_a_missing_directory() -> None:
     assert_one_line_error(edgevlm("models", "list", "--models-dir", "/no/such/dir"), "/no/such/dir")
 
 
-def test_bad_environment_value_names_flag_and_variable() -> None:
-    assert_one_line_error(edgevlm("serve", env={"EDGEVLM_REPACK": "sometimes"}), "--repack", "EDGEVLM_REPACK")
+@pytest.mark.parametrize("var, value, flag", [("EDGEVLM_REPACK", "sometimes", "--repack"),
+                                              ("EDGEVLM_SPECULATIVE", "eagle", "--speculative")])
+def test_bad_environment_value_names_flag_and_variable(var: str, value: str, flag: str) -> None:
+    assert_one_line_error(edgevlm("serve", env={var: value}), flag, var)
 
 
 def test_doctor_on_a_good_setup(tiny_llm: Path, tmp_path: Path) -> None:

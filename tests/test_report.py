@@ -188,3 +188,21 @@ def test_one_row_per_asked_setting_with_the_achieved_share_beside_it(tmp_path):
     assert pruned["image tokens kept p50"] == f"{statistics.median(achieved[:4]):.2f}"
     assert by_setting["profile=fast"]["requests"] == "2"
     assert by_setting["profile=quality detail=low"]["image tokens kept p50"] == "1.00"
+
+
+def test_draft_acceptance_is_reported(tmp_path):
+    path = tmp_path / "t.jsonl"
+    t = Telemetry(TelemetrySettings(traces_path=str(path), energy=False), "0.1.0")
+    t.start()
+    for drafted, accepted in ((40, 30), (10, 2), (0, 0)):
+        rec = sample_record()
+        rec.drafted_tokens, rec.accepted_tokens = drafted, accepted
+        t.begin("chat", "m", {}).finish(rec)
+    t.shutdown()
+    out = tmp_path / "o"
+    assert main([str(path), "--out", str(out), "--no-plots"]) == 0
+    lines = (out / "report.md").read_text().splitlines()
+    header = next(ln for ln in lines if ln.startswith("| device"))
+    col = [c.strip() for c in header.strip("|").split("|")].index("drafts accepted (%)")
+    [row] = [ln for ln in lines if ln.startswith("| ") and not ln.startswith(("| device", "|---"))]
+    assert [c.strip() for c in row.strip("|").split("|")][col] == "64"  # 32 of 50

@@ -26,11 +26,14 @@ from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Sequence
 
 __all__ = [
-    "MAX_DRAFT", "NGRAM_MAX", "NGRAM_MIN", "SPECULATIVE_MODES", "NgramIndex", "SpecState", "StepCosts",
+    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_MAX", "NGRAM_MIN", "SPECULATIVE_MODES", "NgramIndex", "SpecState", "StepCosts",
     "plan_drafts",
 ]
 
 SPECULATIVE_MODES = ("off", "ngram")
+# What a model gets unless configured: see the README's speculative decoding section
+# for the benchmark that decided it.
+DEFAULT_SPECULATIVE = "ngram"
 
 # Longest n-gram matched first; shorter ones only when no longer one matches. A 1-gram
 # proposes after any repeated word and is rejected far more often than it helps.

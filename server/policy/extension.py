@@ -70,6 +70,8 @@ class EdgeVLMExtension(BaseModel):
     prune: PruneRequest | None = None
     ttft_budget_ms: StrictInt | StrictFloat | None = Field(default=None, gt=0)
     truncate: StrictBool | None = None
+    # false: never draft for this request (speculative decoding, when the model has it on)
+    speculative: StrictBool | None = None
 
     @field_validator("ttft_budget_ms")
     @classmethod

@@ -90,6 +90,7 @@ async def _run_chat(body: ChatCompletionRequest, request: Request, model: Loaded
         return Prepared(segments=segments, sampling=sampling_params(body, grammar),
                         max_tokens=max_tokens, stop=body.stop_list(),
                         ignore_eos=body.ignore_eos, prompt_text=rendered.text,
+                        speculative=not (extension is not None and extension.speculative is False),
                         on_done=cost_observer(request.app, model))
 
     created = int(time.time())

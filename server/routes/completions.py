@@ -62,7 +62,8 @@ async def _run_completion(body: CompletionRequest, request: Request, model: Load
     async def prepare() -> Prepared:
         return Prepared(segments=[tokens], sampling=sampling_params(body, None),
                         max_tokens=max_new_tokens(body.max_tokens, model, len(tokens)),
-                        stop=body.stop_list(), ignore_eos=body.ignore_eos, prompt_text=text)
+                        stop=body.stop_list(), ignore_eos=body.ignore_eos, prompt_text=text,
+                        speculative=not (body.edgevlm is not None and body.edgevlm.speculative is False))
 
     created = int(time.time())
     model_id = model.spec.id

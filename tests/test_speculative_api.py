@@ -1,0 +1,70 @@
+"""Speculative decoding through the HTTP API: the flag, the per-request opt-out, timings and spans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from openai import OpenAI
+
+from tests.test_speculative import WORK_ORDER
+
+COPY = f"Copy the following work order exactly, word for word.\n\n{WORK_ORDER}"
+MODEL = "smollm2-135m-instruct-q4_1"
+
+
+def spans(path: Path) -> list[dict]:
+    """Request spans (OTLP JSON lines) with their attributes as a flat dict."""
+    out = []
+    for line in path.read_text().splitlines():
+        for rs in json.loads(line)["resourceSpans"]:
+            for ss in rs["scopeSpans"]:
+                for s in ss["spans"]:
+                    if s["name"].startswith("chat "):
+                        attrs = {a["key"]: int(a["value"]["intValue"]) if "intValue" in a["value"]
+                                 else next(iter(a["value"].values())) for a in s["attributes"]}
+                        out.append(attrs)
+    return out
+
+
+def test_speculation_is_on_by_default_reported_and_can_be_refused_per_request(make_server, tmp_path) -> None:
+    traces = tmp_path / "traces.jsonl"
+    srv = make_server(parallel=2, ctx_size=2048, traces=str(traces))
+    client = OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": COPY}]
+    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=120, temperature=0,
+                                           extra_body={"edgevlm": {"speculative": False}})
+    fast = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=120, temperature=0)
+    assert fast.choices[0].message.content == plain.choices[0].message.content
+    t_fast, t_plain = fast.model_extra["timings"], plain.model_extra["timings"]
+    assert "drafted_tokens" not in t_plain
+    assert t_fast["drafted_tokens"] >= t_fast["accepted_tokens"] > 10
+    # streamed: the last chunk's timings carry the same counts
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=120, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    t_stream = next(c.model_extra["timings"] for c in reversed(chunks) if (c.model_extra or {}).get("timings"))
+    assert t_stream["accepted_tokens"] > 10
+    srv.stop()
+    found = spans(traces)
+    assert len(found) == 3
+    drafted = sorted(s.get("edgevlm.speculative.accepted_tokens", 0) for s in found)
+    assert drafted[0] == 0 and drafted[1] > 10 and drafted[2] > 10
+
+
+def test_speculation_off_by_flag(make_server) -> None:
+    srv = make_server(parallel=1, ctx_size=2048, speculative="off")
+    client = OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": COPY}],
+                                       max_tokens=60, temperature=0)
+    assert "drafted_tokens" not in r.model_extra["timings"]
+
+
+def test_a_bad_speculative_value_is_a_400(server) -> None:
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "hi"}],
+                                                 "edgevlm": {"speculative": "yes"}})
+    assert r.status_code == 400 and "speculative" in r.text
