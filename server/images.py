@@ -9,11 +9,13 @@ Per image, in order (DESIGN.md, request path steps 2-5):
 2. ``policy.resolution.decide_budget`` picks a token budget (request > detail >
    profile, and a TTFT budget may lower a profile's budget);
 3. ``models.reduce.plan_resize`` / ``resize_to_plan`` shrink the image to it on the
-   projector grid (never upscaling; fixed projectors are left alone); a zoomed image
-   is cropped first, or, on a tiling projector, becomes several image parts
-   (``policy.zoom.zoom_parts``: overview + relevant tiles, one media marker each);
+   projector grid (never upscaling; fixed projectors are left alone; a tiling
+   projector's size is planned on the tokens libmtmd makes of it, ``plan_resize_tiling``);
+   a zoomed image is cropped first, or, on a tiling projector, becomes several image
+   parts (``policy.zoom.zoom_parts``: overview + relevant tiles, one media marker each);
 4. ``VisionEncoder.tokenize`` encodes (with its embedding cache) in a worker thread,
-   and ``models.reduce.prune`` keeps the rows ``policy.pruning.decide_prune`` asked for;
+   and ``models.reduce.prune`` keeps the rows ``policy.pruning.decide_prune`` asked for
+   over all of an image's chunks (a tiling projector's overview and slices, zoom's parts);
 5. the result is a list of engine segments, and one ``ImageRecord`` per image.
 """
 
