@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 from PIL import Image
@@ -33,6 +33,7 @@ __all__ = [
     "ResizePlan",
     "keep_count",
     "plan_resize",
+    "plan_resize_tiling",
     "positions_mrope",
     "prune",
     "relevance_for_tokens",
@@ -164,6 +165,43 @@ def plan_resize(width: int, height: int, budget_tokens: int | None, grid: Projec
     if grid.min_tokens is not None and cols * rows < grid.min_tokens:
         notes.append(f"below projector min {grid.min_tokens}: source too small, not upscaled")
     return ResizePlan(cols * a, rows * a, cols * rows, "; ".join(notes))
+
+
+# Each step of the tiling planner's size ladder shrinks the long side by this factor.
+TILING_STEP = 0.9
+
+
+def plan_resize_tiling(width: int, height: int, budget_tokens: int | None,
+                       count_tokens: Callable[[int, int], int], tile_px: int) -> ResizePlan:
+    """The largest aspect-keeping size whose token count fits ``budget_tokens`` on a tiling projector.
+
+    A tiling projector (LLaVA-1.6, MiniCPM-V, ...) cuts an image into an overview plus
+    slices chosen from the image's size, so its token count is a step function of the
+    size that no grid formula states; ``count_tokens`` asks the encoder (libmtmd, on a
+    placeholder: no pixels are processed). Sizes are tried from the source down a
+    ladder of ``TILING_STEP`` to one tile (``tile_px`` on the long side, one chunk),
+    never upscaling; if even one tile is over budget, that is the plan (its note says so).
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if budget_tokens is not None and budget_tokens < 1:
+        raise ValueError(f"budget_tokens must be >= 1, got {budget_tokens}")
+    tokens = count_tokens(width, height)
+    if budget_tokens is None or tokens <= budget_tokens:
+        return ResizePlan(width, height, tokens, f"tiling projector: {tokens} tokens at the source size fit the budget")
+    long_side = max(width, height)
+    side = long_side
+    while side > tile_px:
+        side = max(tile_px, int(side * TILING_STEP))
+        scale = side / long_side
+        w, h = max(1, round(width * scale)), max(1, round(height * scale))
+        tokens = count_tokens(w, h)
+        if tokens <= budget_tokens:
+            return ResizePlan(w, h, tokens, f"tiling projector: downscaled to {w}x{h} ({tokens} tokens) "
+                                            f"for budget {budget_tokens}")
+    w, h = (width, height) if long_side <= tile_px else (w, h)
+    return ResizePlan(w, h, tokens, f"tiling projector: one {tile_px}px tile costs {tokens} tokens, "
+                                    f"over budget {budget_tokens}; not lowered further")
 
 
 def _best_grid(aspect: float, max_cols: int, max_rows: int, budget: int) -> tuple[int, int]:

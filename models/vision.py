@@ -6,8 +6,9 @@ the encoder), so this module drives ``llama_cpp.mtmd_cpp`` directly:
 
 1. :meth:`VisionEncoder.tokenize` splits a prompt at its media markers with
    ``mtmd_tokenize`` into text chunks (token ids) and image chunks;
-2. each image chunk is looked up in an :class:`EmbeddingCache` (keyed by the pixel hash
-   and size of the image as encoded, plus the projector file and token limits) or
+2. each image chunk (a tiling projector makes several of one image: overview and
+   slices) is looked up in an :class:`EmbeddingCache` (keyed by the pixel hash and
+   size of the image as encoded, the chunk's place in it, the projector file and token limits) or
    encoded with ``mtmd_encode_chunk``; the output buffer is *copied* (libmtmd
    overwrites it on the next encode);
 3. the engine prefills text tokens and embedding rows itself.
@@ -139,6 +140,9 @@ class ImageChunk:
     number of LLM positions the image occupies (== ``n_tokens`` for 1-D RoPE models).
     ``image_hash`` identifies pixels + size and is also the libmtmd chunk id, so it can
     key KV-prefix reuse. ``width``/``height`` are the size handed to the encoder.
+    A tiling projector makes several chunks of one image (overview and slices, maybe
+    with text chunks such as slice separators between them): they share ``index`` and
+    are told apart by ``part`` (0, 1, ... in prompt order).
 
     ``positions`` is set for M-RoPE projectors (Qwen2-VL family) only: an int32
     ``(4, n_tokens)`` array of positions *relative to the image's first position*
@@ -157,6 +161,7 @@ class ImageChunk:
     encode_ms: float
     cache_hit: bool
     index: int  # position of the image in the request's image list
+    part: int = 0  # which of the image's chunks this is (tiling projectors: overview, slices, ...)
     non_causal: bool = False  # prefill this chunk with llama_set_causal_attn(ctx, False)
     positions: np.ndarray | None = None  # (4, n_tokens) int32 relative M-RoPE positions, or None
     # libmtmd's token grid (columns x rows); n_tokens may add separators (Pixtral row breaks)
@@ -579,9 +584,10 @@ class VisionEncoder:
         """Split ``prompt`` (one :attr:`media_marker` per image) into text and encoded image chunks.
 
         Image chunks come from the cache when the same pixels at the same size were
-        encoded before (``cache_hit=True``, ``encode_ms=0``). Raises ``ValueError`` for a
-        marker/image count mismatch or an unusable image, :class:`VisionError` when
-        libmtmd fails.
+        encoded before (``cache_hit=True``, ``encode_ms=0``); on a tiling projector one
+        image yields several (see :class:`ImageChunk` ``part``), each cached on its own.
+        Raises ``ValueError`` for a marker/image count mismatch or an unusable image,
+        :class:`VisionError` when libmtmd fails.
         """
         if "\x00" in prompt:
             raise ValueError("prompt contains a NUL character")
@@ -599,10 +605,12 @@ class VisionEncoder:
             sizes.append((arr.shape[1], arr.shape[0]))
             hashes.append(h)
 
+        owners = self._chunk_owners(sizes)
         chunks = self._run_tokenize(prompt.encode("utf-8"), arrays, sizes, hashes, add_special, parse_special)
         try:
             out: list[Chunk] = []
-            image_i = 0
+            parts = [0] * len(arrays)
+            seen = 0
             for ci in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, ci)
                 kind = mtmd.mtmd_input_chunk_get_type(chunk)
@@ -611,15 +619,33 @@ class VisionEncoder:
                     ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
                     out.append(TextChunk([int(ptr[j]) for j in range(n.value)] if n.value else []))
                 elif kind == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    if image_i >= len(arrays):
-                        raise VisionError("libmtmd returned more image chunks than images", code="vision_error")
-                    out.append(self._image_chunk(chunk, image_i, sizes[image_i], hashes[image_i]))
-                    image_i += 1
+                    if seen >= len(owners):
+                        raise VisionError(f"libmtmd returned more image chunks than the {len(owners)} expected "
+                                          f"for {len(arrays)} image(s)", code="vision_error")
+                    i = owners[seen]
+                    out.append(self._image_chunk(chunk, i, sizes[i], hashes[i], parts[i]))
+                    parts[i] += 1
+                    seen += 1
                 else:
                     raise VisionError("libmtmd returned an audio chunk for an image prompt", code="vision_error")
+            if seen != len(owners):
+                raise VisionError(f"libmtmd returned {seen} image chunks, {len(owners)} expected "
+                                  f"for {len(arrays)} image(s)", code="vision_error")
             return out
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
+
+    def _chunk_owners(self, sizes: Sequence[tuple[int, int]]) -> list[int]:
+        """The request image each of libmtmd's image chunks will belong to, in prompt order.
+
+        One chunk per image, except on a tiling projector: there libmtmd cuts an image
+        larger than its tile into an overview and slices, and how many depends only on
+        the size, so a placeholder of the same size says how many chunks each image gets
+        (identical images in one prompt share a chunk id, so ids cannot tell them apart).
+        """
+        if not self.projector.tiling:
+            return list(range(len(sizes)))
+        return [i for i, (w, h) in enumerate(sizes) for _ in self._image_chunk_tokens(w, h)]
 
     def close(self) -> None:
         """Free the libmtmd context (idempotent). The text model is not touched."""
@@ -688,7 +714,7 @@ class VisionEncoder:
             for bm in bitmaps:
                 mtmd.mtmd_bitmap_free(bm)
 
-    def _image_chunk(self, chunk, index: int, size: tuple[int, int], image_hash: str) -> ImageChunk:
+    def _image_chunk(self, chunk, index: int, size: tuple[int, int], image_hash: str, part: int = 0) -> ImageChunk:
         n_tokens = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
         n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
         if n_tokens < 1:
@@ -697,14 +723,15 @@ class VisionEncoder:
         image_tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
         nx = int(mtmd.mtmd_image_tokens_get_nx(image_tokens)) if image_tokens else 0
         ny = int(mtmd.mtmd_image_tokens_get_ny(image_tokens)) if image_tokens else 0
-        key = (image_hash, size, n_tokens, self._cache_ns)
+        # Every chunk of a tiled image has the same pixels, size and (often) token count.
+        key = (image_hash, size, part, n_tokens, self._cache_ns)
         cached = self.cache.get(key)
 
         def result(embeddings: np.ndarray, encode_ms: float, cache_hit: bool) -> ImageChunk:
             return ImageChunk(
                 embeddings=embeddings, n_tokens=n_tokens, n_pos=n_pos, image_hash=image_hash,
                 width=size[0], height=size[1], encode_ms=encode_ms, cache_hit=cache_hit,
-                index=index, non_causal=self.uses_non_causal, positions=positions, nx=nx, ny=ny,
+                index=index, part=part, non_causal=self.uses_non_causal, positions=positions, nx=nx, ny=ny,
             )
 
         if cached is not None:

@@ -9,18 +9,20 @@ Per image, in order (DESIGN.md, request path steps 2-5):
 2. ``policy.resolution.decide_budget`` picks a token budget (request > detail >
    profile, and a TTFT budget may lower a profile's budget);
 3. ``models.reduce.plan_resize`` / ``resize_to_plan`` shrink the image to it on the
-   projector grid (never upscaling; fixed projectors are left alone); a zoomed image
-   is cropped first, or, on a tiling projector, becomes several image parts
-   (``policy.zoom.zoom_parts``: overview + relevant tiles, one media marker each);
+   projector grid (never upscaling; fixed projectors are left alone; a tiling
+   projector's size is planned on the tokens libmtmd makes of it, ``plan_resize_tiling``);
+   a zoomed image is cropped first, or, on a tiling projector, becomes several image
+   parts (``policy.zoom.zoom_parts``: overview + relevant tiles, one media marker each);
 4. ``VisionEncoder.tokenize`` encodes (with its embedding cache) in a worker thread,
-   and ``models.reduce.prune`` keeps the rows ``policy.pruning.decide_prune`` asked for;
+   and ``models.reduce.prune`` keeps the rows ``policy.pruning.decide_prune`` asked for
+   over all of an image's chunks (a tiling projector's overview and slices, zoom's parts);
 5. the result is a list of engine segments, and one ``ImageRecord`` per image.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
@@ -30,7 +32,8 @@ from starlette.concurrency import run_in_threadpool
 from models.engine import ImageSegment, Segment
 from models.images import ImageError, ImageLimits, LoadedImage, load_image
 from models.clip import tile_grid
-from models.reduce import ResizePlan, plan_resize, positions_mrope, prune, relevance_for_tokens, resize_to_plan
+from models.reduce import (ResizePlan, plan_resize, plan_resize_tiling, positions_mrope, prune, relevance_for_tokens,
+                           resize_to_plan)
 from models.registry import LoadedModel
 from models.vision import ImageChunk, TextChunk, VisionError, check_image_size
 from server.clip import CLIP_NOT_CONFIGURED
@@ -305,9 +308,16 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
         except ValueError as exc:
             raise APIError(400, f"image {ref.index}: {exc}", param="messages", code="invalid_value") from exc
 
-    # 3. resolution: first without the TTFT budget ...
+    def plan_for(size: tuple[int, int], tokens: int) -> ResizePlan:
+        # A tiling projector's tokens are what libmtmd makes of the size (overview + slices).
+        if facts.tiling and facts.image_size:
+            return plan_resize_tiling(size[0], size[1], tokens, vision.count_tokens, facts.image_size)
+        return plan_resize(size[0], size[1], tokens, grid)
+
+    # 3. resolution: first without the TTFT budget ... (worker thread: counting a tiling
+    # projector's tokens asks libmtmd, which may be busy encoding another request)
     budgets = [budget_for(i) for i in range(len(loaded))]
-    plans = [plan_resize(w, h, b.tokens, grid) for (w, h), b in zip(sizes, budgets)]
+    plans = await run_in_threadpool(lambda: [plan_for(sz, b.tokens) for sz, b in zip(sizes, budgets)])
 
     # ... then let a TTFT budget lower it (and ask for pruning) where the policy allows.
     budget_ms, budget_from = _ttft_budget(extension, request, settings)
@@ -322,14 +332,16 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     # plans around them and neither lowers nor prunes those images.
     locked = [b.source in EXPLICIT_SOURCES for b in budgets]
     if budget_ms is not None:
-        specs = [ImageSpec(max_tokens=p.tokens, grid=grid, locked=lk) for p, lk in zip(plans, locked)]
+        # A tiling projector's floor is one tile (a single chunk).
+        spec_grid = replace(grid, min_tokens=facts.tile_tokens) if facts.tiling and facts.tile_tokens else grid
+        specs = [ImageSpec(max_tokens=p.tokens, grid=spec_grid, locked=lk) for p, lk in zip(plans, locked)]
         ttft_plan = plan_for_budget(budget_ms, text_tokens, specs, queue_depth, rates, allow_prune=causal)
         for i, ip in enumerate(ttft_plan.images):
             if ip.tokens < plans[i].tokens and not facts.is_fixed and not locked[i]:
                 b = budget_for(i, ttft_tokens=ip.tokens)
                 if b.tokens != budgets[i].tokens:
                     budgets[i] = b
-                    plans[i] = plan_resize(sizes[i][0], sizes[i][1], b.tokens, grid)
+                    plans[i] = await run_in_threadpool(plan_for, sizes[i], b.tokens)
     ttft_keep = ttft_plan.keep_ratio if ttft_plan is not None else None
 
     def prune_for(keep: float | None) -> PruneDecision:
@@ -391,9 +403,9 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
     for i, parts in parts_of.items():  # one record per request image, over all its parts
         w, look, first = work[i], looks[i], parts[0]
         before = sum(c.n_tokens for c in parts)
-        kept_each = [int(pruned[c.index][0].shape[0]) for c in parts]
+        kept_each = [int(pruned[c.index, c.part][0].shape[0]) for c in parts]
         kept = sum(kept_each)
-        methods = {pruned[c.index][1] for c in parts} - {"none"}
+        methods = {pruned[c.index, c.part][1] for c in parts} - {"none"}
         if look.parts is not None:
             look.attributes = {**(look.attributes or {}), "zoom_part_tokens": [c.n_tokens for c in parts],
                                "zoom_part_kept": kept_each}
@@ -407,7 +419,7 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
             resize_note=look.parts.reason if look.parts is not None and look.parts.mode == "tiles" else w.plan.note,
             prune_method=methods.pop() if methods else "none",
             prune_keep=round(kept / before, 6) if before else 1.0,
-            prune_ms=sum(pruned[c.index][2] for c in parts),
+            prune_ms=sum(pruned[c.index, c.part][2] for c in parts),
             clip_ms=round(look.ms, 3), zoom_tiles=list(look.parts.tiles) if look.parts else None,
             zoom_grid=f"{look.zoom.cols}x{look.zoom.rows}" if look.zoom else None,
             zoom_mode=look.parts.mode if look.parts else None,
@@ -438,7 +450,7 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
 
 
 def segments_from_chunks(chunks: list[Any], engine: Any,
-                         pruned: dict[int, tuple[Any, str, float, Any]] | None = None) -> list[Segment]:
+                         pruned: dict[tuple[int, int], tuple[Any, str, float, Any]] | None = None) -> list[Segment]:
     """Engine segments from libmtmd chunks (the one place that turns chunks into a prompt).
 
     The template's BOS is not doubled (as ``engine.tokenize`` does), and each image's
@@ -457,10 +469,11 @@ def segments_from_chunks(chunks: list[Any], engine: Any,
                 segments.append(tokens)
             continue
         first_text = False
-        emb, method, _, positions = (pruned[chunk.index] if pruned is not None
+        emb, method, _, positions = (pruned[chunk.index, chunk.part] if pruned is not None
                                      else (chunk.embeddings, "none", 0.0, chunk.positions))
+        part = f"/{chunk.part}" if chunk.part else ""  # a tiled image's slices differ
         segments.append(ImageSegment(
-            embeddings=emb, key=f"{chunk.image_hash}:{chunk.width}x{chunk.height}:{method}:{int(emb.shape[0])}",
+            embeddings=emb, key=f"{chunk.image_hash}:{chunk.width}x{chunk.height}{part}:{method}:{int(emb.shape[0])}",
             non_causal=chunk.non_causal, positions=positions,
             n_pos=chunk.n_pos if positions is not None else None,
         ))
@@ -470,13 +483,15 @@ def segments_from_chunks(chunks: list[Any], engine: Any,
 def _encode_and_prune(vision: Any, text: str, images: list[Any], decisions: list[PruneDecision],
                       relevance: dict[int, Any] | None = None, align: int = 1,
                       owners: list[int] | None = None,
-                      ) -> tuple[list[Any], dict[int, tuple[Any, str, float, Any]]]:
+                      ) -> tuple[list[Any], dict[tuple[int, int], tuple[Any, str, float, Any]]]:
     """Tokenize + encode (worker thread), then keep the rows each image's decision asked for.
 
-    Per encoder input: (embeddings, method, prune ms, M-RoPE positions or None). Kept
+    Per image chunk, keyed by (encoder input, part): (embeddings, method, prune ms,
+    M-RoPE positions or None). Kept
     rows keep their original M-RoPE positions (``positions_mrope``); the image still
     advances by the full grid's ``n_pos``. ``owners[j]`` is the request image input
-    ``j`` belongs to (zoom on a tiling projector sends one image as several parts);
+    ``j`` belongs to (zoom on a tiling projector sends one image as several parts, and
+    libmtmd cuts one input into several chunks there: both are parts of the image);
     ``decisions`` are per request image, and an image's kept count is decided over
     all its parts (``PruneDecision.keep_for_parts``). ``relevance`` holds CLIP's region
     scores per input for ``relevant`` pruning, mapped onto the input's token grid.
@@ -489,7 +504,7 @@ def _encode_and_prune(vision: Any, text: str, images: list[Any], decisions: list
             groups.setdefault(owners[chunk.index], []).append(chunk)
     facts = getattr(vision, "projector", None)
     square = facts is not None and (facts.is_fixed or facts.tiling)
-    pruned: dict[int, tuple[Any, str, float, Any]] = {}
+    pruned: dict[tuple[int, int], tuple[Any, str, float, Any]] = {}
     for owner, parts in groups.items():
         decision = decisions[owner]
         keeps = decision.keep_for_parts([c.n_tokens for c in parts])
@@ -501,9 +516,9 @@ def _encode_and_prune(vision: Any, text: str, images: list[Any], decisions: list
                     rel = relevance_for_tokens(relevance[chunk.index], nx, ny, chunk.n_tokens)
                 res = prune(chunk.embeddings, keep, decision.method, rel)  # type: ignore[arg-type]
                 pos = positions_mrope(chunk.positions, res.indices) if chunk.positions is not None else None
-                pruned[chunk.index] = (res.embeddings, decision.method, res.ms, pos)
+                pruned[chunk.index, chunk.part] = (res.embeddings, decision.method, res.ms, pos)
             else:
-                pruned[chunk.index] = (chunk.embeddings, "none", 0.0, chunk.positions)
+                pruned[chunk.index, chunk.part] = (chunk.embeddings, "none", 0.0, chunk.positions)
     return chunks, pruned
 
 

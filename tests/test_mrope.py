@@ -215,7 +215,7 @@ def test_server_pruning_keeps_original_positions(encoder: VisionEncoder) -> None
     chunks, pruned = _encode_and_prune(encoder, f"x {encoder.media_marker}", [_image(128, 64, seed=5)],
                                        [PruneDecision("uniform", 0.5, "request")])
     img = next(c for c in chunks if isinstance(c, ImageChunk))
-    emb, method, _, pos = pruned[img.index]
+    emb, method, _, pos = pruned[img.index, img.part]
     assert method == "uniform" and emb.shape[0] == 16
     idx = prune(img.embeddings, 0.5, "uniform").indices
     assert np.array_equal(pos, img.positions[:, idx])
