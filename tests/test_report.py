@@ -108,23 +108,29 @@ def test_failed_requests_count_as_errors_not_latency(tmp_path):
     assert cells[5:9] == ["2", "1", "50.0", "50.0"]  # requests, errors, TTFT p50, p95 (ok requests only)
 
 
-def test_ttft_prediction_error_is_reported(tmp_path):
-    path = tmp_path / "t.jsonl"
-    t = Telemetry(TelemetrySettings(traces_path=str(path), energy=False), "0.1.0")
+def report_cell(tmp: Path, records, column: str, row_has: str = "") -> str:
+    """Write ``records`` as traces under ``tmp``, run ``edgevlm report``, read one table cell."""
+    t = Telemetry(TelemetrySettings(traces_path=str(tmp / "t.jsonl"), energy=False), "0.1.0")
     t.start()
+    for rec in records:
+        t.begin("chat", "m", {}).finish(rec)
+    t.shutdown()
+    assert main([str(tmp / "t.jsonl"), "--out", str(tmp / "o"), "--no-plots"]) == 0
+    lines = (tmp / "o" / "report.md").read_text().splitlines()
+    header = next(ln for ln in lines if ln.startswith("| device"))
+    col = [c.strip() for c in header.strip("|").split("|")].index(column)
+    [row] = [ln for ln in lines if ln.startswith("| ") and not ln.startswith(("| device", "|---")) and row_has in ln]
+    return [c.strip() for c in row.strip("|").split("|")][col]
+
+
+def test_ttft_prediction_error_is_reported(tmp_path):
+    records = []
     for predicted, actual in ((100.0, 125.0), (100.0, 80.0), (300.0, 300.0)):
         rec = sample_record(ttft_ms=actual)
         rec.middleware = {"profile": "fast", "predicted_ttft_ms": predicted}
-        t.begin("chat", "m", {}).finish(rec)
-    t.shutdown()
-    out = tmp_path / "o"
-    assert main([str(path), "--out", str(out), "--no-plots"]) == 0
-    lines = (out / "report.md").read_text().splitlines()
-    header = next(ln for ln in lines if ln.startswith("| device"))
-    col = [c.strip() for c in header.strip("|").split("|")].index("TTFT prediction error p50 (%)")
-    [row] = [ln for ln in lines if ln.startswith("| ") and "profile=fast" in ln]
+        records.append(rec)
     # errors 20%, 25%, 0% -> median 20%
-    assert [c.strip() for c in row.strip("|").split("|")][col] == "20.0"
+    assert report_cell(tmp_path, records, "TTFT prediction error p50 (%)", "profile=fast") == "20.0"
 
 
 def test_report_reads_old_flat_span_files_beside_new_ones(tmp_path):
@@ -191,18 +197,9 @@ def test_one_row_per_asked_setting_with_the_achieved_share_beside_it(tmp_path):
 
 
 def test_draft_acceptance_is_reported(tmp_path):
-    path = tmp_path / "t.jsonl"
-    t = Telemetry(TelemetrySettings(traces_path=str(path), energy=False), "0.1.0")
-    t.start()
+    records = []
     for drafted, accepted in ((40, 30), (10, 2), (0, 0)):
         rec = sample_record()
         rec.drafted_tokens, rec.accepted_tokens = drafted, accepted
-        t.begin("chat", "m", {}).finish(rec)
-    t.shutdown()
-    out = tmp_path / "o"
-    assert main([str(path), "--out", str(out), "--no-plots"]) == 0
-    lines = (out / "report.md").read_text().splitlines()
-    header = next(ln for ln in lines if ln.startswith("| device"))
-    col = [c.strip() for c in header.strip("|").split("|")].index("drafts accepted (%)")
-    [row] = [ln for ln in lines if ln.startswith("| ") and not ln.startswith(("| device", "|---"))]
-    assert [c.strip() for c in row.strip("|").split("|")][col] == "64"  # 32 of 50
+        records.append(rec)
+    assert report_cell(tmp_path, records, "drafts accepted (%)") == "64"  # 32 of 50
