@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Sequence
 
 __all__ = [
-    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_MAX", "NGRAM_MIN", "SPECULATIVE_MODES", "NgramIndex", "SpecState", "StepCosts",
+    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_SIZES", "SPECULATIVE_MODES", "NgramIndex", "SpecState", "StepCosts",
     "plan_drafts",
 ]
 
@@ -35,19 +35,25 @@ SPECULATIVE_MODES = ("off", "ngram")
 # for the benchmark that decided it.
 DEFAULT_SPECULATIVE = "ngram"
 
-# Longest n-gram matched first; shorter ones only when no longer one matches. A 1-gram
-# proposes after any repeated word and is rejected far more often than it helps.
-NGRAM_MAX = 4
-NGRAM_MIN = 2
-# Most tokens drafted for one sequence in one step (llama-server's default draft max).
-MAX_DRAFT = 16
+# The tail lengths looked up, longest first. On a CPU a verification step is not free
+# (SmolLM2-135M, 2 cores: 8 ms for one row, 17 for two, 59 for sixteen), so a draft pays
+# only when it is long and nearly all accepted: a match of 8 or more tokens is text
+# being copied (a part number, a line of the work order), where a 2- to 4-token match
+# is mostly a common phrase whose continuation the model does not repeat.
+NGRAM_SIZES = (24, 16)
+# Most tokens drafted for one sequence in one step (llama-server's ngram-mod maximum).
+MAX_DRAFT = 64
+# What the acceptance estimate starts from, as counts of accepted and rejected tokens:
+# a long match is usually text being copied.
+PRIOR_HITS = 9.5
+PRIOR_MISSES = 0.5
 # Drafts with no token accepted, in a row, before a sequence pauses drafting; the pause
 # (in generated tokens) starts at PAUSE_TOKENS and doubles each time it recurs.
-FAIL_STREAK = 4
+FAIL_STREAK = 2
 PAUSE_TOKENS = 16
 PAUSE_MAX_TOKENS = 256
 # Weight of older drafts in the acceptance estimate, per verified draft.
-ACCEPT_DECAY = 0.8
+ACCEPT_DECAY = 0.7
 
 
 class NgramIndex:
@@ -73,9 +79,9 @@ class NgramIndex:
     def _index_tail(self) -> None:
         """Record the n-grams ending at the current last token (their continuation comes next)."""
         toks, end = self.tokens, len(self.tokens)
-        for n in range(NGRAM_MIN, NGRAM_MAX + 1):
+        for n in NGRAM_SIZES:
             if end < n:
-                break
+                continue
             gram = tuple(toks[end - n:end])
             if min(gram) < 0:
                 continue
@@ -86,7 +92,7 @@ class NgramIndex:
         if k <= 0:
             return []
         toks = self.tokens
-        for n in range(NGRAM_MAX, NGRAM_MIN - 1, -1):
+        for n in NGRAM_SIZES:
             if len(toks) < n:
                 continue
             at = self._last.get(tuple(toks[-n:]))
@@ -108,8 +114,8 @@ class SpecState:
 
     index: NgramIndex
     seen: int = 0  # sampled tokens already in the index
-    hits: float = 0.0  # decayed count of accepted drafted tokens
-    misses: float = 0.0  # decayed count of rejected first-mismatches
+    hits: float = PRIOR_HITS  # decayed count of accepted drafted tokens
+    misses: float = PRIOR_MISSES  # decayed count of rejected first-mismatches
     fail_streak: int = 0
     pause: int = PAUSE_TOKENS
     paused_until: int = 0  # n_generated before which this sequence does not draft
@@ -119,7 +125,7 @@ class SpecState:
     @property
     def acceptance(self) -> float:
         """Estimated chance the next drafted token is accepted (a geometric run's p)."""
-        return (self.hits + 1.0) / (self.hits + self.misses + 2.0)
+        return self.hits / (self.hits + self.misses)
 
     def catch_up(self, sampled: Sequence[int]) -> None:
         """Add the tokens sampled since the last draft to the index."""
@@ -146,9 +152,11 @@ class SpecState:
 
 # Row counts whose step times are learned separately; a count costs what its bucket does.
 _BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-# Every this many plans one ignores the measured costs, so a cost measured in a bad
-# moment (another process on the cores) cannot keep drafts off for good.
-EXPLORE_EVERY = 32
+# Every this many plans one ignores the measured costs for up to EXPLORE_ROWS extra
+# rows, so a cost measured in a bad moment (another process on the cores) cannot keep
+# drafts off for good. Rare and small: a probe of 8 rows costs about four plain steps.
+EXPLORE_EVERY = 256
+EXPLORE_ROWS = 8
 
 
 @dataclass
@@ -203,6 +211,8 @@ def plan_drafts(candidates: Sequence[tuple[float, int]], base_tokens: int, base_
     a CPU extra rows cost almost nothing and drafts run long; with a batch full of
     decoding streams each row costs real time, and only well-accepted drafts stay.
     """
+    if explore:
+        max_rows = min(max_rows, base_rows + EXPLORE_ROWS)
     ks = [0] * len(candidates)
     gains = [a for a, _ in candidates]  # a^(k+1): the chance the next row of each is accepted
     def cost(rows: int) -> float:
