@@ -412,3 +412,81 @@ def test_sampled_tokens_keep_the_target_distribution(tiny_llm: Path, monkeypatch
     finally:
         off.close()
         on.close()
+
+
+# ----------------------------------------------------------------- with images and preemption
+def test_drafts_after_an_image_keep_m_rope_positions(tmp_path: Path, monkeypatch) -> None:
+    """Qwen2-VL family: rows after an image sit at M-RoPE-shifted positions; drafts too."""
+    from bench.tinymodels import tiny_vlm
+    from models.vision import VisionEncoder
+    from tests.test_mrope import _image, _segments
+
+    llm, mmproj = tiny_vlm(tmp_path, "qwen2vl", llm={"attn_std": 0.3})
+    cfg = dict(path=str(llm), n_ctx=1024, n_parallel=1, n_batch=64, mmproj_path=str(mmproj))
+    off = Engine(EngineConfig(model_id="q-off", **cfg))
+    on = Engine(EngineConfig(model_id="q-on", speculative="ngram", **cfg))
+    encoder = VisionEncoder(str(mmproj), off.model, n_threads=2)
+    try:
+        segments = _segments(encoder, off, f"look {encoder.media_marker} what is wrong here",
+                             [_image(96, 64, seed=3)])
+        run, job = Run(), None
+        req = GenerationRequest(segments, SamplingParams(temperature=0), 24, ignore_eos=True)
+        job = off.submit(req, run, max_queue=1)
+        run.wait()
+        want = job.sampled
+        n_prompt = job.n_prompt
+
+        def draft(self: NgramIndex, k: int) -> list[int]:  # the reference, 3 right then 1 wrong
+            done = len(self.tokens) - n_prompt
+            return (want[done:done + 3] + [want[0]])[:k]
+
+        monkeypatch.setattr(NgramIndex, "draft", draft)
+        run2 = Run()
+        job2 = on.submit(GenerationRequest(segments, SamplingParams(temperature=0), 24, ignore_eos=True),
+                         run2, max_queue=1)
+        run2.wait()
+        assert job2.sampled == want
+        fig = run2.ended.figures
+        assert fig.drafted_tokens > fig.accepted_tokens > 0
+        slot = on._slots[0]
+        assert slot.shift != 0  # the image advanced positions by its grid, not its rows
+        cells_agree(on)
+    finally:
+        encoder.close()
+        off.close()
+        on.close()
+
+
+def test_a_preempted_request_resumes_and_keeps_drafting(tiny_llm: Path, monkeypatch) -> None:
+    """Two long generations outgrow a small pool: the younger is preempted, resumes, and
+    its tokens after the cut are what the model continues with."""
+    ref = Engine(EngineConfig("ref", str(tiny_llm), n_ctx=2048, n_parallel=1))
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=1024, n_parallel=2, speculative="ngram"))
+    try:
+        prompts = [eng.tokenize(eng.template.render([{"role": "user", "content": t}])) for t in ("first", "second")]
+        refs = []
+        for p in prompts:
+            run, job = submit(ref, p, 600, ignore_eos=True)
+            run.wait(180)
+            refs.append(job.sampled)
+
+        def draft(self: NgramIndex, k: int) -> list[int]:
+            for p, want in zip(prompts, refs):
+                if self.tokens[:len(p)] == p:
+                    done = len(self.tokens) - len(p)
+                    return (want[done:done + 3] + [want[0]])[:k]
+            return []
+
+        monkeypatch.setattr(NgramIndex, "draft", draft)
+        a, ja = submit(eng, prompts[0], 600, ignore_eos=True)
+        assert a.first.wait(60)
+        b, jb = submit(eng, prompts[1], 600, ignore_eos=True)
+        a.wait(180), b.wait(180)
+        assert jb.preemptions >= 1 and len(jb.sampled) == 600
+        assert b.ended.figures.accepted_tokens > 0 and a.ended.figures.accepted_tokens > 0
+        for want, job in ((refs[0], ja), (refs[1], jb)):
+            assert_same_or_near_tie(ref, prompts[refs.index(want)], want, job.sampled)
+        cells_agree(eng)
+    finally:
+        ref.close()
+        eng.close()
