@@ -73,6 +73,8 @@ _DEFAULT_TOKEN_LIMITS: dict[str, tuple[int, int]] = {
     "qwen2.5vl_merger": (8, 4096),
     "qwen3vl_merger": (8, 4096),
 }
+# Tiling projectors whose overview chunk comes before the slices (the rest put it last).
+_OVERVIEW_FIRST_PROJECTORS = frozenset({"resampler", "minicpmv4_6"})
 _DYNAMIC_PROJECTORS = frozenset(
     {"pixtral", "lightonocr", "qwen2vl_merger", "qwen2.5vl_merger", "qwen3vl_merger", "glm4v", "lfm2", "phi4", "youtuvl"}
 )
@@ -208,6 +210,14 @@ class ProjectorFacts:
     uses_non_causal: bool = False
     tiling: bool = False
     tile_tokens: int | None = None  # tokens of one image_size x image_size part (tiling projectors)
+    # Where libmtmd puts a tiled image's overview among its chunks (slices follow or
+    # precede it, row-major); only MiniCPM-V puts it first (mtmd.cpp ``ov_img_first``).
+    overview_first: bool = False
+
+    @property
+    def overview_part(self) -> int:
+        """Index, among a tiled image's ``n`` chunks, of the overview: 0, or -1 (the last)."""
+        return 0 if self.overview_first else -1
 
     @property
     def align(self) -> int:
@@ -533,6 +543,8 @@ class VisionEncoder:
         tiling = len(big_parts) > 1 and meta.image_size > 0
         fixed = small if small == big and proj not in _DYNAMIC_PROJECTORS else None
         lo, hi = _DEFAULT_TOKEN_LIMITS.get(proj, (None, None))
+        if tiling and not fixed and not (max_tok or hi):
+            hi = self._tiling_max_tokens(meta.image_size)
         return ProjectorFacts(
             projector_type=proj,
             patch_size=meta.patch_size,
@@ -547,7 +559,22 @@ class VisionEncoder:
             uses_non_causal=self.uses_non_causal,
             tiling=tiling,
             tile_tokens=self.count_tokens(meta.image_size, meta.image_size) if tiling else None,
+            overview_first=proj in _OVERVIEW_FIRST_PROJECTORS,
         )
+
+    def _tiling_max_tokens(self, tile_px: int) -> int:
+        """The most tokens libmtmd makes of one image on this tiling projector (probed).
+
+        The slice count grows with the size up to a cap (the largest grid pinpoint,
+        MiniCPM-V's 9 slices, Idefics3's longest-edge resize), so a large image of a
+        few aspect ratios reaches it. Profiles budget a fraction of this number: a
+        made-up maximum above it would leave ``fast`` at the full slice count.
+        """
+        side = max(8 * tile_px, 2048)
+        while side * side > MAX_ENCODER_PIXELS:
+            side //= 2
+        return max(self.count_tokens(w, h) for w, h in ((side, side), (side, side // 2), (side // 2, side),
+                                                        (side, side // 4), (side // 4, side)))
 
     @property
     def n_embd(self) -> int:

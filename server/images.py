@@ -406,6 +406,11 @@ async def prepare_images(rendered: RenderedChat, model: LoadedModel, body: Any,
         kept_each = [int(pruned[c.index, c.part][0].shape[0]) for c in parts]
         kept = sum(kept_each)
         methods = {pruned[c.index, c.part][1] for c in parts} - {"none"}
+        if "relevant" in methods:  # a tiled image's slices fall back to diversity
+            methods = {"relevant"}
+        if decisions[i].method == "relevant" and decisions[i].active:
+            look.attributes = {**(look.attributes or {}),
+                               "relevance_parts": _relevance_parts(len(parts), len(w.encoder_inputs))}
         if look.parts is not None:
             look.attributes = {**(look.attributes or {}), "zoom_part_tokens": [c.n_tokens for c in parts],
                                "zoom_part_kept": kept_each}
@@ -504,22 +509,54 @@ def _encode_and_prune(vision: Any, text: str, images: list[Any], decisions: list
             groups.setdefault(owners[chunk.index], []).append(chunk)
     facts = getattr(vision, "projector", None)
     square = facts is not None and (facts.is_fixed or facts.tiling)
+    per_input: dict[int, int] = {}
+    for chunk in chunks:
+        if isinstance(chunk, ImageChunk):
+            per_input[chunk.index] = per_input.get(chunk.index, 0) + 1
     pruned: dict[tuple[int, int], tuple[Any, str, float, Any]] = {}
     for owner, parts in groups.items():
         decision = decisions[owner]
         keeps = decision.keep_for_parts([c.n_tokens for c in parts])
         for chunk, keep in zip(parts, keeps):
             if decision.active and keep < chunk.n_tokens:
-                rel = None
-                if decision.method == "relevant" and relevance is not None and chunk.index in relevance:
-                    nx, ny = _token_grid(chunk, align, square)
-                    rel = relevance_for_tokens(relevance[chunk.index], nx, ny, chunk.n_tokens)
-                res = prune(chunk.embeddings, keep, decision.method, rel)  # type: ignore[arg-type]
+                method, rel = decision.method, None
+                if method == "relevant":
+                    if relevance is not None and chunk.index in relevance and _covers_whole_input(
+                            chunk, per_input[chunk.index], facts):
+                        nx, ny = _token_grid(chunk, align, square)
+                        rel = relevance_for_tokens(relevance[chunk.index], nx, ny, chunk.n_tokens)
+                    else:  # a slice of a tiled input: its region is not known, stay question-blind
+                        method = "diverse"
+                res = prune(chunk.embeddings, keep, method, rel)  # type: ignore[arg-type]
                 pos = positions_mrope(chunk.positions, res.indices) if chunk.positions is not None else None
-                pruned[chunk.index, chunk.part] = (res.embeddings, decision.method, res.ms, pos)
+                pruned[chunk.index, chunk.part] = (res.embeddings, method, res.ms, pos)
             else:
                 pruned[chunk.index, chunk.part] = (chunk.embeddings, "none", 0.0, chunk.positions)
     return chunks, pruned
+
+
+def _covers_whole_input(chunk: ImageChunk, n_chunks: int, facts: Any) -> bool:
+    """Whether ``chunk`` shows all of the encoder input CLIP scored (so its relevance maps onto it).
+
+    An input libmtmd did not tile is one chunk. A tiled one is an overview (the whole
+    input, first or last by projector: ``ProjectorFacts.overview_part``) plus slices
+    of a resized, maybe padded copy whose regions libmtmd does not report: only the
+    overview qualifies, and the slices are pruned by question-blind diversity.
+    """
+    if n_chunks == 1:
+        return True
+    if facts is None:
+        return False
+    return chunk.part == facts.overview_part % n_chunks
+
+
+def _relevance_parts(n_chunks: int, n_inputs: int) -> str:
+    """What ``relevant`` pruning scored of one image, for the span: whole / parts / overview."""
+    if n_inputs > 1:
+        return "each zoom part on its own region"
+    if n_chunks > 1:
+        return "overview only (slice regions unknown); slices pruned by diversity"
+    return "whole image"
 
 
 def _token_grid(chunk: ImageChunk, align: int, square: bool) -> tuple[int, int]:

@@ -125,11 +125,11 @@ def tiling_server(files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFac
 
 
 def ask(srv: LiveServer, image_url: str, edgevlm: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
+        headers: dict[str, str] | None = None, text: str = "What is in the image?") -> tuple[Any, dict[str, Any]]:
     client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
         model=srv.model_id, max_tokens=2, temperature=0,  # type: ignore[attr-defined]
-        messages=[image_message(image_url)], extra_body={"edgevlm": edgevlm} if edgevlm else None,
+        messages=[image_message(image_url, text)], extra_body={"edgevlm": edgevlm} if edgevlm else None,
         extra_headers=headers)
     assert raw.http_response.status_code == 200
     reply = raw.parse()
@@ -191,3 +191,79 @@ def test_an_image_token_budget_is_met_in_the_projectors_real_tokens(
     im, mw = timed["images"][0], timed["middleware"]
     assert im["tokens_before"] <= mw["ttft_plan_tokens"][0] and im["tokens_before"] >= TILE_TOKENS
     assert im["tokens_before"] == _vision(srv).count_tokens(im["encoded_width"], im["encoded_height"])
+
+
+# --------------------------------------------------------------------------- where the overview is
+
+
+def _gradient(width: int, height: int) -> Image.Image:
+    """A smooth image whose every region looks different (no two slices alike)."""
+    y, x = np.mgrid[0:height, 0:width]
+    return Image.fromarray(np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)],
+                                    axis=-1).astype(np.uint8))
+
+
+def test_the_overview_chunk_sits_where_the_projector_facts_say(encoder: VisionEncoder) -> None:
+    """libmtmd puts an mlp projector's overview last (mtmd.cpp ov_img_first); it is the whole image at one tile."""
+    img = _gradient(200, 150)
+    m = encoder.media_marker
+    parts = _image_chunks(encoder.tokenize(m, [img]))
+    side = encoder.projector.image_size
+    whole = _image_chunks(encoder.tokenize(m, [img.resize((side, side), Image.Resampling.BICUBIC)]))[0]
+    dist = [float(np.abs(c.embeddings - whole.embeddings).mean()) for c in parts]
+    assert int(np.argmin(dist)) == encoder.projector.overview_part % len(parts) == len(parts) - 1
+    assert min(dist) * 20 < sorted(dist)[1]
+
+
+def test_relevant_pruning_scores_only_the_overview_of_a_tiled_image(encoder: VisionEncoder) -> None:
+    """CLIP scored the whole image: that maps onto the overview, never onto a slice's grid."""
+    from models.reduce import prune, relevance_for_tokens
+    from server.images import _encode_and_prune
+    from server.policy.pruning import PruneDecision
+
+    img = _gradient(200, 150)
+    scores = np.zeros((3, 4))
+    scores[0, 0] = 1.0  # the question points at the top-left corner
+    decision = PruneDecision("relevant", 0.25)
+    chunks, pruned = _encode_and_prune(encoder, encoder.media_marker, [img], [decision], {0: scores},
+                                       encoder.projector.align)
+    parts = _image_chunks(chunks)
+    keeps = decision.keep_for_parts([c.n_tokens for c in parts])
+    assert sum(int(pruned[0, c.part][0].shape[0]) for c in parts) == decision.keep_for(sum(c.n_tokens for c in parts))
+    overview = len(parts) - 1
+    for chunk, keep in zip(parts, keeps):
+        emb, method, _, _ = pruned[0, chunk.part]
+        if chunk.part == overview:
+            rel = relevance_for_tokens(scores, 8, 8, chunk.n_tokens)
+            want = prune(chunk.embeddings, keep, "relevant", rel)
+            assert method == "relevant"
+        else:
+            want = prune(chunk.embeddings, keep, "diverse")
+            assert method == "diverse"
+        assert np.array_equal(emb, want.embeddings)
+    # question-blind slices are what they would be without CLIP; the overview is not
+    blind = prune(parts[overview].embeddings, keeps[overview], "diverse")
+    assert not np.array_equal(pruned[0, overview][0], blind.embeddings)
+
+
+
+# --------------------------------------------------------------------------- profiles on a tiling projector
+
+
+def test_the_projectors_maximum_is_what_libmtmd_makes_of_a_large_image(encoder: VisionEncoder) -> None:
+    # the largest grid pinpoint (3 x 3 tiles) plus the overview, not a made-up 1024
+    assert encoder.projector.max_tokens == encoder.count_tokens(4096, 4096) == 10 * TILE_TOKENS
+
+
+def test_the_fast_profile_encodes_far_fewer_tokens_than_quality(tiling_server) -> None:  # type: ignore[no-untyped-def]
+    srv, _ = tiling_server
+    q = "Read the label."  # a text cue doubles a content-aware budget: fast must still cut the slices
+    encoded = {}
+    for seed, profile in enumerate(("quality", "balanced", "fast")):
+        _, timings = ask(srv, png_uri(768, 768, seed=20 + seed), {"profile": profile}, text=q)
+        im = timings["images"][0]
+        assert im["tokens_before"] == _vision(srv).count_tokens(im["encoded_width"], im["encoded_height"])
+        encoded[profile] = im["tokens_before"]
+    assert encoded["quality"] == 10 * TILE_TOKENS  # the full slice grid
+    assert encoded["quality"] >= encoded["balanced"] > encoded["fast"]
+    assert encoded["quality"] >= 4 * encoded["fast"]

@@ -191,3 +191,17 @@ def test_relevant_pruning_keeps_exactly_k_rows_over_the_parts(tiling_server) -> 
     assert a["edgevlm.prune.method"] == "relevant"
     assert a["edgevlm.image.tokens_before"] == 256 and a["edgevlm.image.tokens_after"] == 50
     assert a["edgevlm.clip.ms"] > 0
+
+
+def test_relevant_pruning_of_a_tiled_image_scores_its_overview_only(
+        tiling_server) -> None:  # type: ignore[no-untyped-def]
+    """Plain resize: libmtmd tiles the image and does not say where each slice sits."""
+    srv, tel, exporter = tiling_server
+    raw = ask(srv, {"resolution": "resize", "prune": {"method": "relevant", "keep": 50}}, "Where is the gauge?")
+    assert raw.parse().choices[0].message is not None
+    timings = raw.http_response.json()["timings"]
+    im, image = timings["images"][0], timings["middleware"]["images"]["0"]
+    assert im["tokens_before"] == 640 and im["tokens_after"] == 50 and im["prune_method"] == "relevant"
+    assert image["relevance_parts"].startswith("overview only")
+    a = last_span(tel, exporter)
+    assert a["edgevlm.image.tokens_after"] == 50 and a["edgevlm.clip.ms"] > 0
