@@ -103,6 +103,20 @@ def assert_same_or_near_tie(engine: Engine, prompt: list[int], want: list[int], 
     return False
 
 
+def reference_drafter(prompts: list[list[int]], answers: list[list[int]]):
+    """A drafter that proposes each prompt's reference answer: three tokens right, then a
+    wrong one, so every verification step accepts some and rolls one back."""
+
+    def draft(self: NgramIndex, k: int) -> list[int]:
+        for p, want in zip(prompts, answers):
+            if self.tokens[:len(p)] == p:
+                done = len(self.tokens) - len(p)
+                return (want[done:done + 3] + [want[0]])[:k]
+        return []
+
+    return draft
+
+
 @pytest.fixture(scope="module")
 def smol(default_gguf: Path) -> Iterator[tuple[Engine, Engine]]:
     """The default model twice: without and with speculation, 4 slots each."""
@@ -247,13 +261,7 @@ def test_rejected_drafts_are_rolled_back_in_llama_cpp(smol, monkeypatch) -> None
     ref, ref_job = submit(on, prompt, 60, speculative=False)
     ref.wait()
     want = ref_job.sampled
-    wrong = on.tokenize(" zebra", add_special=False)[0]
-
-    def draft(self: NgramIndex, k: int) -> list[int]:
-        done = len(self.tokens) - len(prompt)  # tokens sampled so far, the next one included
-        return (want[done:done + 3] + [wrong])[:k]
-
-    monkeypatch.setattr(NgramIndex, "draft", draft)
+    monkeypatch.setattr(NgramIndex, "draft", reference_drafter([prompt], [want]))
     run, job = submit(on, prompt, 60)
     run.wait()
     fig = run.ended.figures
@@ -335,15 +343,8 @@ def test_tiny_model_greedy_identical_with_speculation(tiny_llm: Path, monkeypatc
                 run.wait()
                 alone.append(job.sampled)
 
-            def draft(self: NgramIndex, k: int) -> list[int]:
-                for p, want in zip(prompts, alone):
-                    if self.tokens[:len(p)] == p:
-                        done = len(self.tokens) - len(p)
-                        return (want[done:done + 3] + [want[0]])[:k]
-                return []
-
             with monkeypatch.context() as m:
-                m.setattr(NgramIndex, "draft", draft)
+                m.setattr(NgramIndex, "draft", reference_drafter(prompts, alone))
                 if parallel == 1:  # one stream, same cells: identical
                     runs = []
                     for p, want in zip(prompts, alone):
@@ -470,14 +471,7 @@ def test_a_preempted_request_resumes_and_keeps_drafting(tiny_llm: Path, monkeypa
             run.wait(180)
             refs.append(job.sampled)
 
-        def draft(self: NgramIndex, k: int) -> list[int]:
-            for p, want in zip(prompts, refs):
-                if self.tokens[:len(p)] == p:
-                    done = len(self.tokens) - len(p)
-                    return (want[done:done + 3] + [want[0]])[:k]
-            return []
-
-        monkeypatch.setattr(NgramIndex, "draft", draft)
+        monkeypatch.setattr(NgramIndex, "draft", reference_drafter(prompts, refs))
         a, ja = submit(eng, prompts[0], 600, ignore_eos=True)
         assert a.first.wait(60)
         b, jb = submit(eng, prompts[1], 600, ignore_eos=True)
