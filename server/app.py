@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.registry import LoadedModel, ModelSpec, Registry, build_registry
+from models.runner import RestartPolicy
 from server import __version__
 from server.clip import load_clip
 from server.csp import ContentSecurityPolicy
@@ -51,6 +52,8 @@ def registry_from(settings: Settings) -> Registry:
         models_dir=settings.models_dir, defaults=defaults, embedded_model=settings.embedded_model,
         max_loaded=settings.max_loaded_models,
         max_memory_bytes=settings.max_model_memory_mb * 2**20 if settings.max_model_memory_mb else None,
+        runners=RestartPolicy(max_crashes=settings.runner_max_crashes,
+                              window_s=settings.runner_crash_window_s) if settings.runners == "on" else None,
     )
 
 
