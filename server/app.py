@@ -62,6 +62,11 @@ def image_cache_stats(registry: Registry) -> dict[str, dict[str, int]]:
     return {lm.spec.id: lm.vision.cache.stats() for lm in registry.loaded() if lm.vision is not None}
 
 
+def runner_stats(registry: Registry) -> dict[str, dict[str, object]]:
+    """Each loaded model's runner process (pid, RSS, restarts, last exit), for /metrics."""
+    return {lm.spec.id: lm.runner.supervision() for lm in registry.loaded() if lm.runner is not None}
+
+
 def profiles_for(settings: Settings) -> ProfileSet:
     """The middleware presets, with the operator's resolution mode (resize | zoom)."""
     if settings.resolution_mode == DEFAULT_PROFILES.quality.resolution:
@@ -79,6 +84,8 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     telemetry = telemetry or Telemetry(telemetry_settings(settings), service_version=__version__)
     telemetry.label_models(spec.id for spec in registry.list())
     telemetry.watch_image_caches(lambda: image_cache_stats(registry))
+    if settings.runners == "on":
+        telemetry.watch_runners(lambda: runner_stats(registry))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
