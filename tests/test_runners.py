@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ import psutil
 import pytest
 
 from models.runner.supervisor import CrashLog, RestartPolicy
+from tests.browser import wait_for
 from tests.conftest import LiveServer, chat_body
 from tests.test_speculative_api import spans
 
@@ -29,16 +29,6 @@ DEFAULT = "smollm2-135m-instruct-q4_1"
 
 def runner_row(srv: LiveServer, model: str) -> dict:
     return httpx.get(srv.base_url + "/health", timeout=30).json()["models"][model]["runner"]
-
-
-def wait_for(predicate, timeout: float = 120.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def crash(pid: int) -> None:
@@ -86,7 +76,7 @@ def test_sigsegv_mid_stream_ends_it_with_model_crashed_while_another_model_answe
     assert runner_row(srv, "tiny")["pid"] == tiny_pid
 
     crashed = wait_for(lambda: [s for s in spans(Path(srv.app.state.settings.traces))
-                                if s.get("error.type") == "model_crashed"])
+                                if s.get("error.type") == "model_crashed"], 30, "the crashed span")
     assert crashed[0]["edgevlm.runner.exit"] == "SIGSEGV"
     assert crashed[0]["gen_ai.request.model"] == "main"
 
@@ -102,9 +92,9 @@ def test_a_runner_that_keeps_crashing_marks_its_model_failed(make_server) -> Non
     srv = make_server(runners="on", runner_max_crashes=2, parallel=1, ctx_size=512)
     pid = runner_row(srv, DEFAULT)["pid"]
     crash(pid)
-    pid = wait_for(lambda: restarted(srv, DEFAULT, pid))
+    pid = wait_for(lambda: restarted(srv, DEFAULT, pid), 120, "the runner's restart")
     crash(pid)
-    wait_for(lambda: runner_row(srv, DEFAULT)["state"] == "failed")
+    wait_for(lambda: runner_row(srv, DEFAULT)["state"] == "failed", 60, "the model marked failed")
 
     health = httpx.get(srv.base_url + "/health", timeout=30)
     assert health.status_code == 503

@@ -38,4 +38,3 @@ class CrashLog:
     @property
     def backoff_s(self) -> float:
         return min(self.policy.backoff_max_s, self.policy.backoff_s * 2 ** max(0, len(self.times) - 1))
-
