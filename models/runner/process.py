@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 import threading
 from multiprocessing.connection import Connection
@@ -96,6 +97,10 @@ class Runner:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s runner %(process)d %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C reaches the whole process group: the server decides when runners stop (it
+    # closes them, or its exit ends the socket), and a runner that died of the key
+    # press would be taken for a crash and restarted.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(int(argv[0]))
     try:
         message = conn.recv()
