@@ -107,7 +107,7 @@ def test_a_runner_that_keeps_crashing_marks_its_model_failed(make_server) -> Non
     assert info.value.status_code == 503 and info.value.body["code"] == "model_failed"
 
 
-def test_metrics_show_the_runner_and_eviction_ends_it(make_server, tmp_path: Path, default_gguf: Path, tiny_llm: Path) -> None:
+def test_metrics_show_the_runner_which_ignores_ctrl_c_and_eviction_ends_it(make_server, tmp_path: Path, default_gguf: Path, tiny_llm: Path) -> None:
     srv = make_server(runners="on", models_dir=str(model_dir(tmp_path, default_gguf, tiny_llm)),
                       max_loaded_models=1, parallel=1, ctx_size=512)
     pid = runner_row(srv, "main")["pid"]
@@ -116,6 +116,9 @@ def test_metrics_show_the_runner_and_eviction_ends_it(make_server, tmp_path: Pat
     rss = next(ln for ln in metrics.splitlines() if ln.startswith('edgevlm_runner_resident_memory_bytes{gen_ai_request_model="main"}'))
     assert float(rss.split()[-1]) > 50e6  # the weights and context live there
     assert 'edgevlm_runner_restarts_total{gen_ai_request_model="main"} 0.0' in metrics
+    os.kill(pid, signal.SIGINT)  # Ctrl-C reaches the whole process group: the server decides
+    r = httpx.post(srv.base_url + "/v1/chat/completions", json=chat_body("Hi", model="main", max_tokens=2), timeout=120)
+    assert r.status_code == 200 and runner_row(srv, "main")["pid"] == pid
     r = httpx.post(srv.base_url + "/v1/chat/completions", json=chat_body("Hi", model="tiny", max_tokens=2), timeout=120)
     assert r.status_code == 200
     cards = {m["id"]: m["meta"] for m in httpx.get(srv.base_url + "/v1/models").json()["data"]}
