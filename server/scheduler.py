@@ -65,6 +65,7 @@ class Generation:
                 if self.record is not None:
                     event.figures.fill(self.record)
                     self.record.error_type = getattr(event.error, "code", type(event.error).__name__)
+                    self.record.runner_exit = getattr(event.error, "exit_reason", None)
                 self.error = event.error
                 raise event.error
 

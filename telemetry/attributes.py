@@ -83,6 +83,8 @@ def record_attributes(record: RequestRecord, capture_content: bool = False) -> A
     a["gen_ai.response.model"] = span_model_id(record.model.model_id)
     if record.error_type:
         a["error.type"] = record.error_type
+    if record.runner_exit:
+        a["edgevlm.runner.exit"] = record.runner_exit
 
     # timings
     a.update({

@@ -57,6 +57,39 @@ class ImageCacheCollector:
             yield c
 
 
+# model id -> runner row (pid, rss_bytes, restarts, last_exit, state)
+RunnerStats = Callable[[], Mapping[str, Mapping[str, object]]]
+
+
+class RunnerCollector:
+    """Reads each model's runner process (pid, RSS, restarts, last exit) at scrape time.
+
+    Present only in runner mode; like the image caches, read when /metrics is asked, so
+    telemetry needs no model code and no per-request work.
+    """
+
+    def __init__(self, stats: RunnerStats) -> None:
+        self.stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []  # families depend on which models are loaded
+
+    def collect(self) -> Iterator[Metric]:
+        per_model = self.stats()
+        info = GaugeMetricFamily("edgevlm_runner_info", "A model's runner process: pid, state and last exit",
+                                 labels=["gen_ai_request_model", "pid", "state", "last_exit"])
+        rss = GaugeMetricFamily("edgevlm_runner_resident_memory_bytes", "Resident memory of a model's runner",
+                                labels=["gen_ai_request_model"])
+        restarts = CounterMetricFamily("edgevlm_runner_restarts", "Times a model's runner was restarted after a crash",
+                                       labels=["gen_ai_request_model"])
+        for model, s in per_model.items():
+            info.add_metric([model, str(s.get("pid") or ""), str(s.get("state") or ""),
+                             str(s.get("last_exit") or "")], 1)
+            rss.add_metric([model], float(s.get("rss_bytes") or 0))  # type: ignore[arg-type]
+            restarts.add_metric([model], float(s.get("restarts") or 0))  # type: ignore[arg-type]
+        yield from (info, rss, restarts)
+
+
 class Metrics:
     """All server metrics on a private registry, so several apps in one process don't clash."""
 
@@ -105,6 +138,10 @@ class Metrics:
     def watch_image_caches(self, stats: CacheStats) -> None:
         """Report the image-embedding caches ``stats()`` describes on every scrape."""
         self.registry.register(ImageCacheCollector(stats))
+
+    def watch_runners(self, stats: RunnerStats) -> None:
+        """Report the runner processes ``stats()`` describes on every scrape."""
+        self.registry.register(RunnerCollector(stats))
 
     def render(self) -> tuple[bytes, str]:
         """Prometheus text exposition body and its content type."""

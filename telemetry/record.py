@@ -89,6 +89,7 @@ class RequestRecord:
     accepted_tokens: int = 0  # of those, tokens the model agreed with
     finish_reason: str | None = None
     error_type: str | None = None
+    runner_exit: str | None = None  # how the model's runner process died under the request (SIGSEGV...)
     profile: str | None = None  # the middleware profile the request ran under (its own or the server's)
 
     load_ms: float = 0.0  # waiting for the model to load on first use (inside ttft_ms)

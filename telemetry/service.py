@@ -120,6 +120,12 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.watch_image_caches(stats)
 
+    def watch_runners(self, stats: Callable[[], Mapping[str, Mapping[str, object]]]) -> None:
+        """Show runner processes in /metrics; ``stats()`` maps model id -> its runner's row
+        (pid, rss_bytes, restarts, last_exit, state) and is read at each scrape."""
+        if self.metrics is not None:
+            self.metrics.watch_runners(stats)
+
     def model_label(self, model_id: str) -> str:
         """The metric label for ``model_id`` (itself until :meth:`label_models` is called)."""
         if self._model_labels is None or model_id in self._model_labels:

@@ -16,15 +16,15 @@ import psutil
 
 from models import cpu_info, cpu_paths, gguf_info
 from models.engine.types import EngineConfig, EngineError
-from models.llama_lib import ensure_backend, meta_str, tokenize
-from models.templates import CHATML_TEMPLATE, ChatTemplate
+from models.engine.tokenizer import Tokenizer
+from models.llama_lib import ensure_backend
 from telemetry.record import ModelInfo
 
 log = logging.getLogger("edgevlm.engine")
 
 
-class NativeModel:
-    """Loads the model and context; frees them in ``_free_native``."""
+class NativeModel(Tokenizer):
+    """Loads the model and context (tokenizer included); frees them in ``_free_native``."""
 
     def _load(self, config: EngineConfig) -> None:
         """Load weights and set up the context; on failure nothing native is left behind."""
@@ -57,7 +57,7 @@ class NativeModel:
     def _init_context(self, config: EngineConfig, rss_before: int) -> None:
         """Context, template and batches; any failure is cleaned up by the caller."""
         model = self.model
-        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self._init_tokenizer(model, config.chat_template)
         n_threads = config.n_threads or default_threads()  # as chosen in _load
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         n_ctx = config.n_ctx or min(n_ctx_train, 4096)
@@ -82,14 +82,6 @@ class NativeModel:
         self.n_batch = n_batch
         self.n_embd = int(llama_cpp.llama_model_n_embd_inp(model))
         self.n_threads = n_threads
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
-        self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
-        self.template = ChatTemplate(
-            config.chat_template or meta_str(model, "tokenizer.chat_template") or CHATML_TEMPLATE,
-            bos_token=self.token_text(self.bos_id),
-            eos_token=self.token_text(int(llama_cpp.llama_vocab_eos(self.vocab))),
-        )
         self.info = ModelInfo(
             model_id=config.model_id,
             path=config.path,
@@ -120,45 +112,9 @@ class NativeModel:
             self._embd_pos_orig = ctypes.cast(self._embd_batch.pos, ctypes.c_void_p).value
             self._embd_batch.pos = ctypes.cast(self._mrope_pos, ctypes.POINTER(llama_cpp.llama_pos))
         self.n_parallel = int(cparams.n_seq_max)
-        # Each generated token's text, looked up once per token id: a ctypes call and a
-        # buffer per token is a measurable share of a decode step's Python work.
-        self._pieces: dict[int, bytes] = {}
         self._logit_views: dict[tuple[int | None, int], np.ndarray] = {}
         self._load_bytes = max(psutil.Process().memory_info().rss - rss_before,
                                int(llama_cpp.llama_model_size(model)))
-
-    # ----------------------------------------------------------- tokenizer
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        """Tokenize with special tokens parsed; drops a BOS the template already wrote."""
-        add = add_special and self.add_bos
-        tokens = tokenize(self.vocab, text, add_special=add, parse_special=True)
-        if add and len(tokens) > 1 and tokens[0] == self.bos_id and tokens[1] == self.bos_id:
-            tokens.pop(0)
-        return tokens
-
-    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
-        if not special:
-            piece = self._pieces.get(token)
-            if piece is None:
-                piece = self._pieces[token] = self._token_piece(token, special=False)
-            return piece
-        return self._token_piece(token, special=True)
-
-    def _token_piece(self, token: int, *, special: bool) -> bytes:
-        buf = ctypes.create_string_buffer(64)  # per call: the worker and request threads both use this
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
-
-    def token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     def _free_native(self) -> None:
         if self._batch is not None:

@@ -22,8 +22,8 @@ from models.engine.prefix import PARK_MIN_PREFILL, PrefixSharing
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
 from models.engine.speculative import SPECULATIVE_MODES, StepCosts
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
-                                 GenerationRequest, ImageSegment, PromptTooLong, QueueFull, Sink,
-                                 TextDelta)
+                                 GenerationRequest, QueueFull, Sink, TextDelta)
+from models.engine.validation import Limits, check_request
 from models.sampling import build_sampler
 
 log = logging.getLogger("edgevlm.engine")
@@ -55,6 +55,10 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         self._thread.start()
 
     @property
+    def limits(self) -> Limits:
+        return Limits(n_ctx=self.n_ctx, n_embd=self.n_embd, n_batch=self.n_batch, mrope=self.mrope)
+
+    @property
     def memory_bytes(self) -> int:
         """What loading took (weights, KV pool, buffers) plus KV parked in host RAM."""
         parked = [s.parked for s in self._slots]  # read once: the worker may drop one meanwhile
@@ -75,34 +79,8 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
 
     def submit(self, req: GenerationRequest, sink: Sink, *, max_queue: int) -> Job:
         """Queue a request; raises at once rather than accept what it cannot serve."""
+        check_request(req, self.limits)
         job = Job(req, sink)
-        if job.n_prompt == 0:
-            raise EngineError("the prompt is empty", code="empty_prompt", status=400)
-        if job.n_prompt >= self.n_ctx:
-            raise PromptTooLong(
-                f"this model's context is {self.n_ctx} tokens, but the prompt has "
-                f"{job.n_prompt} tokens; shorten the messages or raise --ctx-size"
-            )
-        for seg in req.segments:
-            if isinstance(seg, ImageSegment):
-                if seg.embeddings.ndim != 2 or seg.embeddings.shape[1] != self.n_embd:
-                    raise EngineError("image embeddings do not match the model width",
-                                      code="bad_embeddings", status=400)
-                if self.mrope and seg.positions is not None:
-                    p = seg.positions
-                    if p.ndim != 2 or p.shape != (4, seg.n_tokens) or not np.issubdtype(p.dtype, np.integer):
-                        raise EngineError("image positions must be an int (4, n_tokens) array",
-                                          code="bad_positions", status=400)
-                    if p.size and (int(p.min()) < 0 or int(p[:3].max()) >= seg.mrope_advance):
-                        raise EngineError("image positions fall outside the image's n_pos",
-                                          code="bad_positions", status=400)
-                if self.mrope and seg.mrope_advance < 1:
-                    raise EngineError("an image must advance at least one position",
-                                      code="bad_positions", status=400)
-                if seg.non_causal and seg.n_tokens > self.n_batch:
-                    raise EngineError(
-                        f"an image of {seg.n_tokens} tokens needs a batch of at least that size "
-                        f"(batch is {self.n_batch})", code="image_too_large", status=400)
         with self._cond:
             if self._closing or not self._thread.is_alive():
                 raise EngineClosed("the model is being unloaded")

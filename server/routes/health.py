@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+
+from models.registry import LoadedModel
 
 router = APIRouter()
 
@@ -19,6 +23,20 @@ async def health(request: Request) -> JSONResponse:
     if default is not None and not registry.is_loaded(default):
         return JSONResponse({"status": "loading", "model": default}, status_code=503,
                             headers={"Retry-After": "1"})
-    models = {lm.spec.id: {"active": lm.engine.active, "queued": lm.engine.queue_depth,
-                           "slots": lm.engine.info.n_parallel} for lm in registry.loaded()}
-    return JSONResponse({"status": "ok", "models": models})
+    models = {lm.spec.id: _model_row(lm) for lm in registry.loaded()}
+    failed = {mid: row["failure"] for mid, row in models.items() if row.get("failure")}
+    if default in failed:
+        return JSONResponse({"status": "error", "error": f"model {default} failed: {failed[default]}",
+                             "models": models}, status_code=503)
+    return JSONResponse({"status": "degraded" if failed else "ok", "models": models})
+
+
+def _model_row(lm: LoadedModel) -> dict[str, Any]:
+    """Queue figures; in runner mode also the runner's pid, RSS, restarts, last exit and failure."""
+    row: dict[str, Any] = {"active": lm.engine.active, "queued": lm.engine.queue_depth,
+                           "slots": lm.engine.info.n_parallel}
+    if lm.runner is not None:
+        row["runner"] = lm.runner.supervision()
+        if lm.failure:
+            row["failure"] = lm.failure
+    return row

@@ -26,5 +26,6 @@ async def list_models(request: Request) -> ModelList:
         cards.append(ModelCard(id=spec.id, created=created, owned_by=spec.owned_by, meta={
             "vision": spec.mmproj is not None, "loaded": registry.is_loaded(spec.id),
             "default": spec.id == registry.default_id, "ctx_size": spec.ctx_size,
+            **({"failed": failure} if (failure := registry.failure(spec.id)) else {}),
         }))
     return ModelList(data=cards)
