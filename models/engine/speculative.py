@@ -1,11 +1,12 @@
 """Speculative decoding by prompt lookup: draft tokens, plan how many to verify, learn.
 
-Small models on CPUs are latency-bound: one ``llama_decode`` over a token and a few
-drafted tokens after it costs little more than over the token alone, so every drafted
-token the model agrees with is a token for (almost) free. Answers that repeat text
-already in the context (copying a work order, filling a form from it, reading back part
-numbers) are full of such tokens, and the context itself is the drafter: match the last
-few tokens of the sequence against earlier ones and propose what followed them.
+Answers that repeat text already in the context (copying a work order, filling a form
+from it, reading back part numbers) are full of tokens the context itself predicts:
+match the last tokens of the sequence against earlier ones and propose what followed
+them. One ``llama_decode`` over the next token plus a proposal checks them all at once,
+and every proposed token the model agrees with is a step saved. On a CPU the extra rows
+are not free (see ``NGRAM_SIZES``), so proposals are made only where they are likely to
+hold, and their length is planned from what steps were measured to cost.
 
 Pure Python, like admission: the worker puts the drafts in its batch, verifies them
 against its own sampling (``models.engine.worker``) and rolls rejected cells back.
@@ -36,10 +37,10 @@ SPECULATIVE_MODES = ("off", "ngram")
 DEFAULT_SPECULATIVE = "ngram"
 
 # The tail lengths looked up, longest first. On a CPU a verification step is not free
-# (SmolLM2-135M, 2 cores: 8 ms for one row, 17 for two, 59 for sixteen), so a draft pays
-# only when it is long and nearly all accepted: a match of 8 or more tokens is text
-# being copied (a part number, a line of the work order), where a 2- to 4-token match
-# is mostly a common phrase whose continuation the model does not repeat.
+# (SmolLM2-135M, 2 cores: 7 ms for one row, 15 for two, 68 for sixteen), so a draft pays
+# only when it is long and nearly all accepted. A match of 16 or more tokens is text
+# being copied; 2- to 8-token matches were tried first and are mostly common phrases
+# or the model's own loops, whose continuation it does not repeat: no faster overall.
 NGRAM_SIZES = (24, 16)
 # Most tokens drafted for one sequence in one step (llama-server's ngram-mod maximum).
 MAX_DRAFT = 64
