@@ -42,6 +42,16 @@ def ensure_backend() -> None:
         _initialised = True
 
 
+def load_vocab(path: str) -> llama_cpp.llama_model_p | None:
+    """The file's vocabulary and metadata without its weights (None if llama.cpp cannot
+    read it): enough to tokenize or read a header, at a few MB and no compute threads.
+    The caller frees it with ``llama_model_free``."""
+    ensure_backend()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    return llama_cpp.llama_model_load_from_file(str(path).encode(), params) or None
+
+
 def meta_str(model: llama_cpp.llama_model_p, key: str) -> str | None:
     """Read one string metadata value from a loaded model (None when absent)."""
     size = 1 << 12

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import llama_cpp
 
 from models.gguf_info import FTYPE_NAMES
-from models.llama_lib import ensure_backend, meta_str
+from models.llama_lib import ensure_backend, load_vocab, meta_str
 
 if TYPE_CHECKING:
     from models.imatrix import Imatrix
@@ -79,11 +79,8 @@ def imatrix_of(path: str | os.PathLike[str]) -> str | None:
 
 def _header_value(path: str | os.PathLike[str], key: str) -> tuple[bool, str | None]:
     """(whether llama.cpp could read the file, one metadata value), from a vocab-only load."""
-    ensure_backend()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
+    model = load_vocab(str(path))
+    if model is None:
         return False, None
     try:
         return True, meta_str(model, key)

@@ -32,7 +32,8 @@ class BatchBuilder:
         live = [j for j in live if not j.done and j.slot is not None]
         decoding = [j for j in live if j.next_token is not None and j.cursor >= j.n_prompt]
         prefilling = [j for j in live if j.cursor < j.n_prompt]
-        drafts = self._plan_drafts(decoding, prefilling) if self.config.speculative != "off" else {}
+        speculating = self.config.speculative != "off"
+        drafts = self._plan_drafts(decoding, prefilling) if speculating else {}
 
         batch = self._batch
         n = 0
@@ -81,7 +82,8 @@ class BatchBuilder:
             if rc != 0:
                 self._decode_failed(rc, undo, live)
                 return
-            if decoding and n == len(outputs):  # a decoding step without a prompt chunk
+            # a decoding step without a prompt chunk: what the draft planner learns from
+            if speculating and decoding and n == len(outputs):
                 self._step_costs.record(len(decoding), n, (time.perf_counter() - t0) * 1000.0)
             n_seqs = len(decoding) + sum(1 for j in prefilling if j.cursor > 0)
             greedy = self._greedy_tokens(outputs)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.engine.types import EngineError, GenerationRequest, ImageSegment, PromptTooLong, segment_tokens
+from models.engine.types import (EngineError, GenerationRequest, ImageSegment, PromptTooLong, QueueFull,
+                                 segment_tokens)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,16 @@ def check_request(req: GenerationRequest, limits: Limits) -> int:
         if isinstance(seg, ImageSegment):
             _check_image(seg, limits)
     return n_prompt
+
+
+def check_queue(model_id: str, queued: int, max_queue: int) -> None:
+    """Refuse a request when ``queued`` requests already wait beyond the free slots.
+
+    Only those are the real queue (they may also wait for KV room); running requests
+    and ones about to take a free slot do not count.
+    """
+    if queued >= max_queue:
+        raise QueueFull(f"the queue for model {model_id} is full ({max_queue} waiting)")
 
 
 def _check_image(seg: ImageSegment, limits: Limits) -> None:

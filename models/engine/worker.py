@@ -22,8 +22,8 @@ from models.engine.prefix import PARK_MIN_PREFILL, PrefixSharing
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
 from models.engine.speculative import SPECULATIVE_MODES, StepCosts
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
-                                 GenerationRequest, QueueFull, Sink, TextDelta)
-from models.engine.validation import Limits, check_request
+                                 GenerationRequest, Sink, TextDelta)
+from models.engine.validation import Limits, check_queue, check_request
 from models.sampling import build_sampler
 
 log = logging.getLogger("edgevlm.engine")
@@ -84,11 +84,8 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         with self._cond:
             if self._closing or not self._thread.is_alive():
                 raise EngineClosed("the model is being unloaded")
-            # Jobs beyond the free slots are the real queue (they may also wait for KV room).
             free_slots = max(0, len(self._slots) - self._active)
-            if len(self._waiting) - free_slots >= max_queue:
-                raise QueueFull(f"the queue for model {self.config.model_id} is full "
-                                f"({max_queue} waiting)")
+            check_queue(self.config.model_id, len(self._waiting) - free_slots, max_queue)
             self._waiting.append(job)
             self._cond.notify()
         return job

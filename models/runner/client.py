@@ -28,12 +28,12 @@ from typing import Any, Iterator
 import llama_cpp
 import psutil
 
-from models.engine import EngineClosed, EngineConfig, EngineError, Event, Failed, GenerationRequest, QueueFull, Sink, TextDelta
+from models.engine import EngineClosed, EngineConfig, EngineError, Event, Failed, GenerationRequest, Sink, TextDelta
 from models.engine.tokenizer import Tokenizer
 from models.engine.types import JobFigures
-from models.engine.validation import check_request
+from models.engine.validation import check_queue, check_request
 from models.isolation import exit_reason
-from models.llama_lib import ensure_backend
+from models.llama_lib import load_vocab
 from models.runner import protocol as p
 from models.runner.supervisor import CrashLog, RestartPolicy
 
@@ -120,11 +120,8 @@ class RunnerEngine(Tokenizer):
 
     # ----------------------------------------------------------- set-up
     def _load_vocab(self, config: EngineConfig) -> llama_cpp.llama_model_p:
-        ensure_backend()
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        model = llama_cpp.llama_model_load_from_file(config.path.encode(), params)
-        if not model:
+        model = load_vocab(config.path)
+        if model is None:
             raise EngineError(f"could not read the vocabulary of {config.path}", code="model_load_failed")
         try:
             self._init_tokenizer(model, config.chat_template)
@@ -259,9 +256,7 @@ class RunnerEngine(Tokenizer):
         check_request(req, self.limits)
         with self._cond:
             self._check_serving_locked()
-            if len(self._jobs) - self.n_parallel >= max_queue:
-                raise QueueFull(f"the queue for model {self.config.model_id} is full "
-                                f"({max_queue} waiting)")
+            check_queue(self.config.model_id, len(self._jobs) - self.n_parallel, max_queue)
             assert self._conn is not None
             job = RemoteJob(next(self._ids), sink, self, self._conn)
             self._jobs[job.id] = job
