@@ -26,6 +26,7 @@ from bench.process import RunningServer, default_threads
 from bench.prompts import chat_prompt, new_salt
 
 EDGEVLM = "edgevlm"
+EDGEVLM_INPROC = "edgevlm-inproc"  # --compare-runners: the same server with every model in process
 LLAMA_SERVER = "llama-server"
 
 
@@ -43,6 +44,9 @@ def add_common_args(parser: argparse.ArgumentParser, runs_default: int) -> None:
                         help="do not build llama-server when it is missing (skip the comparison)")
     parser.add_argument("--traces", default=None, help="edgevlm --traces PATH (default: none)")
     parser.add_argument("--json", type=Path, default=None, help="also write raw figures to this JSON file")
+    parser.add_argument("--compare-runners", action="store_true",
+                        help="run edgevlm twice, with --runners on (column edgevlm) and off (column "
+                             f"{EDGEVLM_INPROC}), and compare the two")
     parser.add_argument("--edgevlm-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for `edgevlm serve` (repeatable), e.g. --edgevlm-arg=--batch=256")
 
@@ -57,9 +61,14 @@ def start_servers(args: argparse.Namespace, *, parallel: int, ctx_size: int) -> 
     with contextlib.ExitStack() as stack:
         servers: list[RunningServer] = []
         if not args.skip_edgevlm:
-            servers.append(stack.enter_context(edgevlm_server(
-                model=edge_model, threads=args.threads, ctx_size=ctx_size, parallel=parallel, traces=args.traces,
-                extra_args=args.edgevlm_arg)))
+            modes = [(EDGEVLM, ["--runners", "on"]), (EDGEVLM_INPROC, ["--runners", "off"])] \
+                if args.compare_runners else [(EDGEVLM, [])]
+            for name, mode_args in modes:
+                server = stack.enter_context(edgevlm_server(
+                    model=edge_model, threads=args.threads, ctx_size=ctx_size, parallel=parallel,
+                    traces=args.traces, extra_args=[*args.edgevlm_arg, *mode_args]))
+                server.name = name
+                servers.append(server)
         if args.skip_llama_server:
             print("[bench] --skip-llama-server: no llama-server comparison")
         elif gguf is None:
@@ -121,11 +130,17 @@ class Target:
     check: Callable[[float, float], bool]  # (edgevlm, llama-server) -> met?
 
 
+# What a model's own runner process may cost against serving it in process.
+RUNNER_SPEED = Target(">= 0.98x in-proc", lambda r, i: r >= 0.98 * i)
+RUNNER_TTFT = Target("<= in-proc +3 ms", lambda r, i: r - i <= 3.0)
+
+
 @dataclass
 class Metric:
     label: str
     unit_spec: str = ".1f"  # format of the figures
     target: Target | None = None
+    runner_target: Target | None = None  # (runners on, in process) with --compare-runners
     values: dict[str, list[float | None]] = field(default_factory=lambda: defaultdict(list))
 
 
@@ -136,9 +151,10 @@ class Results:
         self.metrics: dict[str, Metric] = {}
         self.summaries: dict[str, dict[str, float | None]] = defaultdict(dict)
 
-    def metric(self, key: str, label: str, unit_spec: str = ".1f", target: Target | None = None) -> Metric:
+    def metric(self, key: str, label: str, unit_spec: str = ".1f", target: Target | None = None,
+               runner_target: Target | None = None) -> Metric:
         if key not in self.metrics:
-            self.metrics[key] = Metric(label, unit_spec, target)
+            self.metrics[key] = Metric(label, unit_spec, target, runner_target)
         return self.metrics[key]
 
     def add(self, key: str, server: str, value: float | None) -> None:
@@ -146,11 +162,15 @@ class Results:
 
     def print(self, title: str, servers: list[str], reducers: dict[str, Callable[[list[float | None]], float | None]],
               default_reducer: Callable[[list[float | None]], float | None]) -> None:
-        """One row per metric: a column per server, edgevlm/llama-server ratio, target, verdict."""
+        """One row per metric: a column per server, edgevlm/llama-server ratio, target, verdict;
+        with ``--compare-runners`` also runners/in-process, its target and verdict."""
         both = EDGEVLM in servers and LLAMA_SERVER in servers
+        runners = EDGEVLM in servers and EDGEVLM_INPROC in servers
         headers = ["metric", *servers]
         if both:
             headers += ["edgevlm/llama", "target", "met"]
+        if runners:
+            headers += ["runners/in-proc", "target", "met"]
         rows = []
         for key, m in self.metrics.items():
             reduce = reducers.get(key, default_reducer)
@@ -159,30 +179,32 @@ class Results:
                 self.summaries[key][s] = v
             row = [m.label, *(fmt(figures[s], m.unit_spec) for s in servers)]
             if both:
-                e, l = figures[EDGEVLM], figures[LLAMA_SERVER]
-                r = ratio(e, l)
-                met = "-" if (m.target is None or e is None or l is None) else ("yes" if m.target.check(e, l) else "NO")
-                row += [fmt(r, ".2f"), m.target.text if m.target else "", met]
+                row += _verdict(figures[EDGEVLM], figures[LLAMA_SERVER], m.target)
+            if runners:
+                row += _verdict(figures[EDGEVLM], figures[EDGEVLM_INPROC], m.runner_target)
             rows.append(row)
         print_table(headers, rows, title=title)
 
-    def paired_ratios(self, key: str) -> list[float]:
-        """edgevlm/llama-server per measurement: the two figures were taken back to back,
+    def paired_ratios(self, key: str, reference: str = LLAMA_SERVER) -> list[float]:
+        """edgevlm/``reference`` per measurement: the two figures were taken back to back,
         so drift on a shared machine, larger than the differences measured, cancels."""
         m = self.metrics[key]
-        pairs = zip(m.values.get(EDGEVLM, []), m.values.get(LLAMA_SERVER, []))
+        pairs = zip(m.values.get(EDGEVLM, []), m.values.get(reference, []))
         return [e / l for e, l in pairs if e is not None and l]
 
-    def paired_summary(self, key: str, label: str) -> str:
+    def paired_summary(self, key: str, label: str, reference: str = LLAMA_SERVER) -> str:
         """One line: median, geometric mean and range of the paired ratios, and how many
-        pairs met the metric's target (which reads only the ratio of the two figures)."""
-        paired = self.paired_ratios(key)
+        pairs met the metric's target (a ratio target: it reads only the ratio of the two
+        figures). Against ``EDGEVLM_INPROC`` the runner target applies."""
+        paired = self.paired_ratios(key, reference)
         if not paired:
             return f"{label}: no pairs"
         geomean = math.exp(statistics.fmean(math.log(r) for r in paired))
-        line = (f"{label}, edgevlm/llama: median {median(paired):.2f}, geomean {geomean:.2f} "
+        short = "llama" if reference == LLAMA_SERVER else reference
+        line = (f"{label}, edgevlm/{short}: median {median(paired):.2f}, geomean {geomean:.2f} "
                 f"(range {min(paired):.2f}-{max(paired):.2f}, {len(paired)} pairs)")
-        target = self.metrics[key].target
+        m = self.metrics[key]
+        target = m.runner_target if reference == EDGEVLM_INPROC else m.target
         if target is not None:
             met = sum(1 for r in paired if target.check(r, 1.0))
             line += f"; target {target.text} met in {met}/{len(paired)}"
@@ -193,6 +215,13 @@ class Results:
             key: {"label": m.label, "samples": dict(m.values), "summary": self.summaries.get(key, {})}
             for key, m in self.metrics.items()
         }
+
+
+def _verdict(ours: float | None, reference: float | None, target: Target | None) -> list[str]:
+    """Ratio, target text and whether it was met, as table cells."""
+    met = "-" if (target is None or ours is None or reference is None) else (
+        "yes" if target.check(ours, reference) else "NO")
+    return [fmt(ratio(ours, reference), ".2f"), target.text if target else "", met]
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:

@@ -1,0 +1,215 @@
+"""Several models on one server: does a second loaded model slow the first?
+
+    python -m bench.multimodel [--runs 3] [--tokens 200] [--modes on,off] [--threads N]
+
+Three models are served from one ``--models-dir``: the default model (``main``), a
+byte-for-byte copy of it (``second``) and the tiny test VLM (``vlm``, asked about an
+image). For each runner mode (``--runners on``: one process per model; ``off``: every
+model in the server process) the benchmark starts the server twice:
+
+* **alone**: ``--max-loaded-models 1``, so each model is measured with nothing else
+  loaded (asking for the next model evicts the previous one);
+* **together**: ``--max-loaded-models 3``; all three are loaded, then each model's
+  decode is measured one after the other (the others loaded and idle), and ``main``
+  and ``second`` decode at the same time (both busy, sharing the cores).
+
+Per mode it prints decode tok/s (median of ``--runs`` streamed requests of
+``--tokens`` tokens at temperature 0) alone and together, the ratio, and the combined
+throughput of both busy at once against ``main`` alone; then the start-up time (process
+start to ``/health`` 200, the default model loaded) and, with runners, the resident
+memory each runner process holds.
+
+Targets (runner mode): each model together >= 0.95x alone; both busy at once combined
+>= 0.9x of one model alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.client import BenchClient, fmt, print_table
+from bench.edgevlm_server import edgevlm_server
+from bench.model_files import DEFAULT_MODEL_ID, require_default_model
+from bench.process import RunningServer, default_threads
+from bench.prompts import chat_prompt, new_salt
+from bench.vision import data_uri, noise_image
+
+MODELS = ("main", "second", "vlm")
+CTX_SIZE = 2048
+ALONE_TARGET = 0.95
+COMBINED_TARGET = 0.9
+
+
+def model_dir(root: Path) -> Path:
+    """``second.gguf`` (a copy of the default model) and the tiny VLM with its projector."""
+    from bench.tinymodels import tiny_vlm
+
+    d = root / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(require_default_model(), d / "second.gguf")
+    llm, mmproj = tiny_vlm(root / "tiny", "mlp")
+    shutil.copyfile(llm, d / "vlm.gguf")
+    shutil.copyfile(mmproj, d / "mmproj-vlm.gguf")
+    return d
+
+
+def model_id(name: str) -> str:
+    return DEFAULT_MODEL_ID if name == "main" else name
+
+
+def messages(name: str, nonce: str) -> list[dict[str, Any]]:
+    """A short chat prompt; the VLM's also carries an image (its encoder runs too)."""
+    msgs = chat_prompt(40, nonce)
+    if name == "vlm":
+        image = {"type": "image_url", "image_url": {"url": data_uri(noise_image(96, seed=len(nonce)))}}
+        msgs[-1] = {"role": "user", "content": [image, {"type": "text", "text": msgs[-1]["content"]}]}
+    return msgs
+
+
+class Session:
+    """One client per model on one server."""
+
+    def __init__(self, server: RunningServer, tokens: int):
+        self.server = server
+        self.tokens = tokens
+        self.clients = {n: BenchClient(server.base_url, model_id(n)) for n in MODELS}
+        self.salt = new_salt()
+        self.count = 0
+
+    async def decode_tps(self, name: str) -> float:
+        self.count += 1
+        result = await self.clients[name].chat(messages(name, f"{self.salt}-{self.count}"), max_tokens=self.tokens)
+        if result.decode_tps is None:
+            raise RuntimeError(f"{name}: no decode figure (got {result.completion_tokens} tokens)")
+        return result.decode_tps
+
+    async def aclose(self) -> None:
+        for c in self.clients.values():
+            await c.aclose()
+
+
+@contextlib.contextmanager
+def serving(mode: str, models: Path, threads: int, max_loaded: int) -> Iterator[tuple[RunningServer, float]]:
+    """The server and its start-up time (launch to /health 200 with the default model loaded)."""
+    args = ["--models-dir", str(models), "--max-loaded-models", str(max_loaded), "--runners", mode]
+    start = time.perf_counter()
+    with edgevlm_server(threads=threads, ctx_size=CTX_SIZE, parallel=1, extra_args=args) as server:
+        yield server, time.perf_counter() - start
+
+
+async def measure_alone(session: Session, runs: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {n: [] for n in MODELS}
+    for name in MODELS:
+        await session.decode_tps(name)  # loads it (evicting the previous one) and warms it up
+        for _ in range(runs):
+            out[name].append(await session.decode_tps(name))
+    return out
+
+
+async def measure_together(session: Session, runs: int) -> tuple[dict[str, list[float]], list[float], list[float]]:
+    """Sequential figures per model (all loaded), and per run each of main and second
+    busy at once (their own tok/s) and their sum."""
+    for name in MODELS:
+        await session.decode_tps(name)  # all three loaded and warm
+    seq: dict[str, list[float]] = {n: [] for n in MODELS}
+    both: list[float] = []
+    each: list[float] = []
+    for rep in range(runs):
+        for name in (MODELS if rep % 2 == 0 else tuple(reversed(MODELS))):
+            seq[name].append(await session.decode_tps(name))
+        a, b = await asyncio.gather(session.decode_tps("main"), session.decode_tps("second"))
+        both.append(a + b)
+        each.extend([a, b])
+    return seq, both, each
+
+
+def runner_rss(server: RunningServer) -> dict[str, int]:
+    """Resident bytes of each model's runner process, from /health."""
+    models = httpx.get(server.base_url + "/health", timeout=30).json().get("models", {})
+    return {mid: row["runner"]["rss_bytes"] for mid, row in models.items() if row.get("runner")}
+
+
+def server_rss(server: RunningServer) -> int:
+    import psutil
+
+    return psutil.Process(server.process.pid).memory_info().rss
+
+
+def run_mode(mode: str, models: Path, args: argparse.Namespace) -> dict[str, Any]:
+    figures: dict[str, Any] = {"mode": mode}
+    with serving(mode, models, args.threads, max_loaded=1) as (server, startup_s):
+        figures["startup_s"] = startup_s
+        session = Session(server, args.tokens)
+        try:
+            figures["alone"] = asyncio.run(measure_alone(session, args.runs))
+        finally:
+            asyncio.run(session.aclose())
+    with serving(mode, models, args.threads, max_loaded=3) as (server, _):
+        session = Session(server, args.tokens)
+        try:
+            seq, both, each = asyncio.run(measure_together(session, args.runs))
+        finally:
+            asyncio.run(session.aclose())
+        figures.update(together=seq, both_busy=both, both_each=each,
+                       runner_rss=runner_rss(server), server_rss=server_rss(server))
+    return figures
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    med = statistics.median
+    rows = []
+    for r in results:
+        for name in MODELS:
+            alone, together = med(r["alone"][name]), med(r["together"][name])
+            ratio = together / alone
+            met = ("yes" if ratio >= ALONE_TARGET else "NO") if r["mode"] == "on" else "-"
+            rows.append([r["mode"], name, fmt(alone), fmt(together), fmt(ratio, ".2f"), met])
+        alone_main = med(r["alone"]["main"])
+        combined = med(r["both_busy"]) / alone_main
+        met = ("yes" if combined >= COMBINED_TARGET else "NO") if r["mode"] == "on" else "-"
+        rows.append([r["mode"], "main+second at once", fmt(alone_main), fmt(med(r["both_busy"])),
+                     fmt(combined, ".2f"), met])
+    print_table(["runners", "model", "alone tok/s", "together tok/s", "ratio", "target met"], rows,
+                title=(f"bench.multimodel — {args.threads} threads per model, {platform.machine()}, "
+                       f"medians of {args.runs} x {args.tokens} tokens; targets (runners on): each >= "
+                       f"{ALONE_TARGET}x alone, both busy combined >= {COMBINED_TARGET}x one alone"))
+    rows = []
+    for r in results:
+        rss = ", ".join(f"{m} {v / 2**20:.0f} MiB" for m, v in sorted(r["runner_rss"].items())) or "-"
+        rows.append([r["mode"], fmt(r["startup_s"], ".2f"), f"{r['server_rss'] / 2**20:.0f}", rss])
+    print_table(["runners", "start-up to /health (s)", "server RSS (MiB)", "runner RSS, 3 models loaded"], rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.multimodel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="requests per figure (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=200, help="tokens per request (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="threads per model (default: all cores, %(default)s here)")
+    parser.add_argument("--modes", default="on,off", help="runner modes to measure (default: %(default)s)")
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("on", "off") for m in modes):
+        parser.error("--modes takes on, off or on,off")
+    with tempfile.TemporaryDirectory(prefix="edgevlm-multimodel-") as tmp:
+        models = model_dir(Path(tmp))
+        results = [run_mode(mode, models, args) for mode in modes]
+    report(results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
