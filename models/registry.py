@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 import logging
 import re
 import threading
@@ -278,6 +278,25 @@ class Registry:
             await asyncio.get_running_loop().run_in_executor(None, runner.wait_ready, RESTART_WAIT_S)
         if runner.failure is not None:
             raise ModelFailed(f"model {model.spec.id} failed: {runner.failure}")
+
+    async def reload(self, model_id: str) -> LoadedModel:
+        """Unload the model (its runner or engine: requests still on it end as on an
+        unload) and load it anew: how an operator brings back a model marked failed, or
+        retries a load that failed, without restarting the server. A new runner starts
+        with no crashes counted. Raises ``UnknownModel``, or what the load raised."""
+        spec = self.resolve(model_id)
+        loading = self._loading.get(spec.id)
+        if loading is not None:  # let a load under way finish, then replace what it loaded
+            with suppress(Exception):
+                await asyncio.shield(loading)
+        with self._lock:
+            old = self._loaded.pop(spec.id, None)
+        if old is not None:
+            log.info("unloading model %s to load it again", spec.id)
+            await asyncio.get_running_loop().run_in_executor(None, old.close)  # joins threads
+        model = await self.acquire(spec.id)
+        self.release(model)
+        return model
 
     def failure(self, model_id: str) -> str | None:
         """Why a loaded model is down for good, or None."""

@@ -40,6 +40,13 @@ def telemetry_settings(settings: Settings) -> TelemetrySettings:
     )
 
 
+def runner_policy(settings: Settings) -> RestartPolicy | None:
+    """The runners' restart policy with ``--runners on``; None runs models in process."""
+    if settings.runners != "on":
+        return None
+    return RestartPolicy(max_crashes=settings.runner_max_crashes, window_s=settings.runner_crash_window_s)
+
+
 def registry_from(settings: Settings) -> Registry:
     defaults = {"ctx_size": settings.ctx_size, "threads": settings.threads,
                 "parallel": settings.parallel, "batch": settings.batch, "repack": settings.repack,
@@ -52,8 +59,7 @@ def registry_from(settings: Settings) -> Registry:
         models_dir=settings.models_dir, defaults=defaults, embedded_model=settings.embedded_model,
         max_loaded=settings.max_loaded_models,
         max_memory_bytes=settings.max_model_memory_mb * 2**20 if settings.max_model_memory_mb else None,
-        runners=RestartPolicy(max_crashes=settings.runner_max_crashes,
-                              window_s=settings.runner_crash_window_s) if settings.runners == "on" else None,
+        runners=runner_policy(settings),
     )
 
 

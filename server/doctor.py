@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -53,18 +54,32 @@ def _energy_lines(settings: Settings) -> list[str]:
     return lines
 
 
-def _load_check(spec_json: str) -> int:
-    """Child side: load one model (and its projector) as the server would, then free it."""
+def _load_check(spec_json: str, policy_json: str = "null") -> int:
+    """Child side: load one model (and its projector) as the server would, then free it.
+
+    With a restart policy (``--runners on``) the model loads in its runner process, as
+    ``serve`` would load it, and the report has the runner's row (pid, RSS, restarts,
+    last exit): a runner that cannot start here will not start under the server.
+    """
     from models.registry import ModelSpec, load_model
+    from models.runner import RestartPolicy
 
     spec = ModelSpec(**json.loads(spec_json))
+    policy = json.loads(policy_json)
     started = time.monotonic()
-    model = load_model(spec)
+    model = load_model(spec, RestartPolicy(**policy) if policy is not None else None)
     report = {"seconds": time.monotonic() - started, "memory_mb": model.memory_bytes / 2**20,
-              "vision": model.vision is not None, "fast_paths": model.engine.fast_paths.describe()}
+              "vision": model.vision is not None, "fast_paths": model.engine.fast_paths.describe(),
+              "runner": model.runner.supervision() if model.runner is not None else None}
     model.close()
     print(json.dumps(report), flush=True)
     return 0
+
+
+def _runner_line(row: dict[str, Any]) -> str:
+    """The runner's supervision row (``RunnerEngine.supervision``) as one line."""
+    return (f"    runner      pid {row['pid']}, {row['rss_bytes'] / 2**20:.0f} MiB resident, "
+            f"{row['restarts']} restarts, last exit {row['last_exit'] or 'none'}, {row['state']}")
 
 
 def run(settings: Settings) -> int:
@@ -74,7 +89,7 @@ def run(settings: Settings) -> int:
     from models import cpu_info, cpu_paths, isolation
     from models.engine import default_threads
     from models.registry import ConfigError
-    from server.app import registry_from
+    from server.app import registry_from, runner_policy
     from telemetry.device import gpu_names
 
     problems: list[str] = []
@@ -96,6 +111,8 @@ def run(settings: Settings) -> int:
     gpus = gpu_names()
     out(f"NVML GPUs  {', '.join(gpus) if gpus else 'none (nvidia-ml-py absent or no driver)'}")
 
+    policy = runner_policy(settings)
+    out(f"runners    {'on: each text model loads in its own process' if policy else 'off'}")
     try:
         registry = registry_from(settings)
     except ConfigError as exc:
@@ -118,12 +135,16 @@ def run(settings: Settings) -> int:
                 out(f"    {verdict.describe()}")
             except Exception as exc:  # an unreadable file: the load check says more
                 out(f"    fast paths  not tested: {exc}")
-            loaded = isolation.run_module("server.doctor", ["--load-check", json.dumps(asdict(spec))],
-                                          _LOAD_TIMEOUT_S)
+            loaded = isolation.run_module(
+                "server.doctor",
+                ["--load-check", json.dumps(asdict(spec)), json.dumps(asdict(policy) if policy else None)],
+                _LOAD_TIMEOUT_S)
             if loaded.ok:
                 r = loaded.report
                 out(f"    load        ok in {r['seconds']:.1f} s, {r['memory_mb']:.0f} MiB"
                     f"{', vision encoder ok' if r['vision'] else ''}")
+                if r.get("runner"):
+                    out(_runner_line(r["runner"]))
             else:
                 out(f"    load        FAILED: {loaded.reason}")
                 problems.append(f"{spec.id}: loading {loaded.reason}")
@@ -148,5 +169,5 @@ def run(settings: Settings) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--load-check"]:
-        sys.exit(_load_check(sys.argv[2]))
+        sys.exit(_load_check(*sys.argv[2:4]))
     sys.exit(2)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 
@@ -62,6 +64,20 @@ def test_doctor_on_a_good_setup(tiny_llm: Path, tmp_path: Path) -> None:
     for expected in ("CPU ", "features", "llama.cpp  CPU :", "CPUs ", "memory ", "estimate  present",
                      "CPU fast paths:", "load        ok", "writable", "no problems found"):
         assert expected in out, out
+
+
+@pytest.mark.parametrize("args, env", [(("--runners", "on"), {}), ((), {"EDGEVLM_RUNNERS": "on"})])
+def test_doctor_in_runner_mode_loads_each_model_in_a_runner_and_shows_it(
+        tiny_llm: Path, tmp_path: Path, args: tuple[str, ...], env: dict[str, str]) -> None:
+    proc = edgevlm("doctor", "--model", str(tiny_llm), "--threads", "1", *args,
+                   "--traces", str(tmp_path / "traces.jsonl"), env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "runners    on" in proc.stdout, proc.stdout
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("    runner ")]
+    assert len(rows) == 1, proc.stdout
+    m = re.fullmatch(r"    runner      pid (\d+), (\d+) MiB resident, 0 restarts, last exit none, ready", rows[0])
+    assert m and int(m[2]) > 0, rows[0]
+    assert not psutil.pid_exists(int(m[1]))  # the doctor closed the runner it started
 
 
 def test_doctor_reports_each_problem_on_one_line(tmp_path: Path) -> None:

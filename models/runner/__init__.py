@@ -23,6 +23,7 @@ restarts with backoff, and the HTTP process and every other model go on.
   the model facts, and tokenizing and templating over a vocab-only llama.cpp load (the
   vocabulary and metadata only: no weights, no context, no compute threads).
 - ``supervisor``: the restart policy (backoff; failed after N crashes in M minutes).
+- ``logs``: the runner's log records, re-emitted by the HTTP process's own loggers.
 
 Text models only so far: a model with a vision projector still loads in process.
 """

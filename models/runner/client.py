@@ -34,7 +34,7 @@ from models.engine.types import JobFigures
 from models.engine.validation import check_queue, check_request
 from models.isolation import exit_reason
 from models.llama_lib import load_vocab
-from models.runner import protocol as p
+from models.runner import logs, protocol as p
 from models.runner.supervisor import CrashLog, RestartPolicy
 
 log = logging.getLogger("edgevlm.runner")
@@ -145,8 +145,11 @@ class RunnerEngine(Tokenizer):
                                     pass_fds=(theirs.fileno(),), env=env)
         conn = Connection(ours.detach())
         try:
-            conn.send((p.LOAD, self.config))
+            conn.send((p.LOAD, self.config, logs.thresholds()))
             message = conn.recv()
+            while message[0] == p.LOG:  # what the runner logged while loading
+                logs.reemit(message)
+                message = conn.recv()
         except (EOFError, OSError):
             conn.close()
             reason = exit_reason(proc.wait())
@@ -177,6 +180,8 @@ class RunnerEngine(Tokenizer):
                 message = conn.recv()
                 if message[0] == p.EVENT:
                     self._deliver(*message[1:])
+                elif message[0] == p.LOG:
+                    logs.reemit(message)
                 elif message[0] == p.CLOSED:
                     break
         except (EOFError, OSError):

@@ -18,7 +18,7 @@ from typing import Any
 
 from models.engine import Engine, EngineConfig, EngineError, Event, Failed, Job, TextDelta
 from models.engine.types import JobFigures
-from models.runner import protocol as p
+from models.runner import logs, protocol as p
 
 log = logging.getLogger("edgevlm.runner")
 
@@ -109,6 +109,9 @@ def main(argv: list[str]) -> int:
     if message[0] != p.LOAD:
         return 2
     runner = Runner(conn)
+    # From here on records go to the HTTP process's logging, under its thresholds.
+    logs.apply_thresholds(message[2])
+    logs.forward_records(runner.send)
     if runner.load(message[1]):
         runner.serve()
     return 0

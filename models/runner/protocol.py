@@ -6,7 +6,8 @@ events are tiny, so one message per event costs a syscall and a small pickle; im
 (later) belong in shared memory instead.
 
 HTTP process -> runner:
-  (LOAD, EngineConfig)                  first message; answered by READY or LOAD_FAILED
+  (LOAD, EngineConfig, thresholds)      first message; answered by READY or LOAD_FAILED
+                                        (thresholds: logger name -> level, see ``logs``)
   (SUBMIT, job_id, GenerationRequest, max_queue)
   (CANCEL, job_id)
   (PREPARING, +1 | -1)                  a request is being prepared for this engine
@@ -16,6 +17,7 @@ runner -> HTTP process:
   (READY, Facts) | (LOAD_FAILED, EngineError)
   (EVENT, job_id, TextDelta | Finished | Failed, n_generated)
   (CLOSED,)
+  (LOG, level, logger name, text, pid)  a log record, at any time (also before READY)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ PREPARING = "preparing"
 EVENT = "event"
 CLOSE = "close"
 CLOSED = "closed"
+LOG = "log"
 
 
 @dataclass(frozen=True)
