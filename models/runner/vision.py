@@ -14,7 +14,6 @@ from typing import Sequence
 
 from models.engine import EngineError
 from models.runner.client import RunnerEngine
-from models.runner.protocol import VisionFacts
 from models.vision import Chunk, ImageInput, ProjectorFacts, rgb_pixels
 
 STATS_TIMEOUT_S = 5.0  # a /metrics scrape does not hang on a runner that does not answer
@@ -45,35 +44,17 @@ class RemoteVision:
     """The vision encoder in ``engine``'s runner; see the module docstring."""
 
     def __init__(self, engine: RunnerEngine):
+        facts = engine.facts.vision
+        if facts is None:
+            raise EngineError(f"the runner of model {engine.config.model_id} has no vision encoder")
         self._engine = engine
         self.cache = RemoteCache(engine)
-
-    @property
-    def _facts(self) -> VisionFacts:
-        facts = self._engine.facts.vision
-        if facts is None:  # the runner was started without the projector
-            raise EngineError(f"model {self._engine.config.model_id} has no vision encoder in its runner")
-        return facts
-
-    @property
-    def projector(self) -> ProjectorFacts:
-        return self._facts.projector
-
-    @property
-    def media_marker(self) -> str:
-        return self._facts.media_marker
-
-    @property
-    def uses_mrope(self) -> bool:
-        return self._facts.uses_mrope
-
-    @property
-    def uses_non_causal(self) -> bool:
-        return self._facts.uses_non_causal
-
-    @property
-    def n_embd(self) -> int:
-        return self._facts.n_embd
+        # The runner's facts (the same after a restart: same files, same settings).
+        self.projector: ProjectorFacts = facts.projector
+        self.media_marker: str = facts.media_marker
+        self.uses_mrope: bool = facts.uses_mrope
+        self.uses_non_causal: bool = facts.uses_non_causal
+        self.n_embd: int = facts.n_embd
 
     def tokenize(self, prompt: str, images: Sequence[ImageInput], *, add_special: bool = True,
                  parse_special: bool = True) -> list[Chunk]:
