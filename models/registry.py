@@ -17,12 +17,15 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from models.engine import Engine, EngineConfig, EngineError
 from models.engine.speculative import DEFAULT_SPECULATIVE, SPECULATIVE_MODES
 from models.runner import RestartPolicy, RunnerEngine
 from models.runner.client import ModelFailed
+
+if TYPE_CHECKING:
+    from models.vision import VisionConfig
 
 log = logging.getLogger("edgevlm.registry")
 
@@ -63,6 +66,15 @@ class ModelSpec:
             n_parallel=self.parallel, n_batch=self.batch, chat_template=self.chat_template,
             mmproj_path=self.mmproj, repack=self.repack, speculative=self.speculative,
         )
+
+    def vision_config(self) -> VisionConfig | None:
+        """How to load this model's projector, or None for a text model."""
+        if not self.mmproj:
+            return None
+        from models.vision import VisionConfig  # libmtmd only where a model has a projector
+
+        return VisionConfig(self.mmproj, image_min_tokens=self.image_min_tokens,
+                            image_max_tokens=self.image_max_tokens, cache_bytes=self.image_cache_mb << 20)
 
 
 def default_model_path() -> Path | None:
@@ -156,16 +168,20 @@ def scan_dir(directory: str | Path, defaults: dict[str, Any] | None = None) -> l
 @dataclass
 class LoadedModel:
     """An engine (in process, or a ``RunnerEngine`` in its own process) plus, for a VLM,
-    its vision encoder."""
+    its vision encoder (in the same process as the engine)."""
 
     spec: ModelSpec
     engine: Engine | RunnerEngine
-    vision: Any = None  # models.vision.VisionEncoder when the spec has an mmproj
+    # models.vision.VisionEncoder in process, models.runner.vision.RemoteVision with a runner
+    vision: Any = None
     users: int = 0  # requests between acquire and release; such a model is never evicted
 
     @property
     def memory_bytes(self) -> int:
-        """The engine's memory plus what the image-embedding cache holds now."""
+        """The engine's memory plus what the image-embedding cache holds now (a runner's
+        resident memory holds its cache already)."""
+        if self.runner is not None:
+            return self.engine.memory_bytes
         cached = self.vision.cache.nbytes if self.vision is not None else 0
         return self.engine.memory_bytes + cached
 
@@ -185,24 +201,19 @@ class LoadedModel:
 
 
 def load_model(spec: ModelSpec, runner: RestartPolicy | None = None) -> LoadedModel:
-    """Load ``spec``: in a supervised runner process when ``runner`` is given (text models;
-    a vision model still loads in process: its encoder needs the model's weights here)."""
-    if runner is not None and not spec.mmproj:
-        return LoadedModel(spec=spec, engine=RunnerEngine(spec.engine_config(), runner))
+    """Load ``spec``: in a supervised runner process when ``runner`` is given (its vision
+    encoder too: libmtmd needs the model's weights next to it), else in this process."""
+    vision_config = spec.vision_config()
     if runner is not None:
-        log.warning("model %s has a vision projector: it runs in process (runners serve text models only)",
-                    spec.id)
+        from models.runner.vision import RemoteVision
+
+        remote = RunnerEngine(spec.engine_config(), runner, vision=vision_config)
+        return LoadedModel(spec=spec, engine=remote, vision=RemoteVision(remote) if vision_config else None)
     engine = Engine(spec.engine_config())
     vision = None
-    if spec.mmproj:
-        from models.vision import VisionEncoder
-
+    if vision_config is not None:
         try:
-            vision = VisionEncoder(
-                spec.mmproj, engine.model, n_threads=engine.n_threads,
-                image_min_tokens=spec.image_min_tokens, image_max_tokens=spec.image_max_tokens,
-                cache_bytes=spec.image_cache_mb << 20,
-            )
+            vision = vision_config.load(engine.model, engine.n_threads)
         except Exception:
             engine.close()
             raise

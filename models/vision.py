@@ -45,11 +45,14 @@ __all__ = [
     "Chunk",
     "EmbeddingCache",
     "ImageChunk",
+    "Pixels",
     "ProjectorFacts",
     "TextChunk",
+    "VisionConfig",
     "VisionEncoder",
     "VisionError",
     "check_image_size",
+    "rgb_pixels",
     "read_projector_facts",
 ]
 
@@ -446,7 +449,31 @@ def _install_mtmd_log() -> None:
 # --------------------------------------------------------------------------- encoder
 
 
-ImageInput = Union[Image.Image, LoadedImage]
+@dataclass(frozen=True, eq=False)
+class Pixels:
+    """An image already turned into encoder input: RGB pixels and their ``pixel_hash``."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8
+    sha256: str
+
+
+ImageInput = Union[Image.Image, LoadedImage, Pixels]
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """How a model's projector is loaded: the same for an in-process model and a runner."""
+
+    mmproj_path: str
+    image_min_tokens: int | None = None
+    image_max_tokens: int | None = None
+    cache_bytes: int = 256 << 20
+
+    def load(self, model: llama_cpp.llama_model_p, n_threads: int) -> "VisionEncoder":
+        """The encoder next to a loaded text ``model`` (which must outlive it)."""
+        return VisionEncoder(self.mmproj_path, model, n_threads=n_threads,
+                             image_min_tokens=self.image_min_tokens, image_max_tokens=self.image_max_tokens,
+                             cache_bytes=self.cache_bytes)
 
 
 class VisionEncoder:
@@ -855,8 +882,26 @@ def check_image_size(width: int, height: int, index: int) -> None:
         raise ValueError(f"image {index} is {width}x{height}: aspect ratio above {MAX_ASPECT_RATIO:g}:1")
 
 
+def rgb_pixels(item: ImageInput, index: int) -> Pixels:
+    """An image as the encoder takes it: (H, W, 3) uint8 C-contiguous pixels and their hash.
+
+    A runner client sends images in this form (the array crosses through shared memory),
+    so the runner keys its embedding cache on the same hash as an in-process encoder.
+    """
+    if isinstance(item, Pixels):
+        return item
+    arr, h = _rgb_pixels(item, index)
+    return Pixels(arr, h)
+
+
 def _rgb_pixels(item: ImageInput, index: int) -> tuple[np.ndarray, str]:
     """(H, W, 3) uint8 C-contiguous pixels and their pixel hash."""
+    if isinstance(item, Pixels):
+        arr = item.rgb
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"image {index} is not (height, width, 3) uint8 RGB pixels")
+        check_image_size(arr.shape[1], arr.shape[0], index)
+        return np.ascontiguousarray(arr), item.sha256
     if isinstance(item, LoadedImage):
         img, known = item.image, item.sha256
     elif isinstance(item, Image.Image):

@@ -16,16 +16,21 @@ runner dies, its requests end with a 503 ``model_crashed`` naming the signal, th
 restarts with backoff, and the HTTP process and every other model go on.
 
 - ``protocol``: the messages on the socket between the HTTP process and a runner.
+- ``shm``: how they travel: pickled, with large numpy arrays (pixels, embeddings) in
+  shared-memory blocks rather than in the socket.
 - ``process``: the runner's entry (``python -m models.runner.process``), holding the
-  llama.cpp ``Engine``.
+  llama.cpp ``Engine`` and, for a vision model, its ``VisionEncoder``.
 - ``client``: ``RunnerEngine``, what the HTTP process holds instead of an ``Engine``: the
   same front door (submit, cancel, events to the sink, queue figures, ``preparing``),
   the model facts, and tokenizing and templating over a vocab-only llama.cpp load (the
   vocabulary and metadata only: no weights, no context, no compute threads).
+- ``vision``: ``RemoteVision``, what the HTTP process holds instead of a
+  ``VisionEncoder``: its facts, and tokenize / count_tokens run in the runner.
 - ``supervisor``: the restart policy (backoff; failed after N crashes in M minutes).
 - ``logs``: the runner's log records, re-emitted by the HTTP process's own loggers.
 
-Text models only so far: a model with a vision projector still loads in process.
+A vision model's encoder runs in its runner as well (libmtmd needs the text model's
+weights beside it), so an image that crashes the encoder ends only that model's requests.
 """
 
 from models.runner.client import RunnerEngine

@@ -4,7 +4,9 @@ The HTTP process holds one per loaded model in runner mode. Requests go to the r
 over a socket; a reader thread hands the runner's events to each request's sink, as the
 in-process engine's worker thread does. Tokenizing and chat templates run here, over a
 vocab-only llama.cpp load (vocabulary and metadata: no weights, no context, no compute
-threads), so preparing a prompt costs no round trip.
+threads), so preparing a prompt costs no round trip. A vision model's encoder lives in
+the runner too: ``call`` runs one of its methods there (``models.runner.vision``), the
+images and embeddings crossing through shared memory (``models.runner.shm``).
 
 When the runner dies, its requests end with ``ModelCrashed`` (503 ``model_crashed``,
 naming the signal) and the runner restarts after a backoff; after too many crashes in a
@@ -21,9 +23,10 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import llama_cpp
 import psutil
@@ -35,7 +38,11 @@ from models.engine.validation import check_queue, check_request
 from models.isolation import exit_reason
 from models.llama_lib import load_vocab
 from models.runner import logs, protocol as p
+from models.runner.shm import Channel, remove_blocks
 from models.runner.supervisor import CrashLog, RestartPolicy
+
+if TYPE_CHECKING:
+    from models.vision import VisionConfig
 
 log = logging.getLogger("edgevlm.runner")
 
@@ -65,7 +72,7 @@ class ModelFailed(EngineError):
 class RemoteJob:
     """A request submitted to a runner; ``cancel()`` is safe from any thread."""
 
-    def __init__(self, job_id: int, sink: Sink, engine: RunnerEngine, conn: Connection):
+    def __init__(self, job_id: int, sink: Sink, engine: RunnerEngine, conn: Channel):
         self.id = job_id
         self.sink = sink
         self.n_generated = 0
@@ -88,20 +95,22 @@ class RemoteJob:
 class RunnerEngine(Tokenizer):
     """One model in its own supervised process; see the module docstring."""
 
-    def __init__(self, config: EngineConfig, policy: RestartPolicy | None = None):
+    def __init__(self, config: EngineConfig, policy: RestartPolicy | None = None,
+                 vision: VisionConfig | None = None):
         self.config = config
+        self.vision_config = vision
         self.policy = policy or RestartPolicy()
         self._crashes = CrashLog(self.policy)
         self._cond = threading.Condition()
-        self._send_lock = threading.Lock()
         self._state = "starting"  # starting | ready | restarting | failed | closed
         self.failure: str | None = None
         self.restarts = 0
         self.last_exit: str | None = None
         self._jobs: dict[int, RemoteJob] = {}
+        self._calls: dict[int, Future] = {}
         self._ids = itertools.count(1)
         self._proc: subprocess.Popen | None = None
-        self._conn: Connection | None = None
+        self._conn: Channel | None = None
         self._reader: threading.Thread | None = None
         self._vocab_model = self._load_vocab(config)
         try:
@@ -143,9 +152,9 @@ class RunnerEngine(Tokenizer):
         with theirs:
             proc = subprocess.Popen([sys.executable, "-m", "models.runner.process", str(theirs.fileno())],
                                     pass_fds=(theirs.fileno(),), env=env)
-        conn = Connection(ours.detach())
+        conn = Channel(Connection(ours.detach()), p.channel_tag(proc.pid))
         try:
-            conn.send((p.LOAD, self.config, logs.thresholds()))
+            conn.send((p.LOAD, self.config, self.vision_config, logs.thresholds()))
             message = conn.recv()
             while message[0] == p.LOG:  # what the runner logged while loading
                 logs.reemit(message)
@@ -173,7 +182,7 @@ class RunnerEngine(Tokenizer):
         log.info("model %s: runner pid %d ready", self.config.model_id, proc.pid)
 
     # ----------------------------------------------------------- events
-    def _read(self, conn: Connection, proc: subprocess.Popen) -> None:
+    def _read(self, conn: Channel, proc: subprocess.Popen) -> None:
         """Deliver the runner's events until it closes or dies, then settle what is left."""
         try:
             while True:
@@ -182,12 +191,29 @@ class RunnerEngine(Tokenizer):
                     self._deliver(*message[1:])
                 elif message[0] == p.LOG:
                     logs.reemit(message)
+                elif message[0] == p.RESULT:
+                    self._answer(*message[1:])
                 elif message[0] == p.CLOSED:
                     break
         except (EOFError, OSError):
             pass
         conn.close()
-        self._ended(_reap(proc))
+        returncode = _reap(proc)
+        # Blocks in flight either way are read by nobody now: what the runner made, and
+        # what was sent to it and not yet taken.
+        remove_blocks(proc.pid)
+        remove_blocks(os.getpid(), conn.tag)
+        self._ended(returncode)
+
+    def _answer(self, call_id: int, ok: bool, value: Any) -> None:
+        with self._cond:
+            future = self._calls.pop(call_id, None)
+        if future is None:
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
     def _deliver(self, job_id: int, event: Event, n_generated: int) -> None:
         with self._cond:
@@ -209,7 +235,9 @@ class RunnerEngine(Tokenizer):
         with self._cond:
             closing = self._state == "closed"
             pending = list(self._jobs.values())
+            calls = list(self._calls.values())
             self._jobs.clear()
+            self._calls.clear()
             self._conn = None
             self.last_exit = reason
             if not closing:
@@ -220,6 +248,8 @@ class RunnerEngine(Tokenizer):
             log.error("the runner of model %s died (%s); %d requests failed", self.config.model_id,
                       reason, len(pending))
         error = EngineClosed("the model was unloaded") if closing else ModelCrashed(self.config.model_id, reason)
+        for call in calls:
+            call.set_exception(error)
         for job in pending:
             job.done = True
             try:
@@ -268,6 +298,22 @@ class RunnerEngine(Tokenizer):
         self._send(job._conn, p.SUBMIT, job.id, req, max_queue)  # lost only if the runner died: then it fails
         return job
 
+    def call(self, method: str, args: tuple = (), kwargs: dict[str, Any] | None = None,
+             timeout: float | None = None) -> Any:
+        """Run ``method`` (``protocol.VISION_CALLS``) on the runner's vision encoder; blocks.
+
+        Raises what the call raised there (``VisionError``, ``ValueError``...),
+        ``ModelCrashed`` when the runner dies meanwhile, ``TimeoutError`` after ``timeout``.
+        """
+        future: Future = Future()
+        with self._cond:
+            self._check_serving_locked()
+            assert self._conn is not None
+            conn, call_id = self._conn, next(self._ids)
+            self._calls[call_id] = future
+        self._send(conn, p.CALL, call_id, method, args, kwargs or {})  # lost only if the runner died: then it fails
+        return future.result(timeout)
+
     def _check_serving_locked(self) -> None:
         if self._state == "failed":
             raise ModelFailed(f"model {self.config.model_id} failed: {self.failure}")
@@ -277,12 +323,11 @@ class RunnerEngine(Tokenizer):
             raise EngineError(f"model {self.config.model_id} is restarting after a crash; retry shortly",
                               code="model_restarting", status=503)
 
-    def _send(self, conn: Connection, *message: Any) -> None:
-        with self._send_lock:
-            try:
-                conn.send(message)
-            except (OSError, ValueError):  # the runner is gone; its reader settles the jobs
-                pass
+    def _send(self, conn: Channel, *message: Any) -> None:
+        try:
+            conn.send(message)
+        except (OSError, ValueError):  # the runner is gone; its reader settles the jobs
+            pass
 
     @contextlib.contextmanager
     def preparing(self) -> Iterator[None]:

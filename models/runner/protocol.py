@@ -1,21 +1,24 @@
 """The messages between the HTTP process and a runner, over one socket pair.
 
-Each message is a tuple whose first item names it, framed and pickled by
-``multiprocessing.connection.Connection`` (a length prefix, then the pickle). Token
-events are tiny, so one message per event costs a syscall and a small pickle; images
-(later) belong in shared memory instead.
+Each message is a tuple whose first item names it, pickled by ``models.runner.shm``
+and framed by ``multiprocessing.connection.Connection`` (a length prefix, then the
+pickle). Token events are tiny, so one message per event costs a syscall and a small
+pickle; large arrays (an image's pixels, its embeddings in a SUBMIT or a RESULT) cross
+through shared memory, the pickle holding only their names.
 
 HTTP process -> runner:
-  (LOAD, EngineConfig, thresholds)      first message; answered by READY or LOAD_FAILED
-                                        (thresholds: logger name -> level, see ``logs``)
+  (LOAD, EngineConfig, VisionConfig | None, thresholds)  first message; answered by READY or
+                                        LOAD_FAILED (thresholds: logger name -> level, see ``logs``)
   (SUBMIT, job_id, GenerationRequest, max_queue)
   (CANCEL, job_id)
   (PREPARING, +1 | -1)                  a request is being prepared for this engine
+  (CALL, call_id, method, args, kwargs) a vision call (``VISION_CALLS``), answered by RESULT
   (CLOSE,)                              unload: pending jobs end with EngineClosed
 
 runner -> HTTP process:
   (READY, Facts) | (LOAD_FAILED, EngineError)
   (EVENT, job_id, TextDelta | Finished | Failed, n_generated)
+  (RESULT, call_id, ok, value | exception)   the call's return value, or what it raised
   (CLOSED,)
   (LOG, level, logger name, text, pid)  a log record, at any time (also before READY)
 """
@@ -23,10 +26,14 @@ runner -> HTTP process:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from models.cpu_paths import Verdict
 from models.engine.validation import Limits
 from telemetry.record import ModelInfo
+
+if TYPE_CHECKING:
+    from models.vision import ProjectorFacts
 
 LOAD = "load"
 READY = "ready"
@@ -35,9 +42,32 @@ SUBMIT = "submit"
 CANCEL = "cancel"
 PREPARING = "preparing"
 EVENT = "event"
+CALL = "call"
+RESULT = "result"
 CLOSE = "close"
 CLOSED = "closed"
 LOG = "log"
+
+# What the HTTP process may call on a runner's ``VisionEncoder``: tokenize and
+# count_tokens run on a worker thread (an encode takes long; CANCEL and SUBMIT must still
+# be read), cache_stats answers at once (a /metrics scrape must not wait for encodes).
+VISION_CALLS = frozenset({"tokenize", "count_tokens", "cache_stats"})
+
+
+def channel_tag(runner_pid: int) -> str:
+    """The tag in the names of the shared-memory blocks sent over runner ``runner_pid``'s socket."""
+    return f"r{runner_pid}"
+
+
+@dataclass(frozen=True)
+class VisionFacts:
+    """What the HTTP side reads of a runner's vision encoder without a round trip."""
+
+    projector: ProjectorFacts
+    media_marker: str
+    uses_mrope: bool
+    uses_non_causal: bool
+    n_embd: int
 
 
 @dataclass(frozen=True)
@@ -49,3 +79,4 @@ class Facts:
     n_threads: int
     n_parallel: int
     fast_paths: Verdict
+    vision: VisionFacts | None = None  # set when the model has a vision projector

@@ -6,6 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from server.auth import check_api_key
 from server.errors import APIError, error_responses
@@ -22,7 +23,8 @@ async def metrics(request: Request) -> Response:
     waiting = {lm.spec.id: lm.engine.queue_depth for lm in state.registry.loaded()}
     for spec in state.registry.list():
         state.telemetry.set_queue_depth(spec.id, waiting.get(spec.id, 0))
-    body, content_type = state.telemetry.metrics_response()
+    # Off the event loop: a runner's image-cache counters are a round trip to its process.
+    body, content_type = await run_in_threadpool(state.telemetry.metrics_response)
     return Response(content=body, media_type=content_type)
 
 
