@@ -37,8 +37,9 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
                                           "lookup, verified in the same batch (default) | off"),
     ("--max-queue", "max_queue", int, "requests that may wait per model before 429 (default 8)"),
     ("--max-loaded-models", "max_loaded_models", int, "models kept in memory at once (default 2)"),
-    ("--runners", "runners", str, "on = each model runs in its own supervised process (a crash "
-                                  "ends that model's requests with 503 and restarts it) | off (default)"),
+    ("--runners", "runners", str, "on (default) = each model runs in its own supervised process (a crash "
+                                  "ends that model's requests with 503 and restarts it) | off = all in "
+                                  "the server process"),
     ("--runner-max-crashes", "runner_max_crashes", int, "runner crashes within --runner-crash-window-s "
                                                         "that mark a model failed (default 3)"),
     ("--runner-crash-window-s", "runner_crash_window_s", float, "window for counting runner crashes (default 300)"),

@@ -112,7 +112,7 @@ def run(settings: Settings) -> int:
     out(f"NVML GPUs  {', '.join(gpus) if gpus else 'none (nvidia-ml-py absent or no driver)'}")
 
     policy = runner_policy(settings)
-    out(f"runners    {'on: each text model loads in its own process' if policy else 'off'}")
+    out(f"runners    {'on: each model loads in its own process' if policy else 'off'}")
     try:
         registry = registry_from(settings)
     except ConfigError as exc:

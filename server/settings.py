@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(8, ge=0, description="Requests waiting per model before 429.")
     max_loaded_models: int = Field(2, ge=1)
     runners: Literal["on", "off"] = Field(
-        "off", description="Run each model (and its vision encoder) in its own supervised runner process.")
+        "on", description="Run each model (and its vision encoder) in its own supervised runner process; "
+                          "off loads every model into the server process.")
     runner_max_crashes: int = Field(3, ge=1, description="Runner crashes within the window that mark a model failed.")
     runner_crash_window_s: float = Field(300.0, gt=0, description="The window runner crashes are counted in.")
     max_model_memory_mb: int | None = Field(None, ge=1)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -36,10 +38,12 @@ def cache_metrics(srv: LiveServer, model: str) -> dict[str, float]:
             if s.name.startswith("edgevlm_image_cache_") and s.labels.get("gen_ai_request_model") == model}
 
 
-def test_cache_size_from_the_flag_bounds_it_and_metrics_show_it(vlm_files, tmp_path: Path) -> None:
+@pytest.mark.parametrize("runners", ["on", "off"])
+def test_cache_size_from_the_flag_bounds_it_and_metrics_show_it(vlm_files, tmp_path: Path, runners: str) -> None:
     llm, mmproj = vlm_files
     model = model_id_for(llm)
-    with live_server(tmp_path, model=str(llm), mmproj=str(mmproj), ctx_size=4096, image_cache_mb=1) as srv:
+    with live_server(tmp_path, model=str(llm), mmproj=str(mmproj), ctx_size=4096, image_cache_mb=1,
+                     runners=runners) as srv:
         assert ask_about(srv, model, seed=0)["cache_hit"] is False  # loads the model (its warm-up encodes too)
         before = cache_metrics(srv, model)
         assert ask_about(srv, model, seed=0)["cache_hit"] is True
@@ -54,9 +58,14 @@ def test_cache_size_from_the_flag_bounds_it_and_metrics_show_it(vlm_files, tmp_p
         assert m["evictions_total"] >= 1 and 0 < m["bytes"] <= 2**20
         assert ask_about(srv, model, seed=0)["cache_hit"] is False  # the oldest was evicted
 
-        # What the cache holds now counts in the model's memory (--max-model-memory-mb).
+        # What the cache holds now counts in the model's memory (--max-model-memory-mb): in
+        # process, the engine's figure plus the cache; a runner's resident memory holds both.
         [lm] = srv.app.state.registry.loaded()
-        assert lm.memory_bytes == lm.engine.memory_bytes + cache_metrics(srv, model)["bytes"]
+        if runners == "off":
+            assert lm.memory_bytes == lm.engine.memory_bytes + cache_metrics(srv, model)["bytes"]
+        else:
+            rss = psutil.Process(lm.runner.pid).memory_info().rss
+            assert lm.runner.pid != os.getpid() and abs(lm.memory_bytes - rss) < 16 * 2**20
 
 
 def test_per_model_size_in_the_toml_wins_over_the_flag(vlm_files, tmp_path: Path) -> None:

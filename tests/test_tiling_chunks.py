@@ -163,10 +163,10 @@ def test_an_image_larger_than_a_tile_is_answered_and_counted_over_its_chunks(
     assert im["encode_ms"] > 0 and not im["cache_hit"]
     assert reply.usage.prompt_tokens >= im["tokens_after"]
     # the same request again: every chunk comes from the embedding cache
-    hits = cache.hits
+    hits = cache.stats()["hits"]
     _, again = ask(srv, png_uri(200, 150, seed=3), {"resolution": "resize"})
     im2 = again["images"][0]
-    assert cache.hits - hits == n_chunks
+    assert cache.stats()["hits"] - hits == n_chunks
     assert im2["cache_hit"] and im2["cached_tokens"] == im2["tokens_before"] == im["tokens_before"]
     assert im2["encode_ms"] == 0
 
