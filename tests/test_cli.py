@@ -66,28 +66,24 @@ def test_doctor_on_a_good_setup(tiny_llm: Path, tmp_path: Path) -> None:
         assert expected in out, out
 
 
-@pytest.mark.parametrize("args, env", [(("--runners", "on"), {}), ((), {})])
-def test_doctor_in_runner_mode_loads_each_model_in_a_runner_and_shows_it(
-        tiny_llm: Path, tmp_path: Path, args: tuple[str, ...], env: dict[str, str]) -> None:
+@pytest.mark.parametrize("args, env, runners", [
+    (("--runners", "on"), {}, True), ((), {}, True),
+    (("--runners", "off"), {}, False), ((), {"EDGEVLM_RUNNERS": "off"}, False),
+])
+def test_doctor_loads_each_model_in_a_runner_and_shows_it_unless_runners_are_off(
+        tiny_llm: Path, tmp_path: Path, args: tuple[str, ...], env: dict[str, str], runners: bool) -> None:
     proc = edgevlm("doctor", "--model", str(tiny_llm), "--threads", "1", *args,
                    "--traces", str(tmp_path / "traces.jsonl"), env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "runners    on" in proc.stdout, proc.stdout
+    assert "load        ok" in proc.stdout, proc.stdout
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("    runner ")]
-    assert len(rows) == 1, proc.stdout
+    if not runners:
+        assert "runners    off" in proc.stdout and not rows, proc.stdout
+        return
+    assert "runners    on" in proc.stdout and len(rows) == 1, proc.stdout
     m = re.fullmatch(r"    runner      pid (\d+), (\d+) MiB resident, 0 restarts, last exit none, ready", rows[0])
     assert m and int(m[2]) > 0, rows[0]
     assert not psutil.pid_exists(int(m[1]))  # the doctor closed the runner it started
-
-
-@pytest.mark.parametrize("args, env", [(("--runners", "off"), {}), ((), {"EDGEVLM_RUNNERS": "off"})])
-def test_doctor_with_runners_off_loads_in_process(
-        tiny_llm: Path, tmp_path: Path, args: tuple[str, ...], env: dict[str, str]) -> None:
-    proc = edgevlm("doctor", "--model", str(tiny_llm), "--threads", "1", *args,
-                   "--traces", str(tmp_path / "traces.jsonl"), env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "runners    off" in proc.stdout, proc.stdout
-    assert "load        ok" in proc.stdout and "    runner " not in proc.stdout, proc.stdout
 
 
 def test_doctor_reports_each_problem_on_one_line(tmp_path: Path) -> None:
