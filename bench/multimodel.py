@@ -2,8 +2,8 @@
 
     python -m bench.multimodel [--runs 3] [--tokens 200] [--modes on,off] [--threads N]
 
-Three models are served from one ``--models-dir``: the default model (``main``), a
-byte-for-byte copy of it (``second``) and the tiny test VLM (``vlm``, asked about an
+Three models are served from one ``--models-dir``: two byte-for-byte copies of the
+default model (``main`` and ``second``) and the tiny test VLM (``vlm``, asked about an
 image). For each runner mode (``--runners on``: one process per model; ``off``: every
 model in the server process) the benchmark starts the server twice:
 
@@ -15,9 +15,10 @@ model in the server process) the benchmark starts the server twice:
 
 Per mode it prints decode tok/s (median of ``--runs`` streamed requests of
 ``--tokens`` tokens at temperature 0) alone and together, the ratio, and the combined
-throughput of both busy at once against ``main`` alone; then the start-up time (process
-start to ``/health`` 200, the default model loaded) and, with runners, the resident
-memory each runner process holds.
+throughput of both busy at once against one of them alone (``main`` and ``second``
+alone, pooled); then the start-up time (``edgevlm serve`` launch to ``/health`` 200 with
+the default model, median of 3) and, with runners, the resident memory each runner
+process holds.
 
 Targets (runner mode): each model together >= 0.95x alone; both busy at once combined
 >= 0.9x of one model alone.
@@ -41,7 +42,8 @@ import httpx
 
 from bench.client import BenchClient, fmt, print_table
 from bench.edgevlm_server import edgevlm_server
-from bench.model_files import DEFAULT_MODEL_ID, require_default_model
+from bench.harness import write_json
+from bench.model_files import require_default_model
 from bench.process import RunningServer, default_threads
 from bench.prompts import chat_prompt, new_salt
 from bench.vision import data_uri, noise_image
@@ -53,20 +55,17 @@ COMBINED_TARGET = 0.9
 
 
 def model_dir(root: Path) -> Path:
-    """``second.gguf`` (a copy of the default model) and the tiny VLM with its projector."""
+    """``main.gguf`` and ``second.gguf`` (copies of the default model) and the tiny VLM with its projector."""
     from bench.tinymodels import tiny_vlm
 
     d = root / "models"
     d.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(require_default_model(), d / "second.gguf")
+    for name in ("main", "second"):
+        shutil.copyfile(require_default_model(), d / f"{name}.gguf")
     llm, mmproj = tiny_vlm(root / "tiny", "mlp")
     shutil.copyfile(llm, d / "vlm.gguf")
     shutil.copyfile(mmproj, d / "mmproj-vlm.gguf")
     return d
-
-
-def model_id(name: str) -> str:
-    return DEFAULT_MODEL_ID if name == "main" else name
 
 
 def messages(name: str, nonce: str) -> list[dict[str, Any]]:
@@ -84,13 +83,14 @@ class Session:
     def __init__(self, server: RunningServer, tokens: int):
         self.server = server
         self.tokens = tokens
-        self.clients = {n: BenchClient(server.base_url, model_id(n)) for n in MODELS}
+        self.clients = {n: BenchClient(server.base_url, n) for n in MODELS}
         self.salt = new_salt()
         self.count = 0
 
-    async def decode_tps(self, name: str) -> float:
+    async def decode_tps(self, name: str, tokens: int | None = None) -> float:
         self.count += 1
-        result = await self.clients[name].chat(messages(name, f"{self.salt}-{self.count}"), max_tokens=self.tokens)
+        result = await self.clients[name].chat(messages(name, f"{self.salt}-{self.count}"),
+                                               max_tokens=tokens or self.tokens)
         if result.decode_tps is None:
             raise RuntimeError(f"{name}: no decode figure (got {result.completion_tokens} tokens)")
         return result.decode_tps
@@ -101,19 +101,32 @@ class Session:
 
 
 @contextlib.contextmanager
-def serving(mode: str, models: Path, threads: int, max_loaded: int) -> Iterator[tuple[RunningServer, float]]:
-    """The server and its start-up time (launch to /health 200 with the default model loaded)."""
+def serving(mode: str, models: Path, threads: int, max_loaded: int) -> Iterator[RunningServer]:
     args = ["--models-dir", str(models), "--max-loaded-models", str(max_loaded), "--runners", mode]
-    start = time.perf_counter()
     with edgevlm_server(threads=threads, ctx_size=CTX_SIZE, parallel=1, extra_args=args) as server:
-        yield server, time.perf_counter() - start
+        yield server
+
+
+def startup_s(mode: str, threads: int, starts: int = 3) -> float:
+    """Median launch to ``/health`` 200 (the default model loaded) of ``edgevlm serve``,
+    after one start not counted (it may run the fast-path self-test; later ones reuse
+    the verdict)."""
+    times = []
+    for i in range(starts + 1):
+        start = time.perf_counter()
+        with edgevlm_server(threads=threads, ctx_size=CTX_SIZE, parallel=1, extra_args=["--runners", mode]):
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 async def measure_alone(session: Session, runs: int) -> dict[str, list[float]]:
+    """Each model with nothing else loaded (``--max-loaded-models 1``), the models taken
+    in turn each repetition so the drift of a shared machine hits them alike."""
     out: dict[str, list[float]] = {n: [] for n in MODELS}
-    for name in MODELS:
-        await session.decode_tps(name)  # loads it (evicting the previous one) and warms it up
-        for _ in range(runs):
+    for rep in range(runs):
+        for name in (MODELS if rep % 2 == 0 else tuple(reversed(MODELS))):
+            await session.decode_tps(name, tokens=16)  # loads it (evicting the other) and warms it up
             out[name].append(await session.decode_tps(name))
     return out
 
@@ -122,7 +135,7 @@ async def measure_together(session: Session, runs: int) -> tuple[dict[str, list[
     """Sequential figures per model (all loaded), and per run each of main and second
     busy at once (their own tok/s) and their sum."""
     for name in MODELS:
-        await session.decode_tps(name)  # all three loaded and warm
+        await session.decode_tps(name, tokens=16)  # all three loaded and warm
     seq: dict[str, list[float]] = {n: [] for n in MODELS}
     both: list[float] = []
     each: list[float] = []
@@ -133,6 +146,15 @@ async def measure_together(session: Session, runs: int) -> tuple[dict[str, list[
         both.append(a + b)
         each.extend([a, b])
     return seq, both, each
+
+
+async def in_session(server: RunningServer, tokens: int, measure: Any, runs: int) -> Any:
+    """Run ``measure(session, runs)`` with clients opened and closed in this event loop."""
+    session = Session(server, tokens)
+    try:
+        return await measure(session, runs)
+    finally:
+        await session.aclose()
 
 
 def runner_rss(server: RunningServer) -> dict[str, int]:
@@ -149,19 +171,11 @@ def server_rss(server: RunningServer) -> int:
 
 def run_mode(mode: str, models: Path, args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"mode": mode}
-    with serving(mode, models, args.threads, max_loaded=1) as (server, startup_s):
-        figures["startup_s"] = startup_s
-        session = Session(server, args.tokens)
-        try:
-            figures["alone"] = asyncio.run(measure_alone(session, args.runs))
-        finally:
-            asyncio.run(session.aclose())
-    with serving(mode, models, args.threads, max_loaded=3) as (server, _):
-        session = Session(server, args.tokens)
-        try:
-            seq, both, each = asyncio.run(measure_together(session, args.runs))
-        finally:
-            asyncio.run(session.aclose())
+    figures["startup_s"] = startup_s(mode, args.threads)
+    with serving(mode, models, args.threads, max_loaded=1) as server:
+        figures["alone"] = asyncio.run(in_session(server, args.tokens, measure_alone, args.runs))
+    with serving(mode, models, args.threads, max_loaded=3) as server:
+        seq, both, each = asyncio.run(in_session(server, args.tokens, measure_together, args.runs))
         figures.update(together=seq, both_busy=both, both_each=each,
                        runner_rss=runner_rss(server), server_rss=server_rss(server))
     return figures
@@ -176,7 +190,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             ratio = together / alone
             met = ("yes" if ratio >= ALONE_TARGET else "NO") if r["mode"] == "on" else "-"
             rows.append([r["mode"], name, fmt(alone), fmt(together), fmt(ratio, ".2f"), met])
-        alone_main = med(r["alone"]["main"])
+        alone_main = med(r["alone"]["main"] + r["alone"]["second"])
         combined = med(r["both_busy"]) / alone_main
         met = ("yes" if combined >= COMBINED_TARGET else "NO") if r["mode"] == "on" else "-"
         rows.append([r["mode"], "main+second at once", fmt(alone_main), fmt(med(r["both_busy"])),
@@ -200,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="threads per model (default: all cores, %(default)s here)")
     parser.add_argument("--modes", default="on,off", help="runner modes to measure (default: %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every sample to this JSON file")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in ("on", "off") for m in modes):
@@ -208,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = model_dir(Path(tmp))
         results = [run_mode(mode, models, args) for mode in modes]
     report(results, args)
+    write_json(args.json, {"benchmark": "multimodel", "threads": args.threads, "runs": args.runs,
+                           "tokens": args.tokens, "modes": results})
     return 0
 
 

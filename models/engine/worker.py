@@ -43,6 +43,9 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
                               f"not {config.speculative!r}", code="invalid_config")
         self._step_costs = StepCosts()  # measured llama_decode ms per batch rows (plans drafts)
         self._load(config)
+        # Step costs per thread count: a runner's threads change while other models decode.
+        self._costs_by_threads = {self.n_threads: self._step_costs}
+        self._threads_now = self._threads_wanted = self.n_threads
         run_ids = itertools.count()  # one numbering for every slot's cell runs
         self._slots = [Slot(seq_id=i, run_ids=run_ids) for i in range(self.n_parallel)]
         self._waiting: deque[Job] = deque()
@@ -174,6 +177,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
                     running.append(job)
             if len(running) > 1 and admitted:
                 self._join_prefills(admitted, running)
+            self._apply_threads()
             try:
                 self._step(running)
             except Exception as exc:  # never let one bad step kill the worker
@@ -190,6 +194,30 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         for job in pending:
             self._finish(job, error=EngineClosed("the model was unloaded"))
         self._flush()
+
+    def set_threads(self, n_threads: int) -> None:
+        """Compute with ``n_threads`` from the next step on (any thread may call this).
+
+        When several models decode at once, their runners share the cores
+        (``models.runner.cpu_share``): more compute threads than cores make llama.cpp's
+        threads spin at barriers while the thread they wait for is descheduled.
+        """
+        if n_threads < 1:
+            raise ValueError("n_threads must be >= 1")
+        self._threads_wanted = n_threads
+
+    def _apply_threads(self) -> None:
+        """Worker thread, between steps: take up the thread count ``set_threads`` asked for."""
+        n = self._threads_wanted
+        if n != self._threads_now:
+            llama_cpp.llama_set_n_threads(self.ctx, n, n)
+            self._threads_now = n
+            self._step_costs = self._costs_by_threads.setdefault(n, StepCosts())
+
+    @property
+    def threads(self) -> int:
+        """The compute threads of the current (or next) step."""
+        return self._threads_now
 
     def _await_arrivals_locked(self) -> None:
         """Before an idle engine's first step, let requests still being prepared join it."""

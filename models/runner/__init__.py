@@ -28,6 +28,8 @@ restarts with backoff, and the HTTP process and every other model go on.
   ``VisionEncoder``: its facts, and tokenize / count_tokens run in the runner.
 - ``supervisor``: the restart policy (backoff; failed after N crashes in M minutes).
 - ``logs``: the runner's log records, re-emitted by the HTTP process's own loggers.
+- ``cpu_share``: the cores split among the runners computing at the same time (each
+  told its thread count), so two busy models never oversubscribe the CPU.
 
 A vision model's encoder runs in its runner as well (libmtmd needs the text model's
 weights beside it), so an image that crashes the encoder ends only that model's requests.

@@ -39,6 +39,7 @@ from models.isolation import exit_reason
 from models.llama_lib import load_vocab
 from models.runner import logs, protocol as p
 from models.runner.shm import Channel, remove_blocks
+from models.runner.cpu_share import CPU_SHARE
 from models.runner.supervisor import CrashLog, RestartPolicy
 
 if TYPE_CHECKING:
@@ -218,6 +219,9 @@ class RunnerEngine(Tokenizer):
     def _deliver(self, job_id: int, event: Event, n_generated: int) -> None:
         with self._cond:
             job = self._jobs.get(job_id) if isinstance(event, TextDelta) else self._jobs.pop(job_id, None)
+            idle = job is not None and not self._jobs
+        if idle:  # its cores go back to the models still computing
+            CPU_SHARE.update(self)
         if job is None:
             return
         job.n_generated = n_generated
@@ -244,6 +248,7 @@ class RunnerEngine(Tokenizer):
                 self._crashes.record()
                 self._give_up_or_restart_locked(reason)
             self._cond.notify_all()
+        CPU_SHARE.forget(self)  # a new runner starts with its own thread count
         if not closing:
             log.error("the runner of model %s died (%s); %d requests failed", self.config.model_id,
                       reason, len(pending))
@@ -295,6 +300,9 @@ class RunnerEngine(Tokenizer):
             assert self._conn is not None
             job = RemoteJob(next(self._ids), sink, self, self._conn)
             self._jobs[job.id] = job
+            first = len(self._jobs) == 1
+        if first:  # its share of the cores, told before the request it is for
+            CPU_SHARE.update(self)
         self._send(job._conn, p.SUBMIT, job.id, req, max_queue)  # lost only if the runner died: then it fails
         return job
 
@@ -313,6 +321,13 @@ class RunnerEngine(Tokenizer):
             self._calls[call_id] = future
         self._send(conn, p.CALL, call_id, method, args, kwargs or {})  # lost only if the runner died: then it fails
         return future.result(timeout)
+
+    def tell_threads(self, n: int) -> None:
+        """Send the runner its share of the cores (``cpu_share``); it computes with ``n``
+        threads from its next step on."""
+        conn = self._conn
+        if conn is not None:
+            self._send(conn, p.THREADS, n)
 
     def _check_serving_locked(self) -> None:
         if self._state == "failed":
@@ -378,9 +393,11 @@ class RunnerEngine(Tokenizer):
             return 0
 
     def supervision(self) -> dict[str, Any]:
-        """The runner's row for /health: pid, RSS, restarts, last exit, state."""
+        """The runner's row for /health: pid, RSS, restarts, last exit, state, and the
+        compute threads it was last given (its share of the cores while others compute)."""
         return {"pid": self.pid, "rss_bytes": self.memory_bytes, "restarts": self.restarts,
-                "last_exit": self.last_exit, "state": self._state, "failure": self.failure}
+                "last_exit": self.last_exit, "state": self._state, "failure": self.failure,
+                "threads": CPU_SHARE.told(self)}
 
     def close(self) -> None:
         """Unload: the runner ends its requests (EngineClosed) and exits, freeing its memory."""
@@ -390,6 +407,7 @@ class RunnerEngine(Tokenizer):
             self._state = "closed"
             conn, proc, reader = self._conn, self._proc, self._reader
             self._cond.notify_all()
+        CPU_SHARE.forget(self)
         if conn is not None:
             self._send(conn, p.CLOSE)
         if proc is not None:

@@ -109,6 +109,8 @@ class Runner:
                     self.jobs[job_id] = engine.submit(request, self.sink_for(job_id), max_queue=max_queue)
                 except EngineError as exc:  # refused here although the client's checks passed
                     self.send(p.EVENT, job_id, Failed(exc, JobFigures()), 0)
+            elif kind == p.THREADS:
+                engine.set_threads(message[1])
             elif kind == p.CANCEL:
                 job = self.jobs.get(message[1])
                 if job is not None:

@@ -12,6 +12,7 @@ HTTP process -> runner:
   (SUBMIT, job_id, GenerationRequest, max_queue)
   (CANCEL, job_id)
   (PREPARING, +1 | -1)                  a request is being prepared for this engine
+  (THREADS, n)                          compute with n threads from the next step (``cpu_share``)
   (CALL, call_id, method, args, kwargs) a vision call (``VISION_CALLS``), answered by RESULT
   (CLOSE,)                              unload: pending jobs end with EngineClosed
 
@@ -43,6 +44,7 @@ CANCEL = "cancel"
 PREPARING = "preparing"
 EVENT = "event"
 CALL = "call"
+THREADS = "threads"
 RESULT = "result"
 CLOSE = "close"
 CLOSED = "closed"
