@@ -5,20 +5,22 @@
 Three models are served from one ``--models-dir``: two byte-for-byte copies of the
 default model (``main`` and ``second``) and the tiny test VLM (``vlm``, asked about an
 image). For each runner mode (``--runners on``: one process per model; ``off``: every
-model in the server process) the benchmark starts the server twice:
+model in the server process) the benchmark runs two servers side by side:
 
 * **alone**: ``--max-loaded-models 1``, so each model is measured with nothing else
   loaded (asking for the next model evicts the previous one);
-* **together**: ``--max-loaded-models 3``; all three are loaded, then each model's
-  decode is measured one after the other (the others loaded and idle), and ``main``
-  and ``second`` decode at the same time (both busy, sharing the cores).
+* **together**: ``--max-loaded-models 3``; all three stay loaded (the others idle
+  while one decodes), and ``main`` and ``second`` also decode at the same time (both
+  busy, sharing the cores).
 
-Per mode it prints decode tok/s (median of ``--runs`` streamed requests of
-``--tokens`` tokens at temperature 0) alone and together, the ratio, and the combined
-throughput of both busy at once against one of them alone (``main`` and ``second``
-alone, pooled); then the start-up time (``edgevlm serve`` launch to ``/health`` 200 with
-the default model, median of 3) and, with runners, the resident memory each runner
-process holds.
+Each model's two figures are taken back to back, in an order that flips every
+repetition, so the drift of a shared machine (often larger than what is measured)
+hits both alike. Per mode it prints decode tok/s (medians of ``--runs`` streamed
+requests of ``--tokens`` tokens at temperature 0) alone and together and the median of
+the paired ratios; for both busy at once, each repetition's sum against the mean of
+``main`` and ``second`` alone in that repetition. Then the start-up time (``edgevlm
+serve`` launch to ``/health`` 200 with the default model, median of 3) and, with
+runners, the resident memory each runner process holds.
 
 Targets (runner mode): each model together >= 0.95x alone; both busy at once combined
 >= 0.9x of one model alone.
@@ -120,41 +122,36 @@ def startup_s(mode: str, threads: int, starts: int = 3) -> float:
     return statistics.median(times)
 
 
-async def measure_alone(session: Session, runs: int) -> dict[str, list[float]]:
-    """Each model with nothing else loaded (``--max-loaded-models 1``), the models taken
-    in turn each repetition so the drift of a shared machine hits them alike."""
-    out: dict[str, list[float]] = {n: [] for n in MODELS}
+async def measure(alone: Session, together: Session, runs: int) -> dict[str, Any]:
+    """Per repetition and model: its decode on the ``alone`` server (nothing else loaded:
+    asking for it evicts the previous one) and on the ``together`` server (all three
+    loaded), back to back in an order that flips every repetition, so the drift of a
+    shared machine hits both figures of a pair alike; then ``main`` and ``second`` at
+    once on the ``together`` server (their tok/s and its sum)."""
+    for name in MODELS:
+        await together.decode_tps(name, tokens=16)  # all three loaded and warm
+    out: dict[str, Any] = {"alone": {n: [] for n in MODELS}, "together": {n: [] for n in MODELS},
+                           "both_busy": [], "both_each": []}
     for rep in range(runs):
         for name in (MODELS if rep % 2 == 0 else tuple(reversed(MODELS))):
-            await session.decode_tps(name, tokens=16)  # loads it (evicting the other) and warms it up
-            out[name].append(await session.decode_tps(name))
+            await alone.decode_tps(name, tokens=16)  # loads it and warms it up
+            pair = (alone, together) if rep % 2 == 0 else (together, alone)
+            for session in pair:
+                out["alone" if session is alone else "together"][name].append(await session.decode_tps(name))
+        a, b = await asyncio.gather(together.decode_tps("main"), together.decode_tps("second"))
+        out["both_busy"].append(a + b)
+        out["both_each"].extend([a, b])
     return out
 
 
-async def measure_together(session: Session, runs: int) -> tuple[dict[str, list[float]], list[float], list[float]]:
-    """Sequential figures per model (all loaded), and per run each of main and second
-    busy at once (their own tok/s) and their sum."""
-    for name in MODELS:
-        await session.decode_tps(name, tokens=16)  # all three loaded and warm
-    seq: dict[str, list[float]] = {n: [] for n in MODELS}
-    both: list[float] = []
-    each: list[float] = []
-    for rep in range(runs):
-        for name in (MODELS if rep % 2 == 0 else tuple(reversed(MODELS))):
-            seq[name].append(await session.decode_tps(name))
-        a, b = await asyncio.gather(session.decode_tps("main"), session.decode_tps("second"))
-        both.append(a + b)
-        each.extend([a, b])
-    return seq, both, each
-
-
-async def in_session(server: RunningServer, tokens: int, measure: Any, runs: int) -> Any:
-    """Run ``measure(session, runs)`` with clients opened and closed in this event loop."""
-    session = Session(server, tokens)
+async def in_sessions(servers: tuple[RunningServer, RunningServer], tokens: int, runs: int) -> dict[str, Any]:
+    """``measure`` with clients opened and closed in this event loop."""
+    alone, together = Session(servers[0], tokens), Session(servers[1], tokens)
     try:
-        return await measure(session, runs)
+        return await measure(alone, together, runs)
     finally:
-        await session.aclose()
+        await alone.aclose()
+        await together.aclose()
 
 
 def runner_rss(server: RunningServer) -> dict[str, int]:
@@ -172,12 +169,10 @@ def server_rss(server: RunningServer) -> int:
 def run_mode(mode: str, models: Path, args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"mode": mode}
     figures["startup_s"] = startup_s(mode, args.threads)
-    with serving(mode, models, args.threads, max_loaded=1) as server:
-        figures["alone"] = asyncio.run(in_session(server, args.tokens, measure_alone, args.runs))
-    with serving(mode, models, args.threads, max_loaded=3) as server:
-        seq, both, each = asyncio.run(in_session(server, args.tokens, measure_together, args.runs))
-        figures.update(together=seq, both_busy=both, both_each=each,
-                       runner_rss=runner_rss(server), server_rss=server_rss(server))
+    with serving(mode, models, args.threads, max_loaded=1) as alone, \
+            serving(mode, models, args.threads, max_loaded=3) as together:
+        figures.update(asyncio.run(in_sessions((alone, together), args.tokens, args.runs)))
+        figures.update(runner_rss=runner_rss(together), server_rss=server_rss(together))
     return figures
 
 
@@ -186,16 +181,17 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     rows = []
     for r in results:
         for name in MODELS:
-            alone, together = med(r["alone"][name]), med(r["together"][name])
-            ratio = together / alone
+            alone, together = r["alone"][name], r["together"][name]
+            ratio = med([t / a for a, t in zip(alone, together)])
             met = ("yes" if ratio >= ALONE_TARGET else "NO") if r["mode"] == "on" else "-"
-            rows.append([r["mode"], name, fmt(alone), fmt(together), fmt(ratio, ".2f"), met])
-        alone_main = med(r["alone"]["main"] + r["alone"]["second"])
-        combined = med(r["both_busy"]) / alone_main
+            rows.append([r["mode"], name, fmt(med(alone)), fmt(med(together)), fmt(ratio, ".2f"), met])
+        # each repetition's sum against the mean of its main and second alone
+        singles = [(a + b) / 2 for a, b in zip(r["alone"]["main"], r["alone"]["second"])]
+        combined = med([both / one for one, both in zip(singles, r["both_busy"])])
         met = ("yes" if combined >= COMBINED_TARGET else "NO") if r["mode"] == "on" else "-"
-        rows.append([r["mode"], "main+second at once", fmt(alone_main), fmt(med(r["both_busy"])),
+        rows.append([r["mode"], "main+second at once", fmt(med(singles)), fmt(med(r["both_busy"])),
                      fmt(combined, ".2f"), met])
-    print_table(["runners", "model", "alone tok/s", "together tok/s", "ratio", "target met"], rows,
+    print_table(["runners", "model", "alone tok/s", "together tok/s", "paired ratio", "target met"], rows,
                 title=(f"bench.multimodel — {args.threads} threads per model, {platform.machine()}, "
                        f"medians of {args.runs} x {args.tokens} tokens; targets (runners on): each >= "
                        f"{ALONE_TARGET}x alone, both busy combined >= {COMBINED_TARGET}x one alone"))
