@@ -170,6 +170,7 @@ def record_attributes(record: RequestRecord, capture_content: bool = False) -> A
     a["edgevlm.model.n_parallel"] = m.n_parallel
 
     _put(a, "edgevlm.process.peak_rss_bytes", record.peak_rss_bytes)
+    _put(a, "edgevlm.runner.peak_rss_bytes", record.runner_peak_rss_bytes)
     for key, value in record.energy.items():
         v = _attr_value(value)
         if v is not None:

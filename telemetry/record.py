@@ -8,8 +8,16 @@ attributes, metrics and reports one source of truth.
 
 from __future__ import annotations
 
+import resource
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 @dataclass
@@ -105,7 +113,8 @@ class RequestRecord:
     images: list[ImageRecord] = field(default_factory=list)
     middleware: dict[str, Any] = field(default_factory=dict)  # profile, budget, predictions
 
-    peak_rss_bytes: int | None = None
+    peak_rss_bytes: int | None = None  # the server process's peak, plus the runner's (below)
+    runner_peak_rss_bytes: int | None = None  # peak of the model's runner process, when it has one
     energy: dict[str, Any] = field(default_factory=dict)  # filled by telemetry.energy
 
     prompt_text: str | None = None  # only kept when content capture is opted in

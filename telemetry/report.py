@@ -263,8 +263,8 @@ def render_markdown(groups: list[Group], bad_lines: int, files: list[str], plots
         lines.append(f"{bad_lines} unreadable line(s) skipped (e.g. a line torn by a crash).")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-    lines += ["", "Energy: `estimate` is process CPU time x watts per core, not a measurement; "
-              "device-level sources (rapl, nvml, jetson, battery) include everything the machine did, "
+    lines += ["", "Energy: `estimate` is the CPU time of the server and its model runners x watts per core, "
+              "not a measurement; device-level sources (rapl, nvml, jetson, battery) include everything the machine did, "
               "so requests that overlapped others share their joules."]
     overlapped = sum(g.summary()["energy_overlapped"] for g in groups)
     if overlapped:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource as _resource
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,7 +18,7 @@ from .attributes import PROVIDER, record_attributes, span_model_id
 from .energy import EnergyMeter, EnergyTracker, EnergyWindow, detect_meter
 from .exporters import GuardedSpanExporter
 from .metrics import Metrics
-from .record import RequestRecord
+from .record import RequestRecord, peak_rss_bytes
 from .settings import TelemetrySettings
 from .tracing import build_resource, build_tracer_provider
 
@@ -29,12 +27,6 @@ log = logging.getLogger("edgevlm.telemetry")
 _PROPAGATOR = TraceContextTextMapPropagator()
 _MS = 1_000_000  # ns per ms
 UNKNOWN_MODEL = "unknown"  # metric label for a model id the server does not offer
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 class RequestTrace:
@@ -213,8 +205,8 @@ class Telemetry:
                 record.error_type = type(error).__qualname__
             if record.e2e_ms <= 0:
                 record.e2e_ms = elapsed_ms
-            if record.peak_rss_bytes is None:
-                record.peak_rss_bytes = peak_rss_bytes()
+            if record.peak_rss_bytes is None:  # the server's, plus the model runner's when it has one
+                record.peak_rss_bytes = peak_rss_bytes() + (record.runner_peak_rss_bytes or 0)
             if rt._window is not None:
                 record.energy.update(self.energy.close(rt._window, record.output_tokens))
             span.set_attributes(record_attributes(record, self.settings.capture_content))

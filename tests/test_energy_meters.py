@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -209,6 +211,22 @@ def test_estimate_is_labelled_and_grows_with_cpu_time():
     while time.process_time() < end:
         pass
     assert meter.read_joules() - j0 == pytest.approx(1.5, rel=0.5)
+
+
+def test_estimate_counts_the_cpu_time_of_child_processes_live_and_ended():
+    # The model runners are children of the server: their compute is the inference.
+    meter = EstimateMeter(watts_per_core=10.0)
+    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\nprint(1, flush=True)\ninput()"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        j0 = meter.read_joules()
+        assert child.stdout.readline().strip() == "1"  # burned its CPU and still lives
+        live = meter.read_joules() - j0
+        assert live >= 0.3 * 10.0 * 0.5, live  # most of the child's 0.4 s (the parent only waited)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert meter.read_joules() - j0 >= live * 0.95  # reaped: its time stays counted
 
 
 class ScriptedMeter(EnergyMeter):

@@ -22,6 +22,7 @@ import pytest
 from models.runner.supervisor import CrashLog, RestartPolicy
 from tests.browser import wait_for
 from tests.conftest import LiveServer, chat_body
+from telemetry.record import peak_rss_bytes
 from tests.test_speculative_api import spans
 
 DEFAULT = "smollm2-135m-instruct-q4_1"
@@ -152,3 +153,23 @@ def test_crashes_older_than_the_window_are_forgotten_and_backoff_doubles() -> No
     assert log.given_up and log.backoff_s == 1.0
     log.record(140.0)
     assert log.backoff_s == 1.5
+
+
+def test_a_requests_memory_and_energy_count_its_runner(make_server, tmp_path: Path) -> None:
+    # The model's weights and KV live in the runner: the span's peak RSS holds the
+    # runner's peak besides the server's, and the CPU-time energy estimate its compute.
+    before = peak_rss_bytes()
+    srv = make_server(runners="on", parallel=1, ctx_size=512, traces_flush_ms=50, energy=True,
+                      energy_sysfs_root=str(tmp_path))  # no power sensor here: the CPU-time estimate
+    r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=120,
+                   json=chat_body("Count to twenty.", max_tokens=64, ignore_eos=True))
+    assert r.status_code == 200
+    runner_rss = runner_row(srv, DEFAULT)["rss_bytes"]
+    [span] = wait_for(lambda: spans(Path(srv.app.state.settings.traces)), 30, "the span")
+    assert span["edgevlm.runner.peak_rss_bytes"] >= runner_rss > 50e6
+    assert span["edgevlm.process.peak_rss_bytes"] >= before + runner_rss
+    # 64 decoded tokens on a 135M model take far more CPU than serving them over HTTP
+    assert span["edgevlm.energy.source"] == "estimate"
+    joules, decode_s = span["edgevlm.energy.joules"], span["edgevlm.decode_ms"] / 1000
+    watts = srv.app.state.telemetry.energy.meter.watts_per_core
+    assert joules >= 0.5 * decode_s * watts

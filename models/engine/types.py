@@ -140,6 +140,7 @@ class JobFigures:
     preemptions: int = 0
     drafted_tokens: int = 0  # tokens proposed by speculative decoding and verified
     accepted_tokens: int = 0  # of those, tokens the model agreed with (emitted at no extra step)
+    runner_peak_rss_bytes: int | None = None  # set by a runner process: its own peak (the model's memory)
 
     def fill(self, record: RequestRecord) -> None:
         """Copy the figures into ``record``; preemptions go to its middleware, when any."""

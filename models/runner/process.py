@@ -24,6 +24,7 @@ from typing import Any
 from models.engine import Engine, EngineConfig, EngineError, Event, Failed, Job, TextDelta
 from models.engine.types import JobFigures
 from models.runner import logs, protocol as p
+from telemetry.record import peak_rss_bytes
 from models.runner.shm import Channel, remove_blocks
 from models.vision import VisionConfig, VisionEncoder, VisionError
 
@@ -86,6 +87,8 @@ class Runner:
             n_generated = job.n_generated if job is not None else 0
             if not isinstance(event, TextDelta):
                 self.jobs.pop(job_id, None)
+                # the model's memory: the server's own peak no longer holds it
+                event.figures.runner_peak_rss_bytes = peak_rss_bytes()
             self.send(p.EVENT, job_id, event, n_generated)
         return sink
 
