@@ -9,7 +9,6 @@ temperature 0, which shows the proposals are real and verified in the same step.
 from __future__ import annotations
 
 import shutil
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -18,14 +17,14 @@ import pytest
 from openai import OpenAI
 
 from bench.tinymodels import write_tiny_llm
-from models.engine import Engine, EngineConfig, EngineError, Finished
+from models.engine import Engine, EngineConfig, EngineError
 from models.engine.draft import VOCAB_SAMPLE_EVERY
 from models.engine.speculative import StepCosts, plan_drafts
 from models.registry import load_config
 from tests.test_cli import assert_one_line_error, edgevlm
-from tests.test_speculative import (COPY, WORK_ORDER, assert_same_or_near_tie, cells_agree, chat, costs,
-                                    submit)
-from tests.test_speculative_api import MODEL
+from tests.test_speculative import (COPY, WORK_ORDER, alone, assert_same_or_near_tie, cancel_mid_draft,
+                                    cells_agree, chat, concurrent_match_alone, costs, submit)
+from tests.test_speculative_api import without_and_with_drafts
 
 PROMPTS = (COPY, f"{WORK_ORDER}\n\nWhich parts are listed? Quote them.", "Name three colours.",
            "Why is the sky blue?")
@@ -53,15 +52,6 @@ def off(default_gguf: Path) -> Iterator[Engine]:
     eng = Engine(EngineConfig("smol-off", str(default_gguf), n_ctx=2048, n_parallel=1))
     yield eng
     eng.close()
-
-
-def alone(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    out = []
-    for p in prompts:
-        run, job = submit(engine, p, max_tokens)
-        run.wait()
-        out.append(job.sampled)
-    return out
 
 
 # ----------------------------------------------------------------- planning
@@ -103,15 +93,8 @@ def test_tiny_draft_model_keeps_one_stream_token_for_token_identical(default_ggu
 def test_tiny_draft_model_with_four_concurrent_streams(default_gguf: Path, tiny_llm: Path, off: Engine) -> None:
     on = draft_engine("smol-draft4", default_gguf, tiny_llm, 4)
     try:
-        prompts = [chat(off, t) for t in PROMPTS]
-        want = alone(off, prompts, 64)
-        runs = [submit(on, p, 64) for p in prompts]
-        for run, _ in runs:
-            run.wait()
-        same = [assert_same_or_near_tie(on, p, w, job.sampled) for p, w, (_, job) in zip(prompts, want, runs)]
-        assert same[0], "the copy prompt has no near-tie: it must be identical"
-        assert sum(r.ended.figures.drafted_tokens for r, _ in runs) > 0
-        cells_agree(on)
+        runs = concurrent_match_alone(off, on, [chat(off, t) for t in PROMPTS], 64)
+        assert sum(r.ended.figures.drafted_tokens for r in runs) > 0
         draft_cells_agree(on)
     finally:
         on.close()
@@ -157,21 +140,7 @@ def test_cancelling_mid_draft_and_parking_keep_both_contexts_cells_in_step(defau
     monkeypatch.setattr(StepCosts, "explore", lambda self: True)  # draft every step
     on = draft_engine("smol-cancel", default_gguf, default_gguf, 2, n_ctx=4096)
     try:
-        run, job = submit(on, chat(on, COPY + "\n\nThen copy it again, twice."), 400)
-        for _ in range(3000):  # until drafting is under way
-            if job.figures.accepted_tokens or run.done.is_set():
-                break
-            threading.Event().wait(0.01)
-        job.cancel()
-        assert run.done.wait(60)
-        assert isinstance(run.ended, Finished) and run.ended.reason == "cancelled"
-        assert run.ended.figures.drafted_tokens > 0
-        for _ in range(100):
-            if on.active == 0:
-                break
-            threading.Event().wait(0.02)
-        assert on.active == 0 and all(s.job is None for s in on._slots)
-        cells_agree(on)
+        run = cancel_mid_draft(on)
         draft_cells_agree(on)
         first = run.ended.figures.slot
         assert on._drafter.histories[first], "the finished slot's draft cells stay for its next turn"
@@ -215,12 +184,7 @@ def test_draft_model_reaches_the_runner_through_the_api(make_server, default_ggu
     """Runners on (the default): the draft model is loaded in the model's runner process."""
     srv = make_server(parallel=1, ctx_size=2048, speculative="draft", draft_model=str(default_gguf))
     client = OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
-    msgs = [{"role": "user", "content": COPY}]
-    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=48, temperature=0,
-                                           extra_body={"edgevlm": {"speculative": False}})
-    fast = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=48, temperature=0)
-    assert fast.choices[0].message.content == plain.choices[0].message.content
-    assert "drafted_tokens" not in plain.model_extra["timings"]
+    _, fast = without_and_with_drafts(client, 48)
     timings = fast.model_extra["timings"]
     # its first draft is planned before its cost was measured; the model agrees with itself
     assert timings["drafted_tokens"] > 0 and timings["accepted_tokens"] > 0

@@ -27,6 +27,7 @@ from models import cpu_paths
 from models.engine.slots import common_prefix
 from models.engine.speculative import StepCosts
 from models.engine.types import EngineError
+from models.llama_lib import free_loaded
 
 log = logging.getLogger("edgevlm.engine")
 
@@ -110,12 +111,7 @@ class DraftModel:
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None
-        if self.ctx:
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            llama_cpp.llama_model_free(self.model)
-            self.model = None
+        free_loaded(self)
 
     def set_threads(self, n: int) -> None:
         llama_cpp.llama_set_n_threads(self.ctx, n, n)

@@ -18,7 +18,7 @@ from models import cpu_info, cpu_paths, gguf_info
 from models.engine.draft import DraftModel
 from models.engine.types import EngineConfig, EngineError
 from models.engine.tokenizer import Tokenizer
-from models.llama_lib import ensure_backend
+from models.llama_lib import ensure_backend, free_loaded
 from telemetry.record import ModelInfo
 
 log = logging.getLogger("edgevlm.engine")
@@ -142,12 +142,7 @@ class NativeModel(Tokenizer):
                 self._embd_batch.pos = ctypes.cast(self._embd_pos_orig, ctypes.POINTER(llama_cpp.llama_pos))
             llama_cpp.llama_batch_free(self._embd_batch)
             self._embd_batch = None
-        if self.ctx:
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            llama_cpp.llama_model_free(self.model)
-            self.model = None
+        free_loaded(self)
 
 
 def default_parallel() -> int:
