@@ -62,7 +62,7 @@ def vocab_mismatch(draft: llama_cpp.llama_vocab_p, target: llama_cpp.llama_vocab
     for tok in sorted(ids):
         a, b = llama_cpp.llama_vocab_get_text(draft, tok), llama_cpp.llama_vocab_get_text(target, tok)
         if a != b:
-            return f"token {tok} is {a!r} vs {b!r}"
+            return f"token {tok} is {a.decode(errors='replace')!r} vs {b.decode(errors='replace')!r}"
     return None
 
 
