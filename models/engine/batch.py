@@ -125,8 +125,8 @@ class BatchBuilder:
             if job.n_generated < spec.paused_until:
                 continue
             # every accepted token is emitted: stay within max_tokens and the context
-            room = min(MAX_DRAFT if drafter is None else MAX_MODEL_DRAFT, job.req.max_tokens - job.n_generated - 1,
-                       self.n_ctx - len(job.slot.history) - 2)
+            room = min(MAX_DRAFT if drafter is None else MAX_MODEL_DRAFT,
+                       job.req.max_tokens - job.n_generated - 1, self.n_ctx - len(job.slot.history) - 2)
             draft = spec.index.draft(room) if spec.index is not None else []
             if draft or (drafter is not None and room > 0):
                 jobs.append((job, draft))
@@ -142,12 +142,12 @@ class BatchBuilder:
                          draft_ms=0.0 if drafter is None else drafter.token_ms(len(jobs)))
         if drafter is None:
             return {job: draft[:k] for (job, draft), k in zip(jobs, ks) if k}
-        chosen = [job for (job, _), k in zip(jobs, ks) if k]
+        chosen = [(job, k) for (job, _), k in zip(jobs, ks) if k]
         if not chosen:
             return {}
-        wants = [(job.slot.seq_id, [*job.slot.history, job.next_token], k) for (job, _), k in zip(jobs, ks) if k]
+        wants = [(job.slot.seq_id, [*job.slot.history, job.next_token], k) for job, k in chosen]
         spare = [s.seq_id for s in self._slots if s.job is None]
-        return {job: draft for job, draft in zip(chosen, drafter.propose(wants, spare)) if draft}
+        return {job: draft for (job, _), draft in zip(chosen, drafter.propose(wants, spare)) if draft}
 
     def _follow_draft(self, slot: Slot) -> None:
         """Cut the draft model's copy of ``slot`` back to what the slot's KV still holds."""
