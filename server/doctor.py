@@ -125,6 +125,8 @@ def run(settings: Settings) -> int:
             out(f" {mark}{spec.id}  {spec.path}")
             if spec.mmproj:
                 out(f"    mmproj      {spec.mmproj}")
+            if spec.draft_model:
+                out(f"    draft model {spec.draft_model}")
             threads = spec.threads or default_threads()
             warning = cpu_info.threads_warning(threads, budget)
             out(f"    threads     {threads}")

@@ -34,8 +34,10 @@ class Settings(BaseSettings):
     batch: int | None = Field(None, ge=32, description="Max tokens per llama_decode call.")
     repack: Literal["auto", "on", "off"] | None = Field(
         None, description="CPU fast paths (AMX, repacked weights): auto = self-tested, on, off.")
-    speculative: Literal["off", "ngram"] | None = Field(
-        None, description="Speculative decoding: ngram (prompt lookup, default) or off.")
+    speculative: Literal["off", "ngram", "draft"] | None = Field(
+        None, description="Speculative decoding: ngram (prompt lookup, default), draft (a draft model) or off.")
+    draft_model: str | None = Field(
+        None, description="Draft model GGUF (same tokenizer, smaller) for speculative draft.")
     max_queue: int = Field(8, ge=0, description="Requests waiting per model before 429.")
     max_loaded_models: int = Field(2, ge=1)
     runners: Literal["on", "off"] = Field(

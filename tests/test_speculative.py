@@ -223,24 +223,37 @@ def test_one_stream_is_token_for_token_identical_with_speculation(default_gguf: 
         on.close()
 
 
+def alone(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy tokens, run one at a time."""
+    out = []
+    for p in prompts:
+        run, job = submit(engine, p, max_tokens)
+        run.wait()
+        out.append(job.sampled)
+    return out
+
+
+def concurrent_match_alone(off: Engine, on: Engine, prompts: list[list[int]], max_tokens: int) -> list[Run]:
+    """All prompts at once on ``on`` give what each gives alone on ``off`` (up to near-ties);
+    the first prompt, a copy without near-ties, must be identical."""
+    want = alone(off, prompts, max_tokens)
+    runs = [submit(on, p, max_tokens) for p in prompts]
+    for run, _ in runs:
+        run.wait()
+    same = [assert_same_or_near_tie(on, p, a, job.sampled) for p, a, (_, job) in zip(prompts, want, runs)]
+    assert same[0], "the copy prompt has no near-tie: it must be identical"
+    cells_agree(on)
+    return [run for run, _ in runs]
+
+
 def test_four_concurrent_streams_match_one_stream_without_speculation(smol) -> None:
     off, on = smol
     prompts = [chat(off, COPY), chat(off, "Fill a JSON object with the fields site, press, parts and "
                                         f"technician from this work order.\n\n{WORK_ORDER}"),
                chat(off, f"{WORK_ORDER}\n\nWhich parts are listed? Quote them."),
                chat(off, "Name three colours.")]
-    alone = []
-    for p in prompts:
-        run, job = submit(off, p, 96)
-        run.wait()
-        alone.append(job.sampled)
-    runs = [submit(on, p, 96) for p in prompts]
-    for run, _ in runs:
-        run.wait()
-    same = [assert_same_or_near_tie(on, p, a, job.sampled) for p, a, (_, job) in zip(prompts, alone, runs)]
-    assert same[0], "the copy prompt has no near-tie: it must be identical"
-    assert sum(r.ended.figures.accepted_tokens for r, _ in runs) > 0
-    cells_agree(on)
+    runs = concurrent_match_alone(off, on, prompts, 96)
+    assert sum(r.ended.figures.accepted_tokens for r in runs) > 0
 
 
 def test_free_form_single_stream_matches_without_speculation(smol) -> None:
@@ -307,9 +320,9 @@ def test_grammar_constrained_output_is_identical_and_drafts_cannot_break_it(smol
     cells_agree(on)
 
 
-def test_cancelling_mid_draft_frees_the_slot(smol) -> None:
-    _, on = smol
-    run, job = submit(on, chat(on, COPY + "\n\nThen copy it again, twice."), 400)
+def cancel_mid_draft(engine: Engine) -> Run:
+    """Cancel a long copy once it has drafted; the slot is free and the cells agree."""
+    run, job = submit(engine, chat(engine, COPY + "\n\nThen copy it again, twice."), 400)
     for _ in range(3000):  # until drafting is under way
         if job.figures.drafted_tokens or run.done.is_set():
             break
@@ -319,11 +332,17 @@ def test_cancelling_mid_draft_frees_the_slot(smol) -> None:
     assert isinstance(run.ended, Finished) and run.ended.reason == "cancelled"
     assert run.ended.figures.drafted_tokens > 0
     for _ in range(100):
-        if on.active == 0:
+        if engine.active == 0:
             break
         threading.Event().wait(0.02)
-    assert on.active == 0 and all(s.job is None for s in on._slots)
-    cells_agree(on)
+    assert engine.active == 0 and all(s.job is None for s in engine._slots)
+    cells_agree(engine)
+    return run
+
+
+def test_cancelling_mid_draft_frees_the_slot(smol) -> None:
+    _, on = smol
+    cancel_mid_draft(on)
     assert submit(on, chat(on, "Say hi."), 8)[0].wait().ended.reason in ("stop", "length")
 
 

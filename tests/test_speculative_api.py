@@ -27,17 +27,24 @@ def spans(path: Path) -> list[dict]:
     return out
 
 
+def without_and_with_drafts(client: OpenAI, max_tokens: int) -> tuple[object, object]:
+    """The copy prompt at temperature 0, refusing drafts and then allowing them: same text."""
+    msgs = [{"role": "user", "content": COPY}]
+    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=max_tokens, temperature=0,
+                                           extra_body={"edgevlm": {"speculative": False}})
+    fast = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=max_tokens, temperature=0)
+    assert fast.choices[0].message.content == plain.choices[0].message.content
+    assert "drafted_tokens" not in plain.model_extra["timings"]
+    return plain, fast
+
+
 def test_speculation_is_on_by_default_reported_and_can_be_refused_per_request(make_server, tmp_path) -> None:
     traces = tmp_path / "traces.jsonl"
     srv = make_server(parallel=2, ctx_size=2048, traces=str(traces))
     client = OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
     msgs = [{"role": "user", "content": COPY}]
-    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=120, temperature=0,
-                                           extra_body={"edgevlm": {"speculative": False}})
-    fast = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=120, temperature=0)
-    assert fast.choices[0].message.content == plain.choices[0].message.content
-    t_fast, t_plain = fast.model_extra["timings"], plain.model_extra["timings"]
-    assert "drafted_tokens" not in t_plain
+    plain, fast = without_and_with_drafts(client, 120)
+    t_fast = fast.model_extra["timings"]
     assert t_fast["drafted_tokens"] >= t_fast["accepted_tokens"] > 10
     # streamed: the last chunk's timings carry the same counts
     stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=120, temperature=0,

@@ -9,7 +9,8 @@ import llama_cpp
 import numpy as np
 
 from models.engine.job import Job
-from models.engine.slots import pool_cells
+from models.engine.draft import MAX_MODEL_DRAFT
+from models.engine.slots import Slot, pool_cells
 from models.engine.speculative import MAX_DRAFT, NgramIndex, SpecState, plan_drafts
 from models.engine.types import EngineError, ImageSegment
 
@@ -103,26 +104,33 @@ class BatchBuilder:
             self._prefill_image(image_job)
 
     def _plan_drafts(self, decoding: list[Job], prefilling: list[Job]) -> dict[Job, list[int]]:
-        """Each decoding sequence's drafted tokens for this step (prompt lookup), sized by
-        its acceptance so far, the step's measured cost and the free KV cells."""
+        """Each decoding sequence's drafted tokens for this step, sized by its acceptance so
+        far, the step's measured cost and the free KV cells.
+
+        Prompt lookup drafts first and plans how much of each draft to verify; a draft
+        model plans first (its tokens cost a decode each, counted at their measured cost)
+        and then drafts just that many. With a draft model, sequences with images in their
+        prompt do not draft at all: the draft model reads tokens, not image rows.
+        """
+        drafter = self._drafter
         jobs: list[tuple[Job, list[int]]] = []
         candidates: list[tuple[float, int]] = []
         for job in decoding:
-            if not job.req.speculative:
+            if not job.req.speculative or (drafter is not None and not job.text_only):
                 continue
             spec = job.spec
             if spec is None:
-                spec = job.spec = SpecState(NgramIndex(job.prompt_items))
+                spec = job.spec = SpecState(None if drafter is not None else NgramIndex(job.prompt_items))
             spec.catch_up(job.sampled)
             if job.n_generated < spec.paused_until:
                 continue
             # every accepted token is emitted: stay within max_tokens and the context
-            room = min(MAX_DRAFT, job.req.max_tokens - job.n_generated - 1,
-                       self.n_ctx - len(job.slot.history) - 2)
-            draft = spec.index.draft(room)
-            if draft:
+            room = min(MAX_DRAFT if drafter is None else MAX_MODEL_DRAFT,
+                       job.req.max_tokens - job.n_generated - 1, self.n_ctx - len(job.slot.history) - 2)
+            draft = spec.index.draft(room) if spec.index is not None else []
+            if draft or (drafter is not None and room > 0):
                 jobs.append((job, draft))
-                candidates.append((spec.acceptance, len(draft)))
+                candidates.append((spec.acceptance, len(draft) if drafter is None else room))
         if not jobs:
             return {}
         remaining = sum(j.n_prompt - j.cursor for j in prefilling)
@@ -130,8 +138,21 @@ class BatchBuilder:
         base_rows = len(decoding) + prefill
         free = self.n_ctx - pool_cells(self._slots) - base_rows
         ks = plan_drafts(candidates, len(decoding), base_rows, self._step_costs,
-                         min(self.n_batch, base_rows + max(0, free)), explore=self._step_costs.explore())
-        return {job: draft[:k] for (job, draft), k in zip(jobs, ks) if k}
+                         min(self.n_batch, base_rows + max(0, free)), explore=self._step_costs.explore(),
+                         draft_ms=0.0 if drafter is None else drafter.token_ms(len(jobs)))
+        if drafter is None:
+            return {job: draft[:k] for (job, draft), k in zip(jobs, ks) if k}
+        chosen = [(job, k) for (job, _), k in zip(jobs, ks) if k]
+        if not chosen:
+            return {}
+        wants = [(job.slot.seq_id, [*job.slot.history, job.next_token], k) for job, k in chosen]
+        spare = [s.seq_id for s in self._slots if s.job is None]
+        return {job: draft for (job, _), draft in zip(chosen, drafter.propose(wants, spare)) if draft}
+
+    def _follow_draft(self, slot: Slot) -> None:
+        """Cut the draft model's copy of ``slot`` back to what the slot's KV still holds."""
+        if self._drafter is not None:
+            self._drafter.follow(slot.seq_id, () if slot.parked is not None else slot.history)
 
     def _verify(self, job: Job, outputs: list[tuple[int, Job]], row: int, draft: list[int],
                 greedy: np.ndarray | None) -> None:
@@ -159,6 +180,8 @@ class BatchBuilder:
         if keep < len(slot.history):
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(keep), -1)
             slot.truncate(keep)
+        if self._drafter is not None:  # it decoded its own proposal: keep what was accepted
+            self._drafter.keep(slot.seq_id, keep)
         job.spec.record(len(draft), accepted, job.n_generated)
 
     def _put_prompt(self, job: Job, take: int, n: int, outputs: list[tuple[int, Job]],

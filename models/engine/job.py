@@ -36,6 +36,8 @@ class Job:
             else:
                 self.items.extend(seg)
             self.seg_bounds.append((start, len(self.items), seg))
+        # no image rows in the prompt: a draft model, which reads tokens only, may draft for it
+        self.text_only = not any(isinstance(seg, ImageSegment) for seg in req.segments)
         self.prompt_items = list(self.items)
         self.prompt_bounds = list(self.seg_bounds)
         self.generated: list[int] = []  # sampled tokens already decoded into the KV

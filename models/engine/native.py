@@ -15,9 +15,10 @@ import numpy as np
 import psutil
 
 from models import cpu_info, cpu_paths, gguf_info
+from models.engine.draft import DraftModel
 from models.engine.types import EngineConfig, EngineError
 from models.engine.tokenizer import Tokenizer
-from models.llama_lib import ensure_backend
+from models.llama_lib import ensure_backend, free_loaded
 from telemetry.record import ModelInfo
 
 log = logging.getLogger("edgevlm.engine")
@@ -32,17 +33,17 @@ class NativeModel(Tokenizer):
         self.config = config
         rss_before = psutil.Process().memory_info().rss
         n_threads = config.n_threads or default_threads()
-        self.fast_paths = choose_fast_paths(config, n_threads)
+        self.fast_paths = choose_fast_paths(config.path, config.repack, n_threads)
         log.info("model %s: %s", config.model_id, self.fast_paths.describe())
         warning = cpu_info.threads_warning(n_threads)
         if warning:
             log.warning("model %s: %s", config.model_id, warning)
-        model = cpu_paths.load_model(config.path, self.fast_paths.allowed,
-                                     gpu_layers=0 if os.environ.get("EDGEVLM_CPU_ONLY") else 999)
+        model = cpu_paths.load_model(config.path, self.fast_paths.allowed, gpu_layers=gpu_layers())
         if not model:
             raise EngineError(f"could not load model file {config.path}", code="model_load_failed")
         self.model = model
         self.ctx = None
+        self._drafter: DraftModel | None = None
         self._batch = self._embd_batch = None
         self._embd_pos_orig = None
         try:
@@ -113,10 +114,25 @@ class NativeModel(Tokenizer):
             self._embd_batch.pos = ctypes.cast(self._mrope_pos, ctypes.POINTER(llama_cpp.llama_pos))
         self.n_parallel = int(cparams.n_seq_max)
         self._logit_views: dict[tuple[int | None, int], np.ndarray] = {}
-        self._load_bytes = max(psutil.Process().memory_info().rss - rss_before,
-                               int(llama_cpp.llama_model_size(model)))
+        size = int(llama_cpp.llama_model_size(model))
+        if config.draft_path:
+            self._drafter = self._load_draft(config, n_threads)
+            size += int(llama_cpp.llama_model_size(self._drafter.model))
+        self._load_bytes = max(psutil.Process().memory_info().rss - rss_before, size)
+
+    def _load_draft(self, config: EngineConfig, n_threads: int) -> DraftModel:
+        """The draft model beside the target: a context as large, a sequence per slot."""
+        assert config.draft_path is not None
+        verdict = choose_fast_paths(config.draft_path, config.repack, n_threads)
+        log.info("model %s: draft model %s: %s", config.model_id, config.draft_path, verdict.describe())
+        return DraftModel(config.draft_path, target_path=config.path, target_vocab=self.vocab, n_ctx=self.n_ctx,
+                          n_batch=self.n_batch, n_parallel=self.n_parallel, n_threads=n_threads,
+                          allowed=verdict.allowed, gpu_layers=gpu_layers())
 
     def _free_native(self) -> None:
+        if self._drafter is not None:
+            self._drafter.close()
+            self._drafter = None
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -126,12 +142,7 @@ class NativeModel(Tokenizer):
                 self._embd_batch.pos = ctypes.cast(self._embd_pos_orig, ctypes.POINTER(llama_cpp.llama_pos))
             llama_cpp.llama_batch_free(self._embd_batch)
             self._embd_batch = None
-        if self.ctx:
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            llama_cpp.llama_model_free(self.model)
-            self.model = None
+        free_loaded(self)
 
 
 def default_parallel() -> int:
@@ -146,14 +157,19 @@ def default_parallel() -> int:
     return max(1, min(4, 2 * cores, int(free_gib)))
 
 
-def choose_fast_paths(config: EngineConfig, n_threads: int) -> cpu_paths.Verdict:
+def gpu_layers() -> int:
+    """Layers to offload: all of them, unless EDGEVLM_CPU_ONLY is set."""
+    return 0 if os.environ.get("EDGEVLM_CPU_ONLY") else 999
+
+
+def choose_fast_paths(path: str, repack: str, n_threads: int) -> cpu_paths.Verdict:
     """The self-tested fast paths; a file the self-test cannot read gets the plain path
     (its load then fails with llama.cpp's own clear error)."""
-    if config.repack not in cpu_paths.REPACK_MODES:
-        raise EngineError(f"repack must be one of {', '.join(cpu_paths.REPACK_MODES)}, not {config.repack!r}",
+    if repack not in cpu_paths.REPACK_MODES:
+        raise EngineError(f"repack must be one of {', '.join(cpu_paths.REPACK_MODES)}, not {repack!r}",
                           code="invalid_config")
     try:
-        return cpu_paths.choose(config.path, config.repack, n_threads)
+        return cpu_paths.choose(path, repack, n_threads)
     except Exception as exc:  # unreadable or not GGUF: nothing to test
         return cpu_paths.Verdict(config.repack, (), (), f"not self-tested ({exc})")
 

@@ -111,6 +111,7 @@ class PrefixSharing:
                 slot.parked = blob
             else:
                 slot.truncate(0)
+            self._follow_draft(slot)  # parked KV leaves the draft context: it is cheap to catch up
         parked = sorted((s for s in self._slots if s.parked is not None), key=lambda s: s.last_used)
         total = sum(len(s.history) for s in parked)
         while total > self.n_ctx:

@@ -27,14 +27,31 @@ from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Sequence
 
 __all__ = [
-    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_SIZES", "SPECULATIVE_MODES", "NgramIndex", "SpecState", "StepCosts",
+    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "mode_problem", "NGRAM_SIZES", "SPECULATIVE_MODES", "NgramIndex", "SpecState", "StepCosts",
     "plan_drafts",
 ]
 
-SPECULATIVE_MODES = ("off", "ngram")
+SPECULATIVE_MODES = ("off", "ngram", "draft")
 # What a model gets unless configured: see the README's speculative decoding section
 # for the benchmark that decided it.
 DEFAULT_SPECULATIVE = "ngram"
+
+
+
+def mode_problem(mode: str, draft_path: str | None) -> str | None:
+    """What is wrong with a speculative mode and draft model pairing, or None.
+
+    One rule for the engine and the model registry: ``draft`` needs a draft model and
+    only ``draft`` uses one (a draft model beside ``ngram`` would load and never run).
+    """
+    if mode not in SPECULATIVE_MODES:
+        return f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, not {mode!r}"
+    if mode == "draft" and not draft_path:
+        return "speculative draft needs a draft model (--draft-model / EDGEVLM_DRAFT_MODEL / draft_model)"
+    if mode != "draft" and draft_path:
+        return f"a draft model is used only with speculative draft, not {mode!r}"
+    return None
+
 
 # The tail lengths looked up, longest first. On a CPU a verification step is not free
 # (SmolLM2-135M, 2 cores: 7 ms for one row, 15 for two, 68 for sixteen), so a draft pays
@@ -113,7 +130,7 @@ class NgramIndex:
 class SpecState:
     """One sequence's drafting: its index, acceptance so far and any pause."""
 
-    index: NgramIndex
+    index: NgramIndex | None  # prompt lookup's; None when a draft model proposes
     seen: int = 0  # sampled tokens already in the index
     hits: float = PRIOR_HITS  # decayed count of accepted drafted tokens
     misses: float = PRIOR_MISSES  # decayed count of rejected first-mismatches
@@ -130,7 +147,7 @@ class SpecState:
 
     def catch_up(self, sampled: Sequence[int]) -> None:
         """Add the tokens sampled since the last draft to the index."""
-        if len(sampled) > self.seen:
+        if self.index is not None and len(sampled) > self.seen:
             self.index.extend(sampled[self.seen:])
             self.seen = len(sampled)
 
@@ -201,7 +218,8 @@ class StepCosts:
 
 
 def plan_drafts(candidates: Sequence[tuple[float, int]], base_tokens: int, base_rows: int,
-                costs: StepCosts, max_rows: int, *, explore: bool = False) -> list[int]:
+                costs: StepCosts, max_rows: int, *, explore: bool = False,
+                draft_ms: float = 0.0) -> list[int]:
     """How many drafted tokens each sequence verifies this step.
 
     ``candidates`` are (acceptance, tokens available) per drafting sequence; the step
@@ -211,6 +229,10 @@ def plan_drafts(candidates: Sequence[tuple[float, int]], base_tokens: int, base_
     be accepted, while expected tokens per ms of the step still rise. With one stream on
     a CPU extra rows cost almost nothing and drafts run long; with a batch full of
     decoding streams each row costs real time, and only well-accepted drafts stay.
+
+    ``draft_ms`` is what proposing one token costs before the step (a draft model's own
+    decode, as measured; prompt lookup's is nil): a draft model as slow as the target
+    never pays, however well it agrees, so it stops drafting.
     """
     if explore:
         max_rows = min(max_rows, base_rows + EXPLORE_ROWS)
@@ -239,7 +261,7 @@ def plan_drafts(candidates: Sequence[tuple[float, int]], base_tokens: int, base_
         gains[pick] *= candidates[pick][0]
         rows += 1
         order.append(pick)
-        value = expected / cost(rows)
+        value = expected / (cost(rows) + (0.0 if explore else draft_ms) * len(order))
         if value > best_value:
             best_value, best_rows = value, len(order)
     ks = [0] * len(candidates)

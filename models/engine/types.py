@@ -56,7 +56,8 @@ class EngineConfig:
     chat_template: str | None = None  # overrides the GGUF's template
     mmproj_path: str | None = None
     repack: str = "auto"  # CPU fast paths: auto (self-tested) | on | off; see models.cpu_paths
-    speculative: str = "off"  # off | ngram (prompt lookup); see models.engine.speculative
+    speculative: str = "off"  # off | ngram (prompt lookup) | draft; see models.engine.speculative
+    draft_path: str | None = None  # the draft model of speculative "draft" (models.engine.draft)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from models.engine.job import Job
 from models.engine.native import NativeModel
 from models.engine.prefix import PARK_MIN_PREFILL, PrefixSharing
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
-from models.engine.speculative import SPECULATIVE_MODES, StepCosts
+from models.engine.speculative import StepCosts, mode_problem
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
                                  GenerationRequest, Sink, TextDelta)
 from models.engine.validation import Limits, check_queue, check_request
@@ -38,9 +38,9 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
     """One model, one context, ``n_parallel`` sequences, one worker thread."""
 
     def __init__(self, config: EngineConfig):
-        if config.speculative not in SPECULATIVE_MODES:
-            raise EngineError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, "
-                              f"not {config.speculative!r}", code="invalid_config")
+        problem = mode_problem(config.speculative, config.draft_path)
+        if problem is not None:
+            raise EngineError(problem, code="invalid_config")
         self._step_costs = StepCosts()  # measured llama_decode ms per batch rows (plans drafts)
         self._load(config)
         # Step costs per thread count: a runner's threads change while other models decode.
@@ -211,6 +211,8 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         n = self._threads_wanted
         if n != self._threads_now:
             llama_cpp.llama_set_n_threads(self.ctx, n, n)
+            if self._drafter is not None:
+                self._drafter.set_threads(n)
             self._threads_now = n
             self._step_costs = self._costs_by_threads.setdefault(n, StepCosts())
 
@@ -280,6 +282,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
             slot.truncate(reuse)
         own = reuse
         reuse = self._share_cached_prefix(job, reuse)
+        self._follow_draft(slot)
         job.cursor = reuse
         slot.prompt_end = len(job.prompt_items)
         if job.n_prompt - reuse >= PARK_MIN_PREFILL:
@@ -332,6 +335,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
     def _clear(self, slot: Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.truncate(0)
+        self._follow_draft(slot)
 
     def _preempt(self, job: Job) -> None:
         slot = job.slot
@@ -353,6 +357,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
             slot = job.slot
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(n_hist), -1)
             slot.truncate(n_hist)
+            self._follow_draft(slot)
             job.cursor = cursor
             del job.generated[n_gen:]
         if rc == 1:  # llama.cpp found no room in the KV cache for this batch: recoverable
