@@ -17,7 +17,7 @@ import pytest
 
 import models.engine.worker as worker_module
 import models.llama_lib as llama_lib
-from models.engine import (PARK_MIN_PREFILL, Engine, EngineConfig, Failed, Finished,
+from models.engine import (PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL, Engine, EngineConfig, Failed, Finished,
                            GenerationRequest, Job, PromptTooLong, TextDelta)
 from models.engine.slots import Slot, common_prefix, pool_cells
 from models.sampling import SamplingParams
@@ -234,15 +234,30 @@ def test_long_prompt_parks_idle_caches_in_ram_and_the_next_turn_restores_them(
     chat_slot = _slot_of(engine, first)
     n_history = len(chat_slot.history)
     assert chat_slot.parked is not None and _pool_cells(engine, chat_slot) == 0
-    with_parked = engine.memory_bytes
     warm = submit(engine, prompt2).wait()
-    assert engine.memory_bytes < with_parked  # the parked copy is gone once restored
+    assert chat_slot.parked is None  # the parked copy is gone once restored
     assert warm.record.slot == first.record.slot
     assert warm.record.restored_tokens == n_history
     n_prompt = len(engine.tokenize(prompt2))
     assert warm.record.cached_tokens >= first.record.input_tokens  # the whole first turn came back
     assert warm.record.prefilled_tokens == n_prompt - warm.record.cached_tokens
     assert warm.text == _cold(tiny_llm, prompt2).text
+
+
+@pytest.mark.parametrize("first_answer, parks", [(8, False), (PARK_MIN_IDLE_CELLS + 40, True)])
+def test_a_short_request_parks_idle_caches_big_enough_to_widen_its_attention(
+        tiny_llm: Path, first_answer: int, parks: bool) -> None:
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2))
+    try:
+        idle = _slot_of(eng, submit(eng, "<|im_start|>user\nCount.<|im_end|>\n", max_tokens=first_answer).wait())
+        short = submit(eng, "<|im_start|>user\nName a bird.<|im_end|>\n", max_tokens=4).wait()
+        assert short.record.slot != idle.seq_id and short.record.prefilled_tokens < PARK_MIN_PREFILL
+        if parks:  # the short request decoded beside none of them
+            assert idle.parked is not None and _pool_cells(eng, idle) == 0
+        else:  # a few idle cells cannot widen the window: they stay in the pool
+            assert idle.parked is None and _pool_cells(eng, idle) == len(idle.history)
+    finally:
+        eng.close()
 
 
 def test_an_unrelated_prompt_drops_a_parked_cache_without_restoring_it(tiny_llm: Path) -> None:

@@ -21,14 +21,14 @@ parking), ``batch`` (building each step's batch) and ``worker`` (the ``Engine``)
 
 from models.engine.job import GENERATION_RESERVE, Job
 from models.engine.native import default_parallel, default_threads
-from models.engine.prefix import PARK_MIN_PREFILL
+from models.engine.prefix import PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
                                  GenerationRequest, ImageSegment, PromptTooLong, QueueFull, Segment,
                                  Sink, TextDelta, segment_tokens)
 from models.engine.worker import Engine
 
 __all__ = [
-    "GENERATION_RESERVE", "PARK_MIN_PREFILL", "Engine", "EngineClosed", "EngineConfig", "EngineError",
-    "Event", "Failed", "Finished", "GenerationRequest", "ImageSegment", "Job", "PromptTooLong",
+    "GENERATION_RESERVE", "PARK_MIN_IDLE_CELLS", "PARK_MIN_PREFILL", "Engine", "EngineClosed", "EngineConfig",
+    "EngineError", "Event", "Failed", "Finished", "GenerationRequest", "ImageSegment", "Job", "PromptTooLong",
     "QueueFull", "Segment", "Sink", "TextDelta", "default_parallel", "default_threads", "segment_tokens",
 ]
