@@ -45,6 +45,9 @@ def vlms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path
     return {
         "mlp": tiny_vlm(d, "mlp", llm=LLM, mmproj={"image_size": 128}),  # 256 tokens per image
         "tiling": tiny_vlm(d, "mlp", llm=LLM, mmproj={"grid_pinpoints": [128, 128, 192, 128, 128, 192, 192, 192]}),
+        # M-RoPE: each kept row's (t, y, x) positions cross too; with wrong positions this
+        # model's output changes (tests/test_mrope.py guards that), so equal output is a check
+        "qwen2vl": tiny_vlm(d, "qwen2vl", llm={"attn_std": 0.3}),
     }
 
 
@@ -178,6 +181,7 @@ def test_greedy_image_chat_is_the_in_process_servers_token_for_token(
         assert isinstance(lm.vision, RemoteVision) and isinstance(loaded(local).vision, VisionEncoder)
         pid = lm.runner.pid
         assert pid is not None and pid != os.getpid()
+        assert lm.vision.uses_mrope == lm.engine.mrope == (kind == "qwen2vl")
         asks = [({}, png_uri(96, 64, seed=1)), ({"prune": {"method": "diverse", "keep": 0.75}}, png_uri(256, 192, seed=2))]
         for edgevlm, url in asks:
             a, b = chat(local, url, **edgevlm), chat(remote, url, **edgevlm)
