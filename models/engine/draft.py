@@ -25,7 +25,7 @@ import numpy as np
 
 from models import cpu_paths
 from models.engine.slots import common_prefix
-from models.engine.speculative import StepCosts
+from models.engine.speculative import CostsByThreads
 from models.engine.types import EngineError
 from models.llama_lib import free_loaded
 
@@ -104,8 +104,8 @@ class DraftModel:
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.histories: list[list[int]] = [[] for _ in range(n_parallel)]
         # Measured ms per draft decode by (sequences, rows), per thread count like the target's.
-        self.costs = StepCosts()
-        self._costs_by_threads = {n_threads: self.costs}
+        self._costs = CostsByThreads()
+        self.costs = self._costs.for_threads(n_threads)
 
     def close(self) -> None:
         if self.batch is not None:
@@ -115,7 +115,7 @@ class DraftModel:
 
     def set_threads(self, n: int) -> None:
         llama_cpp.llama_set_n_threads(self.ctx, n, n)
-        self.costs = self._costs_by_threads.setdefault(n, StepCosts())
+        self.costs = self._costs.for_threads(n)
 
     def token_ms(self, n_seqs: int) -> float:
         """Measured ms one drafted token costs when ``n_seqs`` sequences draft together.

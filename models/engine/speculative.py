@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Sequence
 
 __all__ = [
-    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "mode_problem", "NGRAM_SIZES", "SPECULATIVE_MODES", "NgramIndex", "SpecState", "StepCosts",
-    "plan_drafts",
+    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_SIZES", "SPECULATIVE_MODES", "CostsByThreads", "NgramIndex",
+    "SpecState", "StepCosts", "mode_problem", "plan_drafts",
 ]
 
 SPECULATIVE_MODES = ("off", "ngram", "draft")
@@ -215,6 +215,18 @@ class StepCosts:
         """Whether this plan should ignore the costs (one in EXPLORE_EVERY)."""
         self.plans += 1
         return self.plans % EXPLORE_EVERY == 0
+
+
+class CostsByThreads:
+    """``StepCosts`` per compute-thread count. A runner's thread count changes while other
+    models decode (``models.runner.cpu_share``), and what a step cost on two threads says
+    nothing of its cost on one: each count keeps its own measurements."""
+
+    def __init__(self) -> None:
+        self._tables: dict[int, StepCosts] = {}
+
+    def for_threads(self, n: int) -> StepCosts:
+        return self._tables.setdefault(n, StepCosts())
 
 
 def plan_drafts(candidates: Sequence[tuple[float, int]], base_tokens: int, base_rows: int,

@@ -20,7 +20,7 @@ from models.engine.job import Job
 from models.engine.native import NativeModel
 from models.engine.prefix import PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL, PrefixSharing
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
-from models.engine.speculative import StepCosts, mode_problem
+from models.engine.speculative import CostsByThreads, mode_problem
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
                                  GenerationRequest, Sink, TextDelta)
 from models.engine.validation import Limits, check_queue, check_request
@@ -41,10 +41,9 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         problem = mode_problem(config.speculative, config.draft_path)
         if problem is not None:
             raise EngineError(problem, code="invalid_config")
-        self._step_costs = StepCosts()  # measured llama_decode ms per batch rows (plans drafts)
         self._load(config)
-        # Step costs per thread count: a runner's threads change while other models decode.
-        self._costs_by_threads = {self.n_threads: self._step_costs}
+        self._costs = CostsByThreads()
+        self._step_costs = self._costs.for_threads(self.n_threads)  # measured llama_decode ms (plans drafts)
         self._threads_now = self._threads_wanted = self.n_threads
         run_ids = itertools.count()  # one numbering for every slot's cell runs
         self._slots = [Slot(seq_id=i, run_ids=run_ids) for i in range(self.n_parallel)]
@@ -214,7 +213,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
             if self._drafter is not None:
                 self._drafter.set_threads(n)
             self._threads_now = n
-            self._step_costs = self._costs_by_threads.setdefault(n, StepCosts())
+            self._step_costs = self._costs.for_threads(n)
 
     @property
     def threads(self) -> int:
