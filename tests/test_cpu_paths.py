@@ -104,3 +104,16 @@ def test_only_the_failing_type_goes_when_others_pass(q4_0_tiny: Path, monkeypatc
     assert verdict.allowed == real
     assert "BROKEN_AMX" in verdict.reason and "crashed (SIGSEGV)" in verdict.reason
     assert "BROKEN_AMX off" in verdict.describe()
+
+
+def test_a_file_the_self_test_cannot_read_gets_the_plain_path_and_llama_cpps_error(tmp_path: Path) -> None:
+    from models.engine import Engine, EngineConfig, EngineError
+    from models.engine.native import choose_fast_paths
+
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("not a model")
+    verdict = choose_fast_paths(str(bad), "auto", 1)
+    assert verdict.allowed == () and verdict.mode == "auto"
+    with pytest.raises(EngineError) as err:
+        Engine(EngineConfig("bad", str(bad), n_parallel=1))
+    assert err.value.code == "model_load_failed" and str(bad) in str(err.value)

@@ -171,7 +171,7 @@ def choose_fast_paths(path: str, repack: str, n_threads: int) -> cpu_paths.Verdi
     try:
         return cpu_paths.choose(path, repack, n_threads)
     except Exception as exc:  # unreadable or not GGUF: nothing to test
-        return cpu_paths.Verdict(config.repack, (), (), f"not self-tested ({exc})")
+        return cpu_paths.Verdict(repack, (), (), f"not self-tested ({exc})")
 
 
 def default_threads() -> int:
