@@ -12,9 +12,10 @@ import pytest
 from scipy.stats import chi2_contingency
 
 from models.engine import Engine, EngineConfig, Failed, Finished, GenerationRequest, TextDelta
+from models.engine.draft import DraftModel
 from models.llama_lib import OneSequence
-from models.engine.speculative import (EXPLORE_EVERY, EXPLORE_ROWS, FAIL_STREAK, NGRAM_SIZES, PAUSE_TOKENS, NgramIndex, SpecState, StepCosts,
-                                       plan_drafts)
+from models.engine.speculative import (EXPLORE_EVERY, EXPLORE_ROWS, FAIL_STREAK, NGRAM_SIZES, PAUSE_TOKENS,
+                                       PRIOR_ROW_SHARE, NgramIndex, SpecState, StepCosts, plan_drafts)
 from models.sampling import SamplingParams
 
 WORK_ORDER = (
@@ -49,6 +50,19 @@ class Run:
         assert self.done.wait(timeout), "generation did not finish"
         assert isinstance(self.ended, Finished), self.ended
         return self
+
+
+@pytest.fixture
+def rows_cost_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan drafts as on a machine where verifying more rows, or drafting them, costs nothing.
+
+    Whether drafting pays is this machine's measured step costs' call (the planner's own
+    tests below cover that, and on a compute-bound CPU it rightly drafts little); these
+    tests check what drafting does to the output, so it must happen on any machine.
+    """
+    monkeypatch.setattr(StepCosts, "cost", lambda self, seqs, rows: 10.0)
+    monkeypatch.setattr(StepCosts, "frontier", lambda self, seqs: 512)
+    monkeypatch.setattr(DraftModel, "token_ms", lambda self, n_seqs: 0.0)
 
 
 def chat(engine: Engine, text: str) -> list[int]:
@@ -196,12 +210,42 @@ def test_plan_drafts_follows_measured_cost_and_acceptance() -> None:
     assert linear.cost(1, 8) is None and flat.cost(1, 5) == 10.0
 
 
+def test_unmeasured_row_counts_cost_what_the_measured_ones_say() -> None:
+    c = StepCosts()
+    assert c.cost(1, 1) is None and c.frontier(1) is None
+    c.record(1, 1, 13.0)
+    # one count measured: each further row is assumed to cost a share of it ...
+    assert c.cost(1, 2) == pytest.approx(13.0 * (1 + PRIOR_ROW_SHARE))
+    # ... and a plan may go one row bucket further, not to 64 rows at once
+    assert c.frontier(1) == 2
+    assert plan_drafts([(0.95, 64)], 1, 1, c, 64) == [1]
+    c.record(1, 2, 26.0)  # compute-bound: the second row cost a whole step
+    assert c.frontier(1) == 3
+    assert c.cost(1, 16) == pytest.approx(26.0 + 13.0 * 14)  # the measured slope, carried on
+    assert plan_drafts([(0.95, 64)], 1, 1, c, 64) == [0]
+    c.record(1, 8, 40.0)
+    assert c.cost(1, 4) == pytest.approx(26.0 + (40.0 - 26.0) * 2 / 6)  # between two measured counts
+    assert c.cost(4, 8) is None  # another batch shape has its own measurements
+
+
+def test_drafts_grow_one_row_bucket_at_a_time_while_rows_stay_cheap() -> None:
+    c = StepCosts()
+    c.record(1, 1, 10.0)
+    sizes = []
+    for _ in range(8):
+        k = plan_drafts([(0.95, 64)], 1, 1, c, 64)[0]
+        sizes.append(k)
+        c.record(1, 1 + k, 10.0 + 0.1 * k)  # memory-bound: rows nearly free
+    assert sizes == [1, 2, 3, 5, 7, 11, 15, 23]  # each plan ends at the frontier
+
+
 def test_step_costs_explore_now_and_then() -> None:
     c = StepCosts()
     assert sum(c.explore() for _ in range(10 * EXPLORE_EVERY)) == 10
 
 
 # ----------------------------------------------------------------- the engine
+@pytest.mark.usefixtures("rows_cost_nothing")
 @pytest.mark.parametrize("text", [COPY, f"{WORK_ORDER}\n\nWhich parts are listed? Quote them.",
                                   "Name three colours.", "Why is the sky blue?"])
 def test_one_stream_is_token_for_token_identical_with_speculation(default_gguf: Path, text: str) -> None:
@@ -246,6 +290,7 @@ def concurrent_match_alone(off: Engine, on: Engine, prompts: list[list[int]], ma
     return [run for run, _ in runs]
 
 
+@pytest.mark.usefixtures("rows_cost_nothing")
 def test_four_concurrent_streams_match_one_stream_without_speculation(smol) -> None:
     off, on = smol
     prompts = [chat(off, COPY), chat(off, "Fill a JSON object with the fields site, press, parts and "
@@ -266,6 +311,7 @@ def test_free_form_single_stream_matches_without_speculation(smol) -> None:
         assert_same_or_near_tie(on, p, ja.sampled, jb.sampled)
 
 
+@pytest.mark.usefixtures("rows_cost_nothing")
 def test_rejected_drafts_are_rolled_back_in_llama_cpp(smol, monkeypatch) -> None:
     """A drafter that is right for three tokens and then wrong: every step rolls one back."""
     _, on = smol
@@ -292,6 +338,7 @@ def test_per_request_opt_out_drafts_nothing(smol) -> None:
     assert run.ended.figures.drafted_tokens == 0
 
 
+@pytest.mark.usefixtures("rows_cost_nothing")
 def test_stop_string_cuts_a_draft(smol) -> None:
     off, on = smol
     tokens = chat(off, COPY)
@@ -303,6 +350,7 @@ def test_stop_string_cuts_a_draft(smol) -> None:
     cells_agree(on)
 
 
+@pytest.mark.usefixtures("rows_cost_nothing")
 def test_grammar_constrained_output_is_identical_and_drafts_cannot_break_it(smol, monkeypatch) -> None:
     off, on = smol
     grammar = 'root ::= "{\\"part\\": \\"" [A-Z0-9-]+ "\\"}"'
@@ -340,6 +388,7 @@ def cancel_mid_draft(engine: Engine) -> Run:
     return run
 
 
+@pytest.mark.usefixtures("rows_cost_nothing")
 def test_cancelling_mid_draft_frees_the_slot(smol) -> None:
     _, on = smol
     cancel_mid_draft(on)
@@ -347,6 +396,7 @@ def test_cancelling_mid_draft_frees_the_slot(smol) -> None:
 
 
 # ----------------------------------------------------------------- tiny models
+@pytest.mark.usefixtures("rows_cost_nothing")
 def test_tiny_model_greedy_identical_with_speculation(tiny_llm: Path, monkeypatch) -> None:
     """A random model never repeats itself, so the drafter proposes its reference output,
     three tokens right and one wrong, for one stream and for four at once."""
@@ -435,6 +485,7 @@ def test_sampled_tokens_keep_the_target_distribution(tiny_llm: Path, monkeypatch
 
 
 # ----------------------------------------------------------------- with images and preemption
+@pytest.mark.usefixtures("rows_cost_nothing")
 def test_drafts_after_an_image_keep_m_rope_positions(tmp_path: Path, monkeypatch) -> None:
     """Qwen2-VL family: rows after an image sit at M-RoPE-shifted positions; drafts too."""
     from bench.tinymodels import tiny_vlm
@@ -477,6 +528,7 @@ def test_drafts_after_an_image_keep_m_rope_positions(tmp_path: Path, monkeypatch
         on.close()
 
 
+@pytest.mark.usefixtures("rows_cost_nothing")
 def test_a_preempted_request_resumes_and_keeps_drafting(tiny_llm: Path, monkeypatch) -> None:
     """Two long generations outgrow a small pool: the younger is preempted, resumes, and
     its tokens after the cut are what the model continues with."""

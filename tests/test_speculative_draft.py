@@ -23,8 +23,10 @@ from models.engine.speculative import StepCosts, plan_drafts
 from models.registry import load_config
 from tests.test_cli import assert_one_line_error, edgevlm
 from tests.test_speculative import (COPY, WORK_ORDER, alone, assert_same_or_near_tie, cancel_mid_draft,
-                                    cells_agree, chat, concurrent_match_alone, costs, submit)
+                                    cells_agree, chat, concurrent_match_alone, costs, rows_cost_nothing, submit)
 from tests.test_speculative_api import without_and_with_drafts
+
+__all__ = ["rows_cost_nothing"]  # a fixture these tests use
 
 PROMPTS = (COPY, f"{WORK_ORDER}\n\nWhich parts are listed? Quote them.", "Name three colours.",
            "Why is the sky blue?")
@@ -90,6 +92,7 @@ def test_tiny_draft_model_keeps_one_stream_token_for_token_identical(default_ggu
         on.close()
 
 
+@pytest.mark.usefixtures("rows_cost_nothing")
 def test_tiny_draft_model_with_four_concurrent_streams(default_gguf: Path, tiny_llm: Path, off: Engine) -> None:
     on = draft_engine("smol-draft4", default_gguf, tiny_llm, 4)
     try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Sequence
 
 __all__ = [
-    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_SIZES", "SPECULATIVE_MODES", "CostsByThreads", "NgramIndex",
+    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_SIZES", "PRIOR_ROW_SHARE", "SPECULATIVE_MODES", "CostsByThreads", "NgramIndex",
     "SpecState", "StepCosts", "mode_problem", "plan_drafts",
 ]
 
@@ -177,6 +177,11 @@ EXPLORE_EVERY = 256
 EXPLORE_ROWS = 8
 
 
+# What one more row is assumed to cost, as a share of the cheapest measured step, while
+# only that step has been measured: enough to try a short draft, never a long one.
+PRIOR_ROW_SHARE = 0.25
+
+
 @dataclass
 class StepCosts:
     """How long a decoding step takes, by decoding sequences and batch rows, as measured.
@@ -185,8 +190,14 @@ class StepCosts:
     verification steps alike), so the planner's view of "what do k more rows cost" is
     this machine's, under its present load, not a guess. Sequences are part of the key
     because each one attends over its own context: four streams' rows cost more than
-    one stream's. A row count never measured costs what the nearest smaller measured
-    count does: optimistic, so the planner tries it once and learns.
+    one stream's.
+
+    A row count not measured yet costs what the measured counts around it say (a line
+    through the nearest two), and the planner may go only one row bucket past the
+    largest measured one (``frontier``). Rows are nearly free on a memory-bound machine
+    and cost as much as a whole step on a compute-bound one (2 vCPUs of an AMD EPYC:
+    13 ms for one row, 26 for two, 129 for sixteen): drafts grow bucket by bucket while
+    what they cost is worth it, and a first probe never verifies 64 rows at once.
     """
 
     weight: float = 0.2
@@ -203,13 +214,39 @@ class StepCosts:
         old = self.ms.get(key)
         self.ms[key] = ms if old is None else old + self.weight * (ms - old)
 
+    def _measured(self, seqs: int) -> list[tuple[int, float]]:
+        return sorted((k, ms) for (s, k), ms in self.ms.items() if s == seqs)
+
     def cost(self, seqs: int, rows: int) -> float | None:
         """Estimated ms for ``rows`` rows of ``seqs`` sequences; None if none measured."""
         b = self.bucket(rows)
         if (seqs, b) in self.ms:
             return self.ms[(seqs, b)]
-        below = [k for s, k in self.ms if s == seqs and k < b]
-        return self.ms[(seqs, max(below))] if below else None
+        pts = self._measured(seqs)
+        if not pts:
+            return None
+        below = [p for p in pts if p[0] < b]
+        above = [p for p in pts if p[0] > b]
+        if not below:
+            return above[0][1]
+        k0, c0 = below[-1]
+        if above:  # between two measured counts: on the line through them
+            k1, c1 = above[0]
+            return c0 + (c1 - c0) * (b - k0) / (k1 - k0)
+        if len(below) >= 2:  # past the largest: the last measured slope, never falling
+            kp, cp = below[-2]
+            slope = max(0.0, (c0 - cp) / (k0 - kp))
+        else:
+            slope = PRIOR_ROW_SHARE * c0
+        return c0 + slope * (b - k0)
+
+    def frontier(self, seqs: int) -> int | None:
+        """The most rows a plan may use: one bucket past the largest measured; None if none is."""
+        pts = self._measured(seqs)
+        if not pts:
+            return None
+        i = _BUCKETS.index(pts[-1][0])
+        return _BUCKETS[min(i + 1, len(_BUCKETS) - 1)]
 
     def explore(self) -> bool:
         """Whether this plan should ignore the costs (one in EXPLORE_EVERY)."""
@@ -236,11 +273,13 @@ def plan_drafts(candidates: Sequence[tuple[float, int]], base_tokens: int, base_
 
     ``candidates`` are (acceptance, tokens available) per drafting sequence; the step
     yields ``base_tokens`` tokens (one per decoding sequence) from ``base_rows`` rows
-    without drafts. ``explore`` treats rows as free, to measure what they cost now. Each sequence's expected tokens for k drafts are
-    1 + a + ... + a^k; rows are added one at a time where the next one is likeliest to
-    be accepted, while expected tokens per ms of the step still rise. With one stream on
-    a CPU extra rows cost almost nothing and drafts run long; with a batch full of
-    decoding streams each row costs real time, and only well-accepted drafts stay.
+    without drafts. Each sequence's expected tokens for k drafts are 1 + a + ... + a^k;
+    rows are added one at a time where the next one is likeliest to be accepted, up to
+    ``costs.frontier``, and the prefix with the most expected tokens per ms is kept.
+    Where rows cost almost nothing (a memory-bound machine) drafts run long; where
+    each row costs real time (a compute-bound CPU, a batch full of decoding streams)
+    only well-accepted drafts stay, or none. ``explore`` treats a few rows as free, to
+    measure what they cost now.
 
     ``draft_ms`` is what proposing one token costs before the step (a draft model's own
     decode, as measured; prompt lookup's is nil): a draft model as slow as the target
@@ -248,6 +287,8 @@ def plan_drafts(candidates: Sequence[tuple[float, int]], base_tokens: int, base_
     """
     if explore:
         max_rows = min(max_rows, base_rows + EXPLORE_ROWS)
+    else:
+        max_rows = min(max_rows, costs.frontier(base_tokens) or base_rows)
     ks = [0] * len(candidates)
     gains = [a for a, _ in candidates]  # a^(k+1): the chance the next row of each is accepted
     def cost(rows: int) -> float:
