@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from models.engine import Engine, EngineConfig, EngineError
+from models.engine import KV_LAYOUTS, Engine, EngineConfig, EngineError
 from models.engine.speculative import DEFAULT_SPECULATIVE, mode_problem
 from models.runner import RestartPolicy, RunnerEngine
 from models.runner.client import ModelFailed
@@ -58,6 +58,7 @@ class ModelSpec:
     repack: str = "auto"  # CPU fast paths: auto | on | off (models.cpu_paths)
     speculative: str = DEFAULT_SPECULATIVE  # off | ngram | draft (models.engine.speculative)
     draft_model: str | None = None  # the draft model GGUF of speculative "draft"
+    kv_layout: str = "shared"  # shared | per-slot (models.engine.types.KV_LAYOUTS)
     image_cache_mb: int = 256  # image-embedding cache of a vision model; 0 = off
     owned_by: str = "edgevlm"
 
@@ -66,7 +67,7 @@ class ModelSpec:
             model_id=self.id, path=self.path, n_ctx=self.ctx_size, n_threads=self.threads,
             n_parallel=self.parallel, n_batch=self.batch, chat_template=self.chat_template,
             mmproj_path=self.mmproj, repack=self.repack, speculative=self.speculative,
-            draft_path=self.draft_model,
+            draft_path=self.draft_model, kv_layout=self.kv_layout,
         )
 
     def vision_config(self) -> VisionConfig | None:
@@ -96,7 +97,7 @@ def default_model_path() -> Path | None:
 _SPEC_KEYS = {
     "id", "path", "mmproj", "ctx_size", "threads", "parallel", "batch", "chat_template",
     "image_min_tokens", "image_max_tokens", "repack", "speculative", "draft_model",
-    "image_cache_mb",
+    "kv_layout", "image_cache_mb",
 }
 
 
@@ -117,6 +118,8 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
     spec = ModelSpec(**values)
     if spec.repack not in ("auto", "on", "off"):
         raise ConfigError(f"model {spec.id}: repack must be auto, on or off, not {spec.repack!r}")
+    if spec.kv_layout not in KV_LAYOUTS:
+        raise ConfigError(f"model {spec.id}: kv_layout must be {' or '.join(KV_LAYOUTS)}, not {spec.kv_layout!r}")
     if isinstance(spec.image_cache_mb, bool) or not isinstance(spec.image_cache_mb, int) or spec.image_cache_mb < 0:
         raise ConfigError(f"model {spec.id}: image_cache_mb must be a whole number of MiB >= 0")
     if not Path(spec.path).is_file():

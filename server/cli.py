@@ -38,6 +38,9 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
                                           "model proposes (needs --draft-model) | off"),
     ("--draft-model", "draft_model", str, "small GGUF sharing the model's tokenizer that drafts tokens for "
                                           "--speculative draft (given alone, it implies draft)"),
+    ("--kv-layout", "kv_layout", str, "KV cells: shared = one pool, a request may use the whole context "
+                                      "(default) | per-slot = each slot its own ctx-size / parallel cells, "
+                                      "like llama-server -np N: concurrent long streams step faster"),
     ("--max-queue", "max_queue", int, "requests that may wait per model before 429 (default 8)"),
     ("--max-loaded-models", "max_loaded_models", int, "models kept in memory at once (default 2)"),
     ("--runners", "runners", str, "on (default) = each model runs in its own supervised process (a crash "

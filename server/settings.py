@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         None, description="Speculative decoding: ngram (prompt lookup, default), draft (a draft model) or off.")
     draft_model: str | None = Field(
         None, description="Draft model GGUF (same tokenizer, smaller) for speculative draft.")
+    kv_layout: Literal["shared", "per-slot"] | None = Field(
+        None, description="KV cells: shared = one pool, a request may use the whole context (default); "
+                          "per-slot = each slot its own ctx_size / parallel cells (faster concurrent long streams).")
     max_queue: int = Field(8, ge=0, description="Requests waiting per model before 429.")
     max_loaded_models: int = Field(2, ge=1)
     runners: Literal["on", "off"] = Field(

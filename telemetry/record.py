@@ -67,9 +67,10 @@ class ModelInfo:
     bits_per_weight: float | None = None  # file bytes * 8 / parameter count
     n_params: int | None = None
     file_bytes: int | None = None
-    n_ctx: int = 0
+    n_ctx: int = 0  # the most tokens one request may hold (its slot's share, per slot)
     n_threads: int = 0
     n_parallel: int = 1
+    kv_layout: str = "shared"  # shared | per-slot (models.engine.types.KV_LAYOUTS)
 
 
 @dataclass

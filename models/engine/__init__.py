@@ -1,7 +1,8 @@
 """A continuous-batching llama.cpp engine that owns the prefill/decode loop.
 
 One worker thread per loaded model drives one llama.cpp context holding ``n_parallel``
-sequences over a unified KV cache. Every step runs a single ``llama_decode`` over the
+sequences over a unified KV cache (or, with ``kv_layout="per-slot"``, one KV stream per
+sequence: see ``types.KV_LAYOUTS``). Every step runs a single ``llama_decode`` over the
 next token of every generating sequence plus a chunk of any prompt still being
 prefilled, so concurrent requests share the matrix multiplications instead of taking
 turns, and a long prompt never stalls running streams for more than one chunk. Each
@@ -23,12 +24,13 @@ from models.engine.job import GENERATION_RESERVE, Job
 from models.engine.native import default_parallel, default_threads
 from models.engine.prefix import PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
-                                 GenerationRequest, ImageSegment, PromptTooLong, QueueFull, Segment,
-                                 Sink, TextDelta, segment_tokens)
+                                 GenerationRequest, ImageSegment, KV_LAYOUTS, PromptTooLong, QueueFull,
+                                 Segment, Sink, TextDelta, segment_tokens)
 from models.engine.worker import Engine
 
 __all__ = [
     "GENERATION_RESERVE", "PARK_MIN_IDLE_CELLS", "PARK_MIN_PREFILL", "Engine", "EngineClosed", "EngineConfig",
-    "EngineError", "Event", "Failed", "Finished", "GenerationRequest", "ImageSegment", "Job", "PromptTooLong",
+    "EngineError", "Event", "Failed", "Finished", "GenerationRequest", "ImageSegment", "Job", "KV_LAYOUTS",
+    "PromptTooLong",
     "QueueFull", "Segment", "Sink", "TextDelta", "default_parallel", "default_threads", "segment_tokens",
 ]

@@ -50,6 +50,19 @@ def place(job: Job, slots: list[Slot], running: list[Job], needs: list[int], n_c
     return Placement(slot, need, evict)
 
 
+def place_per_slot(job: Job, slots: list[Slot]) -> Placement | None:
+    """Place ``job`` in a free slot of a per-slot layout, or None when none is free.
+
+    Each slot has its own cells, so nothing else decides: no pool to share, no idle
+    cache to evict (the chosen slot's own is cut back when the job starts).
+    """
+    free = [s for s in slots if s.job is None]
+    if not free:
+        return None
+    common = {s.seq_id: common_prefix(s.history, job.items) for s in slots if s.history}
+    return Placement(choose_slot(slots, free, job, common), 0, 0)
+
+
 def choose_slot(slots: list[Slot], free: list[Slot], job: Job, common: dict[int, int]) -> Slot:
     """The free slot that saves the most prefill and destroys the least cache.
 

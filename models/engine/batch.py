@@ -136,7 +136,8 @@ class BatchBuilder:
         remaining = sum(j.n_prompt - j.cursor for j in prefilling)
         prefill = min(remaining, PREFILL_CHUNK_WHILE_DECODING, self.n_batch - len(decoding))
         base_rows = len(decoding) + prefill
-        free = self.n_ctx - pool_cells(self._slots) - base_rows
+        # each draft stays within its own context (room above); in the pool, all share it
+        free = self.n_batch if self.per_slot else self.n_ctx - pool_cells(self._slots) - base_rows
         ks = plan_drafts(candidates, len(decoding), base_rows, self._step_costs,
                          min(self.n_batch, base_rows + max(0, free)), explore=self._step_costs.explore(),
                          draft_ms=0.0 if drafter is None else drafter.token_ms(len(jobs)))

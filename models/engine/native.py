@@ -71,15 +71,18 @@ class NativeModel(Tokenizer):
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         # One shared KV pool across slots, so a long prompt may use any free cell instead
-        # of a fixed 1/n share; a single slot needs no sharing.
-        cparams.kv_unified = cparams.n_seq_max > 1
+        # of a fixed 1/n share; or one stream per slot (types.KV_LAYOUTS). A single slot
+        # is both.
+        cparams.kv_unified = cparams.n_seq_max > 1 and config.kv_layout == "shared"
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             raise EngineError(f"could not create a context of {n_ctx} tokens", code="context_failed")
         self.ctx = ctx
         self.mem = llama_cpp.llama_get_memory(ctx)
-        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        self.per_slot = cparams.n_seq_max > 1 and not cparams.kv_unified
+        # What one request may hold: the whole pool, or its slot's stream.
+        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(ctx))
         self.n_batch = n_batch
         self.n_embd = int(llama_cpp.llama_model_n_embd_inp(model))
         self.n_threads = n_threads
@@ -94,6 +97,7 @@ class NativeModel(Tokenizer):
             n_ctx=self.n_ctx,
             n_threads=n_threads,
             n_parallel=cparams.n_seq_max,
+            kv_layout="per-slot" if self.per_slot else "shared",
         )
         # Token rows may belong to every slot at once (a prefix prefilled jointly).
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, cparams.n_seq_max)
@@ -125,7 +129,8 @@ class NativeModel(Tokenizer):
         assert config.draft_path is not None
         verdict = choose_fast_paths(config.draft_path, config.repack, n_threads)
         log.info("model %s: draft model %s: %s", config.model_id, config.draft_path, verdict.describe())
-        return DraftModel(config.draft_path, target_path=config.path, target_vocab=self.vocab, n_ctx=self.n_ctx,
+        return DraftModel(config.draft_path, target_path=config.path, target_vocab=self.vocab,
+                          n_ctx=int(llama_cpp.llama_n_ctx(self.ctx)),
                           n_batch=self.n_batch, n_parallel=self.n_parallel, n_threads=n_threads,
                           allowed=verdict.allowed, gpu_layers=gpu_layers())
 

@@ -27,6 +27,11 @@ PARK_MIN_PREFILL = 256
 # cannot widen the window by a step).
 PARK_MIN_IDLE_CELLS = 256
 
+# Per slot, sharing a prefix copies the source's whole stream (n_ctx / n_parallel cells:
+# ~10 ms for 2048 cells of SmolLM2-135M), worth it only for a prefix longer than what
+# prefilling this many tokens costs (~4 ms each on 2 cores).
+MIN_STREAM_COPY = 32
+
 
 def bytes_ptr(buf: np.ndarray) -> ctypes._Pointer:
     return buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
@@ -39,7 +44,7 @@ class PrefixSharing:
         """Extend the job's ``reuse`` cached items with a longer prefix another slot holds.
 
         In the unified pool ``llama_memory_seq_cp`` only tags the source's cells with this
-        sequence too: no copy, no compute. The shared system prompt of several operators,
+        sequence too: no copy, no compute. Per slot it copies the source's stream. The shared system prompt of several operators,
         or a second question about a photo someone else asked about, is prefilled once.
         """
         slot = job.slot
@@ -54,10 +59,16 @@ class PrefixSharing:
         if source is None:
             return reuse
         n = resume_point(job, best)
-        if n <= reuse:
+        if n <= reuse or (self.per_slot and n - reuse < MIN_STREAM_COPY):
             return reuse
-        llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, slot.seq_id,
-                                      source.pos_at(reuse), source.pos_at(n))
+        if self.per_slot:
+            # Another stream's cells: llama.cpp copies the whole stream (at the next
+            # decode), then this slot drops what follows the shared prefix.
+            llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, slot.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, source.pos_at(n), -1)
+        else:
+            llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, slot.seq_id,
+                                          source.pos_at(reuse), source.pos_at(n))
         slot.borrow(source, reuse, n)
         return n
 

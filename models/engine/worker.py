@@ -14,14 +14,14 @@ from typing import Iterator
 import llama_cpp
 import numpy as np
 
-from models.engine.admission import place, preemption_victim, resume_point, worth_restoring
+from models.engine.admission import place, place_per_slot, preemption_victim, resume_point, worth_restoring
 from models.engine.batch import PREFILL_CHUNK_WHILE_DECODING, BatchBuilder
 from models.engine.job import Job
 from models.engine.native import NativeModel
 from models.engine.prefix import PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL, PrefixSharing
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
 from models.engine.speculative import CostsByThreads, mode_problem
-from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
+from models.engine.types import (KV_LAYOUTS, EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
                                  GenerationRequest, Sink, TextDelta)
 from models.engine.validation import Limits, check_queue, check_request
 from models.sampling import build_sampler
@@ -39,6 +39,8 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
 
     def __init__(self, config: EngineConfig):
         problem = mode_problem(config.speculative, config.draft_path)
+        if config.kv_layout not in KV_LAYOUTS:
+            problem = f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, not {config.kv_layout!r}"
         if problem is not None:
             raise EngineError(problem, code="invalid_config")
         self._load(config)
@@ -174,7 +176,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
                 self._start(job)
                 if not job.done:
                     running.append(job)
-            if len(running) > 1 and admitted:
+            if len(running) > 1 and admitted and not self.per_slot:  # rows of one stream only
                 self._join_prefills(admitted, running)
             self._apply_threads()
             try:
@@ -239,7 +241,10 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
                 self._finish(job, reason="cancelled")
         while self._waiting:
             job = self._waiting[0]
-            plan = place(job, self._slots, running, needs, self.n_ctx)
+            if self.per_slot:
+                plan = place_per_slot(job, self._slots)
+            else:
+                plan = place(job, self._slots, running, needs, self.n_ctx)
             if plan is None:
                 break
             evict_idle(self._slots, plan.evict, self._clear, keep=plan.slot)
@@ -284,7 +289,9 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         self._follow_draft(slot)
         job.cursor = reuse
         slot.prompt_end = len(job.prompt_items)
-        if job.n_prompt - reuse >= PARK_MIN_PREFILL or self._idle_cells() >= PARK_MIN_IDLE_CELLS:
+        # per slot, idle caches lie in their own streams: nobody attends over them
+        if not self.per_slot and (job.n_prompt - reuse >= PARK_MIN_PREFILL
+                                  or self._idle_cells() >= PARK_MIN_IDLE_CELLS):
             self._park_idle()
         fig.slot = slot.seq_id
         if job.preemptions:
@@ -304,7 +311,13 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
 
     # ----------------------------------------------------------- room
     def _ensure_room(self, live: list[Job], n_new: int) -> None:
-        """Free KV cells before a step: idle caches first, then preempt the youngest request."""
+        """Free KV cells before a step: idle caches first, then preempt the youngest request.
+
+        Per slot there is nothing to free: a prompt fits its stream (``check_request``)
+        and generation ends at the stream's end (``_sample``).
+        """
+        if self.per_slot:
+            return
         used = pool_cells(self._slots)
         # Cells this step may add: a token per decoding sequence, the step's prompt chunk
         # (shared by all prefilling jobs) and possibly one image chunk of up to n_batch rows.

@@ -1,0 +1,120 @@
+"""The per-slot KV layout: each slot its own stream of n_ctx / n_parallel cells."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import llama_cpp
+import openai
+import pytest
+from openai import OpenAI
+
+from models.engine import Engine, EngineConfig, EngineError, PromptTooLong
+from tests.test_batching import PROMPTS, Run, chat, submit
+from tests.test_cli import assert_one_line_error, edgevlm
+
+MODEL = "smollm2-135m-instruct-q4_1"
+
+
+@pytest.fixture(scope="module")
+def per_slot(tiny_llm: Path) -> Iterator[Engine]:
+    eng = Engine(EngineConfig("tiny-per-slot", str(tiny_llm), n_ctx=2048, n_parallel=4, kv_layout="per-slot"))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_llm: Path) -> Iterator[Engine]:
+    eng = Engine(EngineConfig("tiny-shared", str(tiny_llm), n_ctx=2048, n_parallel=4))
+    yield eng
+    eng.close()
+
+
+def cells_match_books(engine: Engine) -> None:
+    """Each sequence's cells in llama.cpp end where its slot's history says."""
+    for slot in engine._slots:
+        assert llama_cpp.llama_memory_seq_pos_max(engine.mem, slot.seq_id) == len(slot.history) - 1, slot
+
+
+def long_prompt(engine: Engine, n_tokens: int) -> str:
+    words = " ".join(f"part{i}" for i in range(n_tokens))
+    text = chat(engine, f"List these: {words}")
+    while len(engine.tokenize(text)) > n_tokens:
+        words = words.rsplit(" ", 1)[0]
+        text = chat(engine, f"List these: {words}")
+    return text
+
+
+def test_each_request_gets_its_slots_share_and_batches_like_the_pool(per_slot: Engine, shared: Engine) -> None:
+    assert per_slot.per_slot and per_slot.n_ctx == 512 and per_slot.info.kv_layout == "per-slot"
+    assert not shared.per_slot and shared.n_ctx == 2048 and shared.info.kv_layout == "shared"
+    prompts = [chat(shared, p) for p in PROMPTS]
+    want = [submit(shared, p, 48).wait().text for p in prompts]
+    runs = [submit(per_slot, p, 48) for p in prompts]
+    assert [r.wait().text for r in runs] == want
+    assert len({r.record.slot for r in runs}) == 4
+    assert all(r.record.batch_size_mean and r.record.batch_size_mean > 1.5 for r in runs)
+    cells_match_books(per_slot)
+
+
+def test_a_prompt_longer_than_a_slots_share_is_refused(per_slot: Engine, shared: Engine) -> None:
+    prompt = long_prompt(shared, 700)
+    assert 512 < len(shared.tokenize(prompt)) < 2048
+    with pytest.raises(PromptTooLong) as err:
+        submit(per_slot, prompt)
+    assert err.value.status == 400 and "512" in str(err.value)
+    assert submit(shared, prompt, 4).wait().finish == "length"  # the pool takes it
+
+
+def test_generation_ends_at_the_end_of_its_slot(per_slot: Engine) -> None:
+    prompt = long_prompt(per_slot, 480)
+    n_prompt = len(per_slot.tokenize(prompt))
+    run = submit(per_slot, prompt, 200).wait()
+    assert run.finish == "length"
+    assert n_prompt + run.record.output_tokens <= 512
+    assert run.record.output_tokens >= 512 - n_prompt - 2
+    cells_match_books(per_slot)
+
+
+def test_a_prefix_another_slot_holds_is_copied_into_a_new_stream(per_slot: Engine, shared: Engine) -> None:
+    system = "You are a maintenance assistant. " + " ".join(f"Rule {i}: check item {i}." for i in range(30))
+    first = shared.template.render([{"role": "system", "content": system}, {"role": "user", "content": "Hi."}])
+    second = shared.template.render([{"role": "system", "content": system},
+                                     {"role": "user", "content": "Which rule is first?"}])
+    want = submit(shared, second, 24).wait().text
+    holder = submit(per_slot, first, 400)  # keeps its slot busy: the next one takes another
+    while holder.first_delta_at is None:  # its prompt is in its stream
+        assert not holder.done.wait(0.01), holder.finish
+    run = submit(per_slot, second, 24).wait()
+    holder.wait()
+    assert run.text == want
+    assert run.record.slot != holder.record.slot
+    assert run.record.cached_tokens > 100  # the system prompt, copied from the other stream
+    cells_match_books(per_slot)
+
+
+def test_an_unknown_layout_is_refused(tiny_llm: Path) -> None:
+    with pytest.raises(EngineError) as err:
+        Engine(EngineConfig("bad", str(tiny_llm), kv_layout="paged"))
+    assert err.value.code == "invalid_config" and "per-slot" in str(err.value)
+
+
+def test_per_slot_through_the_api(make_server) -> None:
+    srv = make_server(parallel=2, ctx_size=1024, kv_layout="per-slot")
+    with srv.client() as c:
+        row = c.get("/health").json()["models"][MODEL]
+    assert (row["kv_layout"], row["ctx_per_request"], row["slots"]) == ("per-slot", 512, 2)
+    client = OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+    ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+                                        max_tokens=8, temperature=0)
+    assert ok.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, max_tokens=8, messages=[
+            {"role": "user", "content": " ".join(f"part{i}" for i in range(600))}])
+    assert "512" in str(err.value)
+
+
+def test_a_bad_layout_flag_is_one_line() -> None:
+    r = edgevlm("serve", "--kv-layout", "paged")
+    assert_one_line_error(r, "kv")
