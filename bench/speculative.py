@@ -3,9 +3,10 @@
     python -m bench.speculative [--threads N] [--runs 3] [--model PATH]
 
 Every server loads the same GGUF with 4 slots and the same context, and all run at
-once; edgevlm runs with speculation off and ngram in its shared KV pool, and ngram
-again with ``--kv-layout per-slot`` (llama-server's layout with an explicit ``-np``) (each idle while another is measured); every measurement visits them in an order
-that flips each time, so a shared machine's drift hits all alike. Streaming chat,
+once (each idle while another is measured); every measurement visits them in an order
+that flips each time, so a shared machine's drift hits all alike. edgevlm runs with
+speculation off and ngram in its shared KV pool, and with ngram again under
+``--kv-layout per-slot`` (llama-server's layout with an explicit ``-np``). Streaming chat,
 temperature 0. Workloads:
 
 * (a) grounded: copy a ~400-token work order, fill a JSON form from it, and answer

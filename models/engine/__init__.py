@@ -31,6 +31,6 @@ from models.engine.worker import Engine
 __all__ = [
     "GENERATION_RESERVE", "PARK_MIN_IDLE_CELLS", "PARK_MIN_PREFILL", "Engine", "EngineClosed", "EngineConfig",
     "EngineError", "Event", "Failed", "Finished", "GenerationRequest", "ImageSegment", "Job", "KV_LAYOUTS",
-    "PromptTooLong",
-    "QueueFull", "Segment", "Sink", "TextDelta", "default_parallel", "default_threads", "segment_tokens",
+    "PromptTooLong", "QueueFull", "Segment", "Sink", "TextDelta", "default_parallel", "default_threads",
+    "segment_tokens",
 ]

@@ -44,8 +44,9 @@ class PrefixSharing:
         """Extend the job's ``reuse`` cached items with a longer prefix another slot holds.
 
         In the unified pool ``llama_memory_seq_cp`` only tags the source's cells with this
-        sequence too: no copy, no compute. Per slot it copies the source's stream. The shared system prompt of several operators,
-        or a second question about a photo someone else asked about, is prefilled once.
+        sequence too: no copy, no compute; per slot it copies the source's stream. The
+        shared system prompt of several operators, or a second question about a photo
+        someone else asked about, is prefilled once.
         """
         slot = job.slot
         assert slot is not None

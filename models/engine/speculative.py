@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Sequence
 
 __all__ = [
-    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_SIZES", "PRIOR_ROW_SHARE", "SPECULATIVE_MODES", "CostsByThreads", "NgramIndex",
-    "SpecState", "StepCosts", "mode_problem", "plan_drafts",
+    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_SIZES", "PRIOR_ROW_SHARE", "SPECULATIVE_MODES", "CostsByThreads",
+    "NgramIndex", "SpecState", "StepCosts", "mode_problem", "plan_drafts",
 ]
 
 SPECULATIVE_MODES = ("off", "ngram", "draft")
