@@ -173,3 +173,42 @@ def test_a_requests_memory_and_energy_count_its_runner(make_server, tmp_path: Pa
     joules, decode_s = span["edgevlm.energy.joules"], span["edgevlm.decode_ms"] / 1000
     watts = srv.app.state.telemetry.energy.meter.watts_per_core
     assert joules >= 0.5 * decode_s * watts
+
+
+def test_a_step_of_four_streams_reaches_the_server_in_one_message(tiny_llm: Path) -> None:
+    """The runner sends each engine step's events together: one wake-up of the HTTP process
+    per step, not one per stream, and every stream still gets all of its own events."""
+    from models.engine import EngineConfig, Finished, GenerationRequest, TextDelta
+    from models.runner import protocol as p
+    from models.runner.process import Runner
+    from models.sampling import SamplingParams
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent: list[tuple] = []
+
+        def send(self, message: tuple) -> None:
+            self.sent.append(message)
+
+    channel = Recorder()
+    runner = Runner(channel)  # type: ignore[arg-type]
+    assert runner.load(EngineConfig("tiny", str(tiny_llm), n_ctx=1024, n_parallel=4), None)
+    try:
+        prompts = ["one two three", "red green blue", "a b c d", "north south"]
+        for job_id, text in enumerate(prompts, 1):
+            req = GenerationRequest([runner.engine.tokenize(text)], SamplingParams(temperature=0), 24,
+                                    ignore_eos=True)
+            runner.jobs[job_id] = runner.engine.submit(req, runner.sink_for(job_id), max_queue=8)
+        wait_for(lambda: sum(1 for m in channel.sent if m[0] == p.EVENTS
+                             for _, e, _ in m[1] if isinstance(e, Finished)) == 4, timeout=60)
+    finally:
+        runner.engine.close()
+    batches = [m[1] for m in channel.sent if m[0] == p.EVENTS]
+    assert not [m for m in channel.sent if m[0] == p.EVENT]
+    # decode steps carried a token of every stream in one message
+    assert sum(1 for b in batches if len({job for job, _, _ in b}) == 4) >= 10
+    assert len(batches) < 40  # about one per step (24 tokens), not one per stream and token
+    for job_id in range(1, 5):
+        mine = [e for b in batches for j, e, _ in b if j == job_id]
+        assert isinstance(mine[-1], Finished) and mine[-1].reason == "length"
+        assert all(isinstance(e, TextDelta) for e in mine[:-1]) and len(mine) > 10

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Iterator
+from typing import Callable, Iterator
 
 import llama_cpp
 import numpy as np
@@ -51,6 +51,9 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         self._slots = [Slot(seq_id=i, run_ids=run_ids) for i in range(self.n_parallel)]
         self._waiting: deque[Job] = deque()
         self._outbox: list[tuple[Sink, Event]] = []  # events waiting for the next flush
+        # Called after each flush has handed its events to their sinks: a runner sends
+        # them to the HTTP process then, all of one step in one message.
+        self.flushed: Callable[[], None] | None = None
         self._cond = threading.Condition()
         self._closing = False
         self._active = 0
@@ -139,6 +142,11 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
                     sink(event)
                 except Exception:  # e.g. the request's event loop is gone; others still get theirs
                     log.warning("could not deliver an engine event", exc_info=True)
+            if self.flushed is not None:
+                try:
+                    self.flushed()
+                except Exception:
+                    log.warning("could not send a step's engine events", exc_info=True)
 
     def _run(self) -> None:
         try:

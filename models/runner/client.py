@@ -188,7 +188,10 @@ class RunnerEngine(Tokenizer):
         try:
             while True:
                 message = conn.recv()
-                if message[0] == p.EVENT:
+                if message[0] == p.EVENTS:
+                    for event in message[1]:
+                        self._deliver(*event)
+                elif message[0] == p.EVENT:
                     self._deliver(*message[1:])
                 elif message[0] == p.LOG:
                     logs.reemit(message)

@@ -2,8 +2,8 @@
 
 Started by ``models.runner.client`` as ``python -m models.runner.process FD``, where FD
 is this end of a socket pair. The main thread reads requests; the engine's worker
-thread sends events back as it emits them; vision calls (tokenize and encode images)
-run on a small pool so the main thread still reads CANCEL and SUBMIT meanwhile. When
+thread sends each step's events back in one message; vision calls (tokenize and encode
+images) run on a small pool so the main thread still reads CANCEL and SUBMIT meanwhile. When
 the HTTP process goes away (the socket reaches EOF) the runner closes its engine and
 exits, so no runner outlives its server; it then removes the shared-memory blocks
 nobody will read.
@@ -44,6 +44,7 @@ class Runner:
         self.engine: Engine | None = None
         self.vision: VisionEncoder | None = None
         self.jobs: dict[int, Job] = {}
+        self._step_events: list[tuple[int, Event, int]] = []  # the engine worker's, until it flushes
         self._preparing: list[contextlib.AbstractContextManager] = []
         self._calls = ThreadPoolExecutor(VISION_WORKERS, thread_name_prefix="vision")
 
@@ -53,6 +54,7 @@ class Runner:
     def load(self, config: EngineConfig, vision: VisionConfig | None) -> bool:
         try:
             self.engine = Engine(config)
+            self.engine.flushed = self.send_step_events
             if vision is not None:
                 self.vision = vision.load(self.engine.model, self.engine.n_threads)
         except Exception as exc:
@@ -89,8 +91,18 @@ class Runner:
                 self.jobs.pop(job_id, None)
                 # the model's memory: the server's own peak no longer holds it
                 event.figures.runner_peak_rss_bytes = peak_rss_bytes()
-            self.send(p.EVENT, job_id, event, n_generated)
+            self._step_events.append((job_id, event, n_generated))
         return sink
+
+    def send_step_events(self) -> None:
+        """The engine handed over a step's events (its worker thread): send them as one message.
+
+        Four streams' tokens in four messages woke the HTTP process's reader thread and
+        event loop four times a step, on the cores llama.cpp's threads compute on.
+        """
+        if self._step_events:
+            events, self._step_events = self._step_events, []
+            self.send(p.EVENTS, events)
 
     def serve(self) -> None:
         """Handle messages until CLOSE or the HTTP process goes away."""

@@ -2,8 +2,8 @@
 
 Each message is a tuple whose first item names it, pickled by ``models.runner.shm``
 and framed by ``multiprocessing.connection.Connection`` (a length prefix, then the
-pickle). Token events are tiny, so one message per event costs a syscall and a small
-pickle; large arrays (an image's pixels, its embeddings in a SUBMIT or a RESULT) cross
+pickle). Token events are tiny: one step's events, of every request, go as one EVENTS
+message, so the HTTP process wakes once per step rather than once per stream; large arrays (an image's pixels, its embeddings in a SUBMIT or a RESULT) cross
 through shared memory, the pickle holding only their names.
 
 HTTP process -> runner:
@@ -18,7 +18,8 @@ HTTP process -> runner:
 
 runner -> HTTP process:
   (READY, Facts) | (LOAD_FAILED, EngineError)
-  (EVENT, job_id, TextDelta | Finished | Failed, n_generated)
+  (EVENTS, [(job_id, TextDelta | Finished | Failed, n_generated), ...])  one engine step's events
+  (EVENT, job_id, TextDelta | Finished | Failed, n_generated)   one event outside a step
   (RESULT, call_id, ok, value | exception)   the call's return value, or what it raised
   (CLOSED,)
   (LOG, level, logger name, text, pid)  a log record, at any time (also before READY)
@@ -43,6 +44,7 @@ SUBMIT = "submit"
 CANCEL = "cancel"
 PREPARING = "preparing"
 EVENT = "event"
+EVENTS = "events"
 CALL = "call"
 THREADS = "threads"
 RESULT = "result"
