@@ -8,10 +8,26 @@ model get along - the fast-path self-test, ``edgevlm doctor``'s load check - run
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the directory holding ``models``
+
+
+def module_command(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run ``python -m module`` from this process's own code.
+
+    ``-P`` keeps the working directory off the child's path and PYTHONPATH puts this
+    package first: a server started in another checkout, or beside another project's
+    ``models`` package, still runs its children from the code it runs itself.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (PACKAGE_ROOT, env.get("PYTHONPATH")) if x)
+    return [sys.executable, "-P", "-m", module, *args], env
 
 
 @dataclass(frozen=True)
@@ -25,9 +41,9 @@ class ChildOutcome:
 
 def run_module(module: str, args: list[str], timeout: float) -> ChildOutcome:
     """``python -m module args...``; its last stdout line starting with ``{`` is the report."""
-    cmd = [sys.executable, "-m", module, *args]
+    cmd, env = module_command(module, *args)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return ChildOutcome(False, f"hung (no answer in {timeout:.0f} s)")
     if proc.returncode < 0:

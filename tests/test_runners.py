@@ -212,3 +212,21 @@ def test_a_step_of_four_streams_reaches_the_server_in_one_message(tiny_llm: Path
         mine = [e for b in batches for j, e, _ in b if j == job_id]
         assert isinstance(mine[-1], Finished) and mine[-1].reason == "length"
         assert all(isinstance(e, TextDelta) for e in mine[:-1]) and len(mine) > 10
+
+
+def test_runners_run_the_servers_own_code_wherever_it_was_started(tiny_llm: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started in a directory holding another project's ``models`` package, the server's
+    runner still imports the server's code, not the working directory's."""
+    from bench.edgevlm_server import edgevlm_server
+
+    other = tmp_path / "models"
+    other.mkdir()
+    (other / "__init__.py").write_text("raise ImportError('imported the working directory models package')\n")
+    monkeypatch.chdir(tmp_path)
+    with edgevlm_server(model=str(tiny_llm), threads=1, ctx_size=512, parallel=1, startup_timeout_s=120) as srv:
+        r = httpx.post(srv.api_url + "/chat/completions", timeout=60, json={
+            "model": srv.model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        row = httpx.get(srv.base_url + "/health", timeout=10).json()["models"][srv.model]
+    assert row["runner"]["state"] == "ready" and row["runner"]["restarts"] == 0

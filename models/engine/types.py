@@ -49,7 +49,7 @@ class EngineClosed(EngineError):
 # * shared: one pool; a request may use any free cell, up to the whole context, and
 #   slots share the cells of a common prefix. Each sequence's attention spans every cell
 #   up to the highest one in use, masked or not, so concurrent long streams pay for each
-#   other's cells (4 streams of 750 cells: 10 % slower steps; of 1500: 13 %).
+#   other's cells (4 streams of 750 cells: 2 to 10 % slower steps; of 1500: 11 to 13 %).
 # * per-slot: each slot has its own n_ctx / n_parallel cells (llama-server's layout with
 #   an explicit -np): attention spans only a sequence's own cells, but one request can
 #   hold only its slot's share, and a shared prefix is copied, not shared.

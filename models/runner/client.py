@@ -21,11 +21,9 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import llama_cpp
@@ -35,7 +33,7 @@ from models.engine import EngineClosed, EngineConfig, EngineError, Event, Failed
 from models.engine.tokenizer import Tokenizer
 from models.engine.types import JobFigures
 from models.engine.validation import check_queue, check_request
-from models.isolation import exit_reason
+from models.isolation import exit_reason, module_command
 from models.llama_lib import load_vocab
 from models.runner import logs, protocol as p
 from models.runner.shm import Channel, remove_blocks
@@ -47,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgevlm.runner")
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding ``models``
 CLOSE_TIMEOUT_S = 60.0
 
 
@@ -148,11 +145,9 @@ class RunnerEngine(Tokenizer):
     def _start(self) -> None:
         """Spawn a runner and wait until its model is loaded; raises what the load raised."""
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(x for x in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if x)
+        cmd, env = module_command("models.runner.process", str(theirs.fileno()))
         with theirs:
-            proc = subprocess.Popen([sys.executable, "-m", "models.runner.process", str(theirs.fileno())],
-                                    pass_fds=(theirs.fileno(),), env=env)
+            proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=env)
         conn = Channel(Connection(ours.detach()), p.channel_tag(proc.pid))
         try:
             conn.send((p.LOAD, self.config, self.vision_config, logs.thresholds()))
