@@ -118,3 +118,21 @@ def test_per_slot_through_the_api(make_server) -> None:
 def test_a_bad_layout_flag_is_one_line() -> None:
     r = edgevlm("serve", "--kv-layout", "paged")
     assert_one_line_error(r, "kv")
+
+
+def test_the_layout_benchmark_times_both_layouts_side_by_side(tiny_llm: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from bench import kv_layout
+
+    out = tmp_path / "kv.json"
+    assert kv_layout.main(["--model", str(tiny_llm), "--threads", "1", "--streams", "2", "--cells", "16,40",
+                           "--rounds", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "shared / per-slot" in printed and "\n16 " in printed and "\n40 " in printed
+    figures = json.loads(out.read_text())["figures"]
+    for cells in ("16", "40"):
+        for layout in ("shared", "per-slot"):
+            steps = figures[cells][layout]
+            assert len(steps) == 2 * kv_layout.BLOCK and all(ms > 0 for ms in steps)
