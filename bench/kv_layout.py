@@ -23,7 +23,7 @@ from pathlib import Path
 import llama_cpp
 
 from bench.client import print_table
-from bench.harness import write_json
+from bench.harness import in_order, write_json
 from bench.model_files import resolve_model
 from bench.process import default_threads
 from models.llama_lib import ensure_backend
@@ -85,7 +85,7 @@ def measure(model: llama_cpp.llama_model_p, streams: int, cells: int, threads: i
     times: dict[str, list[float]] = {name: [] for name in layouts}
     try:
         for r in range(rounds):
-            for name in (list(layouts) if r % 2 == 0 else list(reversed(layouts))):
+            for name in in_order(list(layouts), r):
                 times[name] += [layouts[name].step() for _ in range(BLOCK)]
     finally:
         for layout in layouts.values():

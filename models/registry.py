@@ -19,7 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from models.engine import KV_LAYOUTS, Engine, EngineConfig, EngineError
+from models.engine import Engine, EngineConfig, EngineError
+from models.engine.types import kv_layout_problem
 from models.engine.speculative import DEFAULT_SPECULATIVE, mode_problem
 from models.runner import RestartPolicy, RunnerEngine
 from models.runner.client import ModelFailed
@@ -118,8 +119,9 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
     spec = ModelSpec(**values)
     if spec.repack not in ("auto", "on", "off"):
         raise ConfigError(f"model {spec.id}: repack must be auto, on or off, not {spec.repack!r}")
-    if spec.kv_layout not in KV_LAYOUTS:
-        raise ConfigError(f"model {spec.id}: kv_layout must be {' or '.join(KV_LAYOUTS)}, not {spec.kv_layout!r}")
+    problem = kv_layout_problem(spec.kv_layout)
+    if problem is not None:
+        raise ConfigError(f"model {spec.id}: {problem}")
     if isinstance(spec.image_cache_mb, bool) or not isinstance(spec.image_cache_mb, int) or spec.image_cache_mb < 0:
         raise ConfigError(f"model {spec.id}: image_cache_mb must be a whole number of MiB >= 0")
     if not Path(spec.path).is_file():

@@ -13,6 +13,8 @@ import pytest
 import uvicorn
 
 from bench.process import free_port
+from models.engine.draft import DraftModel
+from models.engine.speculative import StepCosts
 from models.registry import default_model_path
 from server.app import create_app
 from server.settings import Settings
@@ -117,3 +119,17 @@ def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bench.tinymodels import write_tiny_llm
 
     return write_tiny_llm(tmp_path_factory.mktemp("tiny") / "tiny-llm.gguf")
+
+
+@pytest.fixture
+def rows_cost_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan drafts as on a machine where verifying more rows, or drafting them, costs nothing.
+
+    Whether drafting pays is this machine's measured step costs' call (the planner's own
+    tests in test_speculative.py cover that; on a compute-bound CPU it rightly drafts
+    little); the tests using this check what drafting does to the output, so it must
+    happen on any machine.
+    """
+    monkeypatch.setattr(StepCosts, "cost", lambda self, seqs, rows: 10.0)
+    monkeypatch.setattr(StepCosts, "frontier", lambda self, seqs: 512)
+    monkeypatch.setattr(DraftModel, "token_ms", lambda self, n_seqs: 0.0)

@@ -12,7 +12,6 @@ import pytest
 from scipy.stats import chi2_contingency
 
 from models.engine import Engine, EngineConfig, Failed, Finished, GenerationRequest, TextDelta
-from models.engine.draft import DraftModel
 from models.llama_lib import OneSequence
 from models.engine.speculative import (EXPLORE_EVERY, EXPLORE_ROWS, FAIL_STREAK, NGRAM_SIZES, PAUSE_TOKENS,
                                        PRIOR_ROW_SHARE, NgramIndex, SpecState, StepCosts, plan_drafts)
@@ -50,19 +49,6 @@ class Run:
         assert self.done.wait(timeout), "generation did not finish"
         assert isinstance(self.ended, Finished), self.ended
         return self
-
-
-@pytest.fixture
-def rows_cost_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plan drafts as on a machine where verifying more rows, or drafting them, costs nothing.
-
-    Whether drafting pays is this machine's measured step costs' call (the planner's own
-    tests below cover that, and on a compute-bound CPU it rightly drafts little); these
-    tests check what drafting does to the output, so it must happen on any machine.
-    """
-    monkeypatch.setattr(StepCosts, "cost", lambda self, seqs, rows: 10.0)
-    monkeypatch.setattr(StepCosts, "frontier", lambda self, seqs: 512)
-    monkeypatch.setattr(DraftModel, "token_ms", lambda self, n_seqs: 0.0)
 
 
 def chat(engine: Engine, text: str) -> list[int]:

@@ -23,10 +23,8 @@ from models.engine.speculative import StepCosts, plan_drafts
 from models.registry import load_config
 from tests.test_cli import assert_one_line_error, edgevlm
 from tests.test_speculative import (COPY, WORK_ORDER, alone, assert_same_or_near_tie, cancel_mid_draft,
-                                    cells_agree, chat, concurrent_match_alone, costs, rows_cost_nothing, submit)
+                                    cells_agree, chat, concurrent_match_alone, costs, submit)
 from tests.test_speculative_api import without_and_with_drafts
-
-__all__ = ["rows_cost_nothing"]  # a fixture these tests use
 
 PROMPTS = (COPY, f"{WORK_ORDER}\n\nWhich parts are listed? Quote them.", "Name three colours.",
            "Why is the sky blue?")

@@ -23,18 +23,23 @@ class Placement:
     evict: int  # idle cells to free first; nothing to free when <= 0
 
 
-def place(job: Job, slots: list[Slot], running: list[Job], needs: list[int], n_ctx: int) -> Placement | None:
+def place(job: Job, slots: list[Slot], running: list[Job], needs: list[int], n_ctx: int, *,
+          per_slot: bool = False) -> Placement | None:
     """Place ``job`` beside ``running`` and the jobs admitted this round (``needs``), or None.
 
     Cells the running requests hold or will fill count shared cells once; then what
     this one adds beyond a prefix already in their cells, or anywhere in the pool.
-    None means no free slot, or no room until a running request finishes.
+    None means no free slot, or no room until a running request finishes. ``per_slot``
+    (each slot its own KV stream): any free slot will do, with no pool to share and no
+    idle cache to evict (the chosen slot's own is cut back when the job starts).
     """
     free = [s for s in slots if s.job is None]
     if not free:
         return None
     common = {s.seq_id: common_prefix(s.history, job.items) for s in slots if s.history}
     slot = choose_slot(slots, free, job, common)
+    if per_slot:
+        return Placement(slot, 0, 0)
     by_seq = {s.seq_id: s for s in slots}
     busy = [j.slot for j in running if j.slot is not None]
     committed = (pool_cells(busy) + sum(j.n_prompt - j.cursor + j.reserve for j in running)
@@ -48,19 +53,6 @@ def place(job: Job, slots: list[Slot], running: list[Job], needs: list[int], n_c
     restored = len(slot.history) if slot.parked is not None else 0
     evict = committed + need + pool_cells(slots) - pool_cells(busy) + restored - n_ctx
     return Placement(slot, need, evict)
-
-
-def place_per_slot(job: Job, slots: list[Slot]) -> Placement | None:
-    """Place ``job`` in a free slot of a per-slot layout, or None when none is free.
-
-    Each slot has its own cells, so nothing else decides: no pool to share, no idle
-    cache to evict (the chosen slot's own is cut back when the job starts).
-    """
-    free = [s for s in slots if s.job is None]
-    if not free:
-        return None
-    common = {s.seq_id: common_prefix(s.history, job.items) for s in slots if s.history}
-    return Placement(choose_slot(slots, free, job, common), 0, 0)
 
 
 def choose_slot(slots: list[Slot], free: list[Slot], job: Job, common: dict[int, int]) -> Slot:

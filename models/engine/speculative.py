@@ -291,9 +291,14 @@ def plan_drafts(candidates: Sequence[tuple[float, int]], base_tokens: int, base_
         max_rows = min(max_rows, costs.frontier(base_tokens) or base_rows)
     ks = [0] * len(candidates)
     gains = [a for a, _ in candidates]  # a^(k+1): the chance the next row of each is accepted
+    priced: dict[int, float] = {}  # by row bucket: rows within one cost the same
+
     def cost(rows: int) -> float:
-        ms = None if explore else costs.cost(base_tokens, rows)
-        return ms if ms is not None and ms > 0 else base
+        b = costs.bucket(rows)
+        if b not in priced:
+            ms = None if explore else costs.cost(base_tokens, rows)
+            priced[b] = ms if ms is not None and ms > 0 else base
+        return priced[b]
 
     base = costs.cost(base_tokens, base_rows) or 1.0
     expected = float(base_tokens)

@@ -56,6 +56,13 @@ class EngineClosed(EngineError):
 KV_LAYOUTS = ("shared", "per-slot")
 
 
+def kv_layout_problem(layout: str) -> str | None:
+    """What is wrong with a KV layout name, or None: one rule for the engine and the registry."""
+    if layout not in KV_LAYOUTS:
+        return f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, not {layout!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_id: str

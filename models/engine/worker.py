@@ -14,15 +14,15 @@ from typing import Callable, Iterator
 import llama_cpp
 import numpy as np
 
-from models.engine.admission import place, place_per_slot, preemption_victim, resume_point, worth_restoring
+from models.engine.admission import place, preemption_victim, resume_point, worth_restoring
 from models.engine.batch import PREFILL_CHUNK_WHILE_DECODING, BatchBuilder
 from models.engine.job import Job
 from models.engine.native import NativeModel
 from models.engine.prefix import PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL, PrefixSharing
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
 from models.engine.speculative import CostsByThreads, mode_problem
-from models.engine.types import (KV_LAYOUTS, EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
-                                 GenerationRequest, Sink, TextDelta)
+from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
+                                 GenerationRequest, Sink, TextDelta, kv_layout_problem)
 from models.engine.validation import Limits, check_queue, check_request
 from models.sampling import build_sampler
 
@@ -38,9 +38,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
     """One model, one context, ``n_parallel`` sequences, one worker thread."""
 
     def __init__(self, config: EngineConfig):
-        problem = mode_problem(config.speculative, config.draft_path)
-        if config.kv_layout not in KV_LAYOUTS:
-            problem = f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, not {config.kv_layout!r}"
+        problem = mode_problem(config.speculative, config.draft_path) or kv_layout_problem(config.kv_layout)
         if problem is not None:
             raise EngineError(problem, code="invalid_config")
         self._load(config)
@@ -249,10 +247,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
                 self._finish(job, reason="cancelled")
         while self._waiting:
             job = self._waiting[0]
-            if self.per_slot:
-                plan = place_per_slot(job, self._slots)
-            else:
-                plan = place(job, self._slots, running, needs, self.n_ctx)
+            plan = place(job, self._slots, running, needs, self.n_ctx, per_slot=self.per_slot)
             if plan is None:
                 break
             evict_idle(self._slots, plan.evict, self._clear, keep=plan.slot)

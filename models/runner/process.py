@@ -24,9 +24,9 @@ from typing import Any
 from models.engine import Engine, EngineConfig, EngineError, Event, Failed, Job, TextDelta
 from models.engine.types import JobFigures
 from models.runner import logs, protocol as p
-from telemetry.record import peak_rss_bytes
 from models.runner.shm import Channel, remove_blocks
 from models.vision import VisionConfig, VisionEncoder, VisionError
+from telemetry.record import peak_rss_bytes
 
 # Vision calls at once: encodes serialize on the encoder's lock, but a tiling
 # projector's token counts (placeholder tokenizes) need not queue behind one.
