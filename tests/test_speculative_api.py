@@ -14,7 +14,12 @@ MODEL = "smollm2-135m-instruct-q4_1"
 
 
 def spans(path: Path) -> list[dict]:
-    """Request spans (OTLP JSON lines) with their attributes as a flat dict."""
+    """Request spans (OTLP JSON lines) with their attributes as a flat dict.
+
+    None yet while the exporter has not written its first batch: the file is created then.
+    """
+    if not path.exists():
+        return []
     out = []
     for line in path.read_text().splitlines():
         for rs in json.loads(line)["resourceSpans"]:
