@@ -136,3 +136,29 @@ def test_the_layout_benchmark_times_both_layouts_side_by_side(tiny_llm: Path, tm
         for layout in ("shared", "per-slot"):
             steps = figures[cells][layout]
             assert len(steps) == 2 * kv_layout.BLOCK and all(ms > 0 for ms in steps)
+
+
+def test_per_slot_rows_go_in_rising_sequence_order(per_slot: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # llama.cpp splits a per-slot batch into ubatches of sequences whose ids rise by one
+    # in batch order, each a full pass over the weights: rows must follow the seq ids,
+    # not the order the requests came in.
+    prompts = [chat(per_slot, f"{p} Answer briefly, please.") for p in PROMPTS]
+    slots = [submit(per_slot, p, 4).wait().record.slot for p in prompts]  # each prompt cached in a slot
+    decoded: list[list[int]] = []
+    real = llama_cpp.llama_decode
+
+    def recording(ctx: object, batch: llama_cpp.llama_batch) -> int:
+        decoded.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return real(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    order = sorted(range(len(prompts)), key=lambda i: -slots[i])  # highest cached slot first
+    runs = [submit(per_slot, prompts[i], 24) for i in order]
+    assert [r.wait().record.slot for r in runs] == [slots[i] for i in order]  # each went back to its cache
+    # steps where all four decode (with a prompt chunk beside them a step takes two passes anyway)
+    together = [seqs for seqs in decoded if len(set(seqs)) == len(prompts) == len(seqs)]
+    assert together, "the four requests never decoded in one batch"
+    for seqs in together:
+        firsts = list(dict.fromkeys(seqs))
+        assert firsts == sorted(firsts), seqs
+    cells_match_books(per_slot)

@@ -41,20 +41,18 @@ class BatchBuilder:
         outputs: list[tuple[int, Job]] = []
         # (job, history length, cursor, generated length) before this step, to undo a failed decode
         undo: list[tuple[Job, int, int, int]] = []
+        # Per slot, llama.cpp splits a batch into ubatches of sequences whose ids rise by one
+        # in batch order, and each ubatch reads all the weights again: rows in admission
+        # order (say seqs 3, 0, 1, 2) cost two passes a step or more. So there the rows are
+        # laid out by sequence id once the chunks are chosen (no joint prefill per slot).
+        per_slot = self.per_slot
+        later: list[tuple[Job, int | None]] = []  # (job, prompt rows, None to decode)
         for job in decoding:
-            slot = job.slot
-            undo.append((job, len(slot.history), job.cursor, len(job.generated)))
-            self._put(batch, n, job.next_token, len(slot.history) + slot.shift, slot.seq_id, True)
-            slot.history.append(job.next_token)
-            job.generated.append(job.next_token)
-            outputs.append((n, job))
-            n += 1
-            for tok in drafts.get(job, ()):  # verified in the same decode, after the token
-                self._put(batch, n, tok, len(slot.history) + slot.shift, slot.seq_id, True)
-                slot.history.append(tok)
-                outputs.append((n, job))
-                n += 1
-        budget = self.n_batch - n
+            if per_slot:
+                later.append((job, None))
+            else:
+                n = self._put_decode(job, drafts.get(job, ()), n, outputs, undo)
+        budget = self.n_batch - sum(1 + len(drafts.get(j, ())) for j in decoding)
         if decoding:
             budget = min(budget, PREFILL_CHUNK_WHILE_DECODING)
         image_job: Job | None = None
@@ -73,8 +71,16 @@ class BatchBuilder:
                     image_job = job
                 continue
             take = min(end - job.cursor, budget)
-            n = self._put_prompt(job, take, n, outputs, undo)
             budget -= take
+            if per_slot:
+                later.append((job, take))
+            else:
+                n = self._put_prompt(job, take, n, outputs, undo)
+        for job, take in sorted(later, key=lambda jt: jt[0].slot.seq_id):
+            if take is None:
+                n = self._put_decode(job, drafts.get(job, ()), n, outputs, undo)
+            else:
+                n = self._put_prompt(job, take, n, outputs, undo)
         if n:
             batch.n_tokens = n
             self._flush()
@@ -184,6 +190,24 @@ class BatchBuilder:
         if self._drafter is not None:  # it decoded its own proposal: keep what was accepted
             self._drafter.keep(slot.seq_id, keep)
         job.spec.record(len(draft), accepted, job.n_generated)
+
+    def _put_decode(self, job: Job, draft: list[int] | tuple[()], n: int, outputs: list[tuple[int, Job]],
+                    undo: list[tuple[Job, int, int, int]]) -> int:
+        """Add ``job``'s next token at batch row ``n``, its drafted tokens after it; returns the next row."""
+        batch = self._batch
+        slot = job.slot
+        undo.append((job, len(slot.history), job.cursor, len(job.generated)))
+        self._put(batch, n, job.next_token, len(slot.history) + slot.shift, slot.seq_id, True)
+        slot.history.append(job.next_token)
+        job.generated.append(job.next_token)
+        outputs.append((n, job))
+        n += 1
+        for tok in draft:  # verified in the same decode, after the token
+            self._put(batch, n, tok, len(slot.history) + slot.shift, slot.seq_id, True)
+            slot.history.append(tok)
+            outputs.append((n, job))
+            n += 1
+        return n
 
     def _put_prompt(self, job: Job, take: int, n: int, outputs: list[tuple[int, Job]],
                     undo: list[tuple[Job, int, int, int]]) -> int:
