@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Sequence
 
 import llama_cpp
 import numpy as np
@@ -191,7 +192,7 @@ class BatchBuilder:
             self._drafter.keep(slot.seq_id, keep)
         job.spec.record(len(draft), accepted, job.n_generated)
 
-    def _put_decode(self, job: Job, draft: list[int] | tuple[()], n: int, outputs: list[tuple[int, Job]],
+    def _put_decode(self, job: Job, draft: Sequence[int], n: int, outputs: list[tuple[int, Job]],
                     undo: list[tuple[Job, int, int, int]]) -> int:
         """Add ``job``'s next token at batch row ``n``, its drafted tokens after it; returns the next row."""
         batch = self._batch
