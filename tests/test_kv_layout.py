@@ -162,3 +162,33 @@ def test_per_slot_rows_go_in_rising_sequence_order(per_slot: Engine, monkeypatch
         firsts = list(dict.fromkeys(seqs))
         assert firsts == sorted(firsts), seqs
     cells_match_books(per_slot)
+
+
+@pytest.mark.usefixtures("rows_cost_nothing")
+def test_per_slot_streams_verify_drafts_and_match_without_speculation(default_gguf: Path) -> None:
+    # Per slot each stream's drafted cells live in its own KV stream and are rolled back
+    # there; four streams drafting at once must give what each gives alone without drafts.
+    from tests.test_speculative import (WORK_ORDER, alone, assert_same_or_near_tie, cells_agree,
+                                        chat as tokens_of, submit as submit_tokens)
+
+    off = Engine(EngineConfig("smol-slot-off", str(default_gguf), n_ctx=4096, n_parallel=4, kv_layout="per-slot"))
+    on = Engine(EngineConfig("smol-slot-ngram", str(default_gguf), n_ctx=4096, n_parallel=4,
+                             kv_layout="per-slot", speculative="ngram"))
+    try:
+        asks = ["Copy the following work order exactly, word for word.",
+                "Repeat this work order exactly as written.",
+                "Write out this work order again, unchanged.",
+                "Reproduce the work order below verbatim."]
+        prompts = [tokens_of(off, f"{ask}\n\n{WORK_ORDER}") for ask in asks]
+        want = alone(off, prompts, 64)
+        runs = [submit_tokens(on, p, 64) for p in prompts]
+        for run, _ in runs:
+            run.wait()
+        for p, a, (_, job) in zip(prompts, want, runs):
+            assert_same_or_near_tie(on, p, a, job.sampled)
+        assert sum(run.ended.figures.accepted_tokens for run, _ in runs) > 0
+        assert len({run.ended.figures.slot for run, _ in runs}) == 4
+        cells_agree(on)
+    finally:
+        off.close()
+        on.close()
