@@ -13,6 +13,9 @@ from openai import OpenAI
 from models.engine import Engine, EngineConfig, EngineError, PromptTooLong
 from tests.test_batching import PROMPTS, Run, chat, submit
 from tests.test_cli import assert_one_line_error, edgevlm
+from tests.test_speculative import WORK_ORDER, alone, assert_same_or_near_tie, cells_agree
+from tests.test_speculative import chat as tokens_of
+from tests.test_speculative import submit as submit_tokens
 
 MODEL = "smollm2-135m-instruct-q4_1"
 
@@ -168,9 +171,6 @@ def test_per_slot_rows_go_in_rising_sequence_order(per_slot: Engine, monkeypatch
 def test_per_slot_streams_verify_drafts_and_match_without_speculation(default_gguf: Path) -> None:
     # Per slot each stream's drafted cells live in its own KV stream and are rolled back
     # there; four streams drafting at once must give what each gives alone without drafts.
-    from tests.test_speculative import (WORK_ORDER, alone, assert_same_or_near_tie, cells_agree,
-                                        chat as tokens_of, submit as submit_tokens)
-
     off = Engine(EngineConfig("smol-slot-off", str(default_gguf), n_ctx=4096, n_parallel=4, kv_layout="per-slot"))
     on = Engine(EngineConfig("smol-slot-ngram", str(default_gguf), n_ctx=4096, n_parallel=4,
                              kv_layout="per-slot", speculative="ngram"))
