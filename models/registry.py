@@ -19,8 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from models.engine import Engine, EngineConfig, EngineError
-from models.engine.types import kv_layout_problem
+from models.engine import Engine, EngineConfig, EngineError, kv_layout_problem
 from models.engine.speculative import DEFAULT_SPECULATIVE, mode_problem
 from models.runner import RestartPolicy, RunnerEngine
 from models.runner.client import ModelFailed

@@ -2,11 +2,11 @@
 
 Started by ``models.runner.client`` as ``python -m models.runner.process FD``, where FD
 is this end of a socket pair. The main thread reads requests; the engine's worker
-thread sends each step's events back in one message; vision calls (tokenize and encode
-images) run on a small pool so the main thread still reads CANCEL and SUBMIT meanwhile. When
-the HTTP process goes away (the socket reaches EOF) the runner closes its engine and
-exits, so no runner outlives its server; it then removes the shared-memory blocks
-nobody will read.
+thread sends each step's events back in one message; vision calls (tokenize and
+encode images) run on a small pool so the main thread still reads CANCEL and SUBMIT
+meanwhile. When the HTTP process goes away (the socket reaches EOF) the runner closes
+its engine and exits, so no runner outlives its server; it then removes the
+shared-memory blocks nobody will read.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Each message is a tuple whose first item names it, pickled by ``models.runner.shm``
 and framed by ``multiprocessing.connection.Connection`` (a length prefix, then the
 pickle). Token events are tiny: one step's events, of every request, go as one EVENTS
-message, so the HTTP process wakes once per step rather than once per stream; large arrays (an image's pixels, its embeddings in a SUBMIT or a RESULT) cross
-through shared memory, the pickle holding only their names.
+message, so the HTTP process wakes once per step rather than once per stream. Large
+arrays (an image's pixels, its embeddings in a SUBMIT or a RESULT) cross through
+shared memory, the pickle holding only their names.
 
 HTTP process -> runner:
   (LOAD, EngineConfig, VisionConfig | None, thresholds)  first message; answered by READY or
