@@ -36,7 +36,7 @@ from llama_cpp import mtmd_cpp as mtmd
 from PIL import Image
 
 from models.images import LoadedImage, pixel_hash
-from models.llama_lib import ensure_backend
+from models.llama_lib import ensure_backend, on_own_thread
 
 if TYPE_CHECKING:
     from models.reduce import ProjectorGrid
@@ -536,7 +536,8 @@ class VisionEncoder:
         self.media_marker: str = self._marker_bytes.decode("utf-8")
         params.media_marker = self._marker_bytes
 
-        ctx = mtmd.mtmd_init_from_file(self.mmproj_path.encode(), model, params)
+        # The warm-up encode computes a graph: off this (long-lived) thread, see on_own_thread.
+        ctx = on_own_thread(lambda: mtmd.mtmd_init_from_file(self.mmproj_path.encode(), model, params))
         if not ctx:
             raise VisionError(
                 f"llama.cpp could not load mmproj {path.name} (see the log for the reason)",
@@ -793,7 +794,7 @@ class VisionEncoder:
         with self._lock:
             ctx = self._ctx_or_raise()
             t0 = time.perf_counter()
-            rc = mtmd.mtmd_encode_chunk(ctx, chunk)
+            rc = on_own_thread(lambda: mtmd.mtmd_encode_chunk(ctx, chunk))
             encode_ms = (time.perf_counter() - t0) * 1000.0
             if rc != 0:
                 raise VisionError(f"encoding image {index} failed (mtmd_encode_chunk returned {rc})", code="vision_error")

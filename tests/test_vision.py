@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -346,3 +348,39 @@ def test_repair_row_breaks_fills_only_break_rows() -> None:
     other[5] = np.nan  # not a break position: left for the caller to reject
     _repair_row_breaks(other, brk, 1.0)  # a 5x2 grid would fit, but not a square image
     assert np.isnan(other[5]).all()
+
+
+_THREADS_AFTER_ENCODE = r"""
+import os, sys
+import numpy as np
+from PIL import Image
+from models import cpu_paths
+from models.llama_lib import ensure_backend
+from models.vision import ImageChunk, VisionEncoder
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+ensure_backend()
+model = cpu_paths.load_model(sys.argv[1], ())
+before = threads()
+with VisionEncoder(sys.argv[2], model, n_threads=2) as enc:  # warms up: a graph computed
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")
+    chunks = enc.tokenize(f"look {enc.media_marker}", [img])
+    assert any(isinstance(c, ImageChunk) and c.embeddings.size for c in chunks)
+    print(before, threads())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_projector_warmup_and_encodes_leave_no_compute_threads_behind(model_dir: Path) -> None:
+    # An OpenMP build gives each thread that computes a graph its own thread team for as
+    # long as that thread lives; a second team beside the engine worker's made libgomp
+    # stop spinning between operations and slowed every text decode by about a third.
+    # Warm-up and encodes run on threads that end with them, so their teams go too.
+    llm_path, mmproj = tiny_vlm(model_dir, "mlp")
+    out = subprocess.run([sys.executable, "-c", _THREADS_AFTER_ENCODE, str(llm_path), str(mmproj)],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = map(int, out.stdout.split()[-2:])
+    assert after == before, f"{after - before} thread(s) outlived the projector's warm-up and encode"
