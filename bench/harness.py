@@ -20,10 +20,11 @@ from typing import Any
 
 from bench.client import BenchClient, fmt, median, print_table, ratio
 from bench.edgevlm_server import edgevlm_server
-from bench.llama_server import ensure_llama_server, llama_server
+from bench.llama_server import cache_dir, ensure_llama_server, llama_server
 from bench.model_files import DEFAULT_MODEL_ID, resolve_model
 from bench.process import RunningServer, default_threads
 from bench.prompts import chat_prompt, new_salt
+from bench.tinymodels import projector_for
 
 EDGEVLM = "edgevlm"
 EDGEVLM_INPROC = "edgevlm-inproc"  # --compare-runners: the same server with every model in process
@@ -47,6 +48,10 @@ def add_common_args(parser: argparse.ArgumentParser, runs_default: int) -> None:
     parser.add_argument("--compare-runners", action="store_true",
                         help="run edgevlm twice, with --runners on (column edgevlm) and off (column "
                              f"{EDGEVLM_INPROC}), and compare the two")
+    parser.add_argument("--mmproj", default=None, metavar="PATH|tiny",
+                        help="vision projector for --model, loaded by both servers; `tiny` writes a "
+                             "random-weight one that fits the model (measures what a projector and an "
+                             "image cost, not what the model sees)")
     parser.add_argument("--edgevlm-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for `edgevlm serve` (repeatable), e.g. --edgevlm-arg=--batch=256")
 
@@ -58,6 +63,13 @@ def start_servers(args: argparse.Namespace, *, parallel: int, ctx_size: int) -> 
     ``ctx_size`` is passed as edgevlm ``--ctx-size`` and llama-server ``-c`` alike.
     """
     edge_model, gguf = resolve_model(args.model)
+    vision: list[str] = []
+    if getattr(args, "mmproj", None):
+        if gguf is None:
+            raise SystemExit("[bench] --mmproj needs --model to be a GGUF file")
+        mmproj = projector_for(gguf, cache_dir() / "models") if args.mmproj == "tiny" else Path(args.mmproj)
+        edge_model, vision = str(gguf), ["--mmproj", str(mmproj)]
+        print(f"[bench] vision projector {mmproj}")
     with contextlib.ExitStack() as stack:
         servers: list[RunningServer] = []
         if not args.skip_edgevlm:
@@ -66,7 +78,7 @@ def start_servers(args: argparse.Namespace, *, parallel: int, ctx_size: int) -> 
             for name, mode_args in modes:
                 server = stack.enter_context(edgevlm_server(
                     model=edge_model, threads=args.threads, ctx_size=ctx_size, parallel=parallel,
-                    traces=args.traces, extra_args=[*args.edgevlm_arg, *mode_args]))
+                    traces=args.traces, extra_args=[*args.edgevlm_arg, *mode_args, *vision]))
                 server.name = name
                 servers.append(server)
         if args.skip_llama_server:
@@ -78,7 +90,8 @@ def start_servers(args: argparse.Namespace, *, parallel: int, ctx_size: int) -> 
             binary = ensure_llama_server(build=not args.no_build)
             if binary is not None:
                 servers.append(stack.enter_context(llama_server(
-                    gguf, threads=args.threads, ctx_size=ctx_size, parallel=parallel, binary=binary)))
+                    gguf, threads=args.threads, ctx_size=ctx_size, parallel=parallel, binary=binary,
+                    extra_args=vision)))
         if not servers:
             raise SystemExit("[bench] nothing to measure")
         for s in servers:

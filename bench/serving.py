@@ -8,7 +8,10 @@ Both servers get one slot. Per repetition, in alternating server order:
   prompt carries a fresh nonce up front, so no prompt-cache hits,
 * decode tokens/s over 256 tokens (median of ``--decode-runs``),
 * wall time for 4 concurrent 64-token requests (median of ``--concurrent-runs``;
-  with one slot they queue, so this measures scheduling overhead).
+  with one slot they queue, so this measures scheduling overhead);
+* with ``--mmproj`` (both servers load the projector; ``tiny`` makes one that fits the
+  model): the same text figures with a vision model loaded, plus TTFT and decode tok/s
+  of a 256-token answer about a fresh image (median of ``--decode-runs``).
 
 Targets: decode tok/s within 5% of llama-server; short-prompt TTFT within 15 ms.
 """
@@ -24,6 +27,7 @@ from bench.client import BenchClient, median, run_concurrent
 from bench.harness import EDGEVLM_INPROC, LLAMA_SERVER, RUNNER_SPEED, RUNNER_TTFT, Results, Target, add_common_args, alternate, start_servers, write_json
 from bench.process import RunningServer
 from bench.prompts import chat_prompt
+from bench.vision import data_uri, noise_image
 
 SHORT_PROMPT_TOKENS = 40
 LONG_PROMPT_TOKENS = 1000
@@ -34,12 +38,16 @@ CONCURRENT_TOKENS = 64
 CTX_SIZE = 4096
 
 
-def define_metrics(results: Results) -> None:
+def define_metrics(results: Results, vision: bool = False) -> None:
     results.metric("ttft_short_ms", f"TTFT ~{SHORT_PROMPT_TOKENS}-tok prompt (ms)",
                    target=Target("<= llama +15 ms", lambda e, l: e - l <= 15.0), runner_target=RUNNER_TTFT)
     results.metric("ttft_long_ms", f"TTFT ~{LONG_PROMPT_TOKENS}-tok prompt (ms)", runner_target=RUNNER_TTFT)
     results.metric("decode_tps", f"decode tok/s ({DECODE_TOKENS} tok)",
                    target=Target(">= 0.95x llama", lambda e, l: e >= 0.95 * l), runner_target=RUNNER_SPEED)
+    if vision:
+        results.metric("image_ttft_ms", "TTFT with a fresh 64-token image (ms)")
+        results.metric("image_decode_tps", f"decode tok/s after an image ({DECODE_TOKENS} tok)",
+                       target=Target(">= 0.95x llama", lambda e, l: e >= 0.95 * l), runner_target=RUNNER_SPEED)
     results.metric("concurrent_wall_s", f"{CONCURRENT_REQUESTS}x{CONCURRENT_TOKENS}-tok concurrent wall (s)", ".2f")
     results.metric("prompt_tokens_short", "  prompt tokens (short)", ".0f")
     results.metric("prompt_tokens_long", "  prompt tokens (long)", ".0f")
@@ -67,6 +75,14 @@ async def measure_repetition(
         results.add("server_decode_tps", name,
                     timings.get("predicted_per_second") or timings.get("decode_tokens_per_s"))
 
+    if args.mmproj and rep < args.decode_runs:
+        image = [{"role": "user", "content": [
+            {"type": "text", "text": f"Session {salt}-i{rep}. Describe this image in detail."},
+            {"type": "image_url", "image_url": {"url": data_uri(noise_image(64, seed=rep))}}]}]
+        img = await client.chat(image, max_tokens=DECODE_TOKENS)
+        results.add("image_ttft_ms", name, img.ttft_s * 1e3 if img.ttft_s is not None else None)
+        results.add("image_decode_tps", name, img.decode_tps)
+
     if rep < args.concurrent_runs:
         conc = await run_concurrent(
             client.chat(chat_prompt(SHORT_PROMPT_TOKENS, f"{salt}-c{rep}-{i}"), max_tokens=CONCURRENT_TOKENS)
@@ -77,7 +93,7 @@ async def measure_repetition(
 
 async def run(args: argparse.Namespace, servers: list[RunningServer]) -> Results:
     results = Results()
-    define_metrics(results)
+    define_metrics(results, vision=bool(args.mmproj))
     await alternate(servers, args.runs,
                     lambda s, client, rep, salt: measure_repetition(s, client, rep, salt, args, results))
     return results
@@ -100,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     title = (f"bench.serving — 1 slot, {args.threads} threads, {platform.machine()}; medians of "
              f"{args.runs} (TTFT), {args.decode_runs} (decode), {args.concurrent_runs} (concurrent)")
+    if args.mmproj:
+        title += f"; vision projector {args.mmproj}"
     results.print(title, names, reducers={}, default_reducer=median)
     if LLAMA_SERVER not in names:
         print("(no llama-server figures: comparison skipped)")

@@ -45,6 +45,7 @@ __all__ = [
     "LlmArch",
     "MmprojKind",
     "default_model_path",
+    "projector_for",
     "tiny_vlm",
     "tokenizer_metadata",
     "write_tiny_llm",
@@ -531,3 +532,25 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def projector_for(model_path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:
+    """A random-weight ``"mlp"`` projector (64 tokens an image) that fits ``model_path``.
+
+    It makes any text GGUF a VLM for measuring what a loaded projector and an image cost
+    a server (load, encode, the image's prefill, decode beside it), not what the model
+    sees. Written once per output width into ``directory``.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(model_path))
+    arch = reader.get_field("general.architecture")
+    width = reader.get_field(f"{arch.contents()}.embedding_length") if arch is not None else None
+    if width is None:
+        raise ValueError(f"{model_path} names no architecture and embedding width")
+    n_embd = int(width.contents())
+    path = Path(directory) / f"tiny-mmproj-mlp-{n_embd}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_tiny_mmproj(path, "mlp", n_embd_text=n_embd)
+    return path

@@ -12,6 +12,7 @@ import pytest
 
 from bench.tinymodels import (
     default_model_path,
+    projector_for,
     tiny_vlm,
     tokenizer_metadata,
     write_tiny_llm,
@@ -151,3 +152,13 @@ def test_the_server_does_not_need_the_fixture_generator() -> None:
     code = "import sys, server.app, server.cli, models.vision, models.engine; print('bench.tinymodels' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_projector_is_made_to_fit_any_text_model_once(tmp_path: Path) -> None:
+    from models.vision import read_projector_facts
+
+    for model, width in ((default_model_path(), 576), (tiny_vlm(tmp_path / "vlm", "mlp")[0], 64)):
+        path = projector_for(model, tmp_path / "proj")
+        assert read_projector_facts(path).n_embd_out == width
+        stamp = path.stat().st_mtime_ns
+        assert projector_for(model, tmp_path / "proj") == path and path.stat().st_mtime_ns == stamp
