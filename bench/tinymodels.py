@@ -511,6 +511,28 @@ def tiny_vlm(
     return llm_path, mm_path
 
 
+def projector_for(model_path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:
+    """A random-weight ``"mlp"`` projector (64 tokens an image) that fits ``model_path``.
+
+    It makes any text GGUF a VLM for measuring what a loaded projector and an image cost
+    a server (load, encode, the image's prefill, decode beside it), not what the model
+    sees. Written once per output width into ``directory``.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(model_path))
+    arch = reader.get_field("general.architecture")
+    width = reader.get_field(f"{arch.contents()}.embedding_length") if arch is not None else None
+    if width is None:
+        raise ValueError(f"{model_path} names no architecture and embedding width")
+    n_embd = int(width.contents())
+    path = Path(directory) / f"tiny-mmproj-mlp-{n_embd}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_tiny_mmproj(path, "mlp", n_embd_text=n_embd)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench.tinymodels [DIR]``: write a tiny VLM and print how to serve it."""
     import argparse
@@ -532,25 +554,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def projector_for(model_path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:
-    """A random-weight ``"mlp"`` projector (64 tokens an image) that fits ``model_path``.
-
-    It makes any text GGUF a VLM for measuring what a loaded projector and an image cost
-    a server (load, encode, the image's prefill, decode beside it), not what the model
-    sees. Written once per output width into ``directory``.
-    """
-    import gguf
-
-    reader = gguf.GGUFReader(str(model_path))
-    arch = reader.get_field("general.architecture")
-    width = reader.get_field(f"{arch.contents()}.embedding_length") if arch is not None else None
-    if width is None:
-        raise ValueError(f"{model_path} names no architecture and embedding width")
-    n_embd = int(width.contents())
-    path = Path(directory) / f"tiny-mmproj-mlp-{n_embd}.gguf"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_tiny_mmproj(path, "mlp", n_embd_text=n_embd)
-    return path
