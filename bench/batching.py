@@ -148,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = f", {args.rounds} concurrent rounds each" if args.rounds > 1 else ""
     title = (f"bench.batching — {PARALLEL} slots, {args.threads} threads, {platform.machine()}; "
              f"{args.runs} repetitions{rounds} (medians; latencies over all requests)")
+    if args.mmproj:
+        title += f"; vision projector {args.mmproj}"
     results.print(title, names,
                   reducers={"useful_tps_max": maximum, "latency_max_s": maximum},
                   default_reducer=median)
