@@ -14,7 +14,8 @@ from scipy.stats import chi2_contingency
 from models.engine import Engine, EngineConfig, Failed, Finished, GenerationRequest, TextDelta
 from models.llama_lib import OneSequence
 from models.engine.speculative import (EXPLORE_EVERY, EXPLORE_ROWS, FAIL_STREAK, NGRAM_SIZES, PAUSE_TOKENS,
-                                       PRIOR_ROW_SHARE, NgramIndex, SpecState, StepCosts, plan_drafts)
+                                       PRIOR_ROW_SHARE, RESYNC_AHEAD, RESYNC_TOKENS, NgramIndex, SpecState,
+                                       StepCosts, plan_drafts)
 from models.sampling import SamplingParams
 
 WORK_ORDER = (
@@ -147,6 +148,31 @@ def test_ngram_index_proposes_what_followed_the_longest_recent_match() -> None:
     a = list(range(200, 200 + LONG))
     idx = NgramIndex([*a, 7, *a[LONG - SHORT:], 9, *a])
     assert idx.draft(1) == [7]
+
+
+def test_ngram_index_picks_a_copy_up_again_after_the_model_strays_from_it() -> None:
+    doc = list(range(100, 100 + SHORT + 60))  # a document being copied out
+    m = RESYNC_TOKENS
+
+    def copying() -> NgramIndex:
+        idx = NgramIndex([1, 2, *doc, 3, *doc[:SHORT]])
+        assert idx.draft(5) == doc[SHORT:SHORT + 5]  # a long match: the copy's place is known
+        idx.extend([*doc[SHORT:SHORT + 2], 999])  # two tokens kept, then a changed one
+        assert idx.draft(5) == []  # the tail holds the changed token: it occurs nowhere
+        return idx
+
+    idx = copying()
+    idx.extend(doc[SHORT + 3:SHORT + 3 + m])  # the copy goes on
+    assert idx.draft(3) == doc[SHORT + 3 + m:SHORT + 6 + m]  # found again after m tokens, not SHORT
+    idx.extend(doc[SHORT + 3 + m:SHORT + 4 + m])
+    assert idx.draft(2) == doc[SHORT + 4 + m:SHORT + 6 + m]
+    # the same short match far from where the copy had got to proposes nothing
+    idx = copying()
+    far = SHORT + 3 + RESYNC_AHEAD + 8
+    idx.extend(doc[far:far + m])
+    assert idx.draft(3) == []
+    # nor does a short match when no long one ever said where a copy was
+    assert NgramIndex([1, 2, *doc, 3, *doc[SHORT + 3:SHORT + 3 + m]]).draft(3) == []
 
 
 def test_ngram_index_skips_image_rows() -> None:

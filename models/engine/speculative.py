@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Sequence
 
 __all__ = [
-    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_SIZES", "PRIOR_ROW_SHARE", "SPECULATIVE_MODES", "CostsByThreads",
+    "DEFAULT_SPECULATIVE", "MAX_DRAFT", "NGRAM_SIZES", "PRIOR_ROW_SHARE", "RESYNC_TOKENS", "SPECULATIVE_MODES",
+    "CostsByThreads",
     "NgramIndex", "SpecState", "StepCosts", "mode_problem", "plan_drafts",
 ]
 
@@ -61,6 +62,17 @@ def mode_problem(mode: str, draft_path: str | None) -> str | None:
 NGRAM_SIZES = (24, 16)
 # Most tokens drafted for one sequence in one step (llama-server's ngram-mod maximum).
 MAX_DRAFT = 64
+# Re-finding a copy after the model strays from it: once a long match has said where the
+# text being copied continues, a one-token deviation (a changed word, a digit) would
+# otherwise stop drafting until 16 more tokens match again. Instead the last
+# RESYNC_TOKENS tokens are looked up only near the point the copy had reached (from
+# RESYNC_BEHIND before it to RESYNC_AHEAD after it), where a short match is the same
+# copy going on, not a common phrase. Replayed on 15 greedy answers to the benchmark's
+# grounded prompts with measured row costs and the planner below: 1.17x the speed of
+# no speculation with long matches alone, 1.21-1.24x with this.
+RESYNC_TOKENS = 4
+RESYNC_BEHIND = 4
+RESYNC_AHEAD = 16
 # What the acceptance estimate starts from, as counts of accepted and rejected tokens:
 # a long match is usually text being copied.
 PRIOR_HITS = 9.5
@@ -85,6 +97,10 @@ class NgramIndex:
     def __init__(self, items: Iterable[Hashable] = ()):
         self.tokens: list[int] = []
         self._last: dict[tuple[int, ...], int] = {}
+        # Where the text being copied continues: the index of the token a copy would
+        # propose next, moved on by every token appended (accepted, or the model's own
+        # in place of a rejected one). None until a long match has been found.
+        self._copy_at: int | None = None
         self.extend(items)
 
     def extend(self, items: Iterable[Hashable]) -> None:
@@ -93,6 +109,8 @@ class NgramIndex:
             tok = item if isinstance(item, int) and item >= 0 else -1 - len(self.tokens)
             self._index_tail()
             self.tokens.append(tok)
+            if self._copy_at is not None:
+                self._copy_at += 1
 
     def _index_tail(self) -> None:
         """Record the n-grams ending at the current last token (their continuation comes next)."""
@@ -106,7 +124,8 @@ class NgramIndex:
             self._last[gram] = end
 
     def draft(self, k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the longest recent match of the tail."""
+        """Up to ``k`` tokens that followed the longest recent match of the tail, or
+        else those after the tail's short match near where a copy had got to."""
         if k <= 0:
             return []
         toks = self.tokens
@@ -116,14 +135,39 @@ class NgramIndex:
             at = self._last.get(tuple(toks[-n:]))
             if at is None:
                 continue
-            out = []
-            for tok in toks[at:at + k]:
-                if tok < 0:
-                    break
-                out.append(tok)
+            out = self._continuation(at, k)
             if out:
+                self._copy_at = at
                 return out
-        return []
+        at = self._resync()
+        if at is None:
+            return []
+        self._copy_at = at
+        return self._continuation(at, k)
+
+    def _continuation(self, at: int, k: int) -> list[int]:
+        out = []
+        for tok in self.tokens[at:at + k]:
+            if tok < 0:
+                break
+            out.append(tok)
+        return out
+
+    def _resync(self) -> int | None:
+        """Where the copy goes on after a deviation: the end of the occurrence of the last
+        RESYNC_TOKENS tokens nearest the copy's expected place, before the tail itself."""
+        toks, m = self.tokens, RESYNC_TOKENS
+        if self._copy_at is None or len(toks) <= m:
+            return None
+        tail = toks[-m:]
+        if min(tail) < 0:
+            return None
+        expected = self._copy_at
+        best = None
+        for end in range(max(m, expected - RESYNC_BEHIND), min(len(toks) - 1, expected + RESYNC_AHEAD) + 1):
+            if toks[end - m:end] == tail and (best is None or abs(end - expected) < abs(best - expected)):
+                best = end
+        return best
 
 
 @dataclass
