@@ -67,9 +67,9 @@ MAX_DRAFT = 64
 # otherwise stop drafting until 16 more tokens match again. Instead the last
 # RESYNC_TOKENS tokens are looked up only near the point the copy had reached (from
 # RESYNC_BEHIND before it to RESYNC_AHEAD after it), where a short match is the same
-# copy going on, not a common phrase. Replayed on 15 greedy answers to the benchmark's
-# grounded prompts with measured row costs and the planner below: 1.17x the speed of
-# no speculation with long matches alone, 1.21-1.24x with this.
+# copy going on, not a common phrase. bench.speculative_replay (15 greedy answers to
+# grounded prompts, measured step costs, the planner below): 1.17x the speed of no
+# speculation with long matches alone, 1.23x with this.
 RESYNC_TOKENS = 4
 RESYNC_BEHIND = 4
 RESYNC_AHEAD = 16
@@ -87,16 +87,19 @@ ACCEPT_DECAY = 0.7
 
 
 class NgramIndex:
-    """A sequence's tokens and, per n-gram, where it last occurred before the tail.
+    """A sequence's tokens and, per n-gram, where it last occurred before the tail; and,
+    once a long match was found, where the text being copied continues.
 
     ``items`` may hold non-token entries (an image's placeholder rows): they never match
     anything and never enter a draft. The index lags one token behind the sequence, so
-    the n-gram ending at the newest token is never matched against itself.
+    the n-gram ending at the newest token is never matched against itself. ``resync``
+    False keeps to long matches (see ``RESYNC_TOKENS``).
     """
 
-    def __init__(self, items: Iterable[Hashable] = ()):
+    def __init__(self, items: Iterable[Hashable] = (), *, resync: bool = True):
         self.tokens: list[int] = []
         self._last: dict[tuple[int, ...], int] = {}
+        self._resyncs = resync
         # Where the text being copied continues: the index of the token a copy would
         # propose next, moved on by every token appended (accepted, or the model's own
         # in place of a rejected one). None until a long match has been found.
@@ -157,7 +160,7 @@ class NgramIndex:
         """Where the copy goes on after a deviation: the end of the occurrence of the last
         RESYNC_TOKENS tokens nearest the copy's expected place, before the tail itself."""
         toks, m = self.tokens, RESYNC_TOKENS
-        if self._copy_at is None or len(toks) <= m:
+        if not self._resyncs or self._copy_at is None or len(toks) <= m:
             return None
         tail = toks[-m:]
         if min(tail) < 0:
