@@ -351,7 +351,7 @@ def test_repair_row_breaks_fills_only_break_rows() -> None:
 
 
 _THREADS_AFTER_ENCODE = r"""
-import os, sys
+import os, sys, time
 import numpy as np
 from PIL import Image
 from models import cpu_paths
@@ -368,6 +368,10 @@ with VisionEncoder(sys.argv[2], model, n_threads=2) as enc:  # warms up: a graph
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")
     chunks = enc.tokenize(f"look {enc.media_marker}", [img])
     assert any(isinstance(c, ImageChunk) and c.embeddings.size for c in chunks)
+    # an ended thread and its team's workers leave /proc a moment after the join
+    deadline = time.monotonic() + 5
+    while threads() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
     print(before, threads())
 """
 
