@@ -64,7 +64,7 @@ def start_servers(args: argparse.Namespace, *, parallel: int, ctx_size: int) -> 
     """
     edge_model, gguf = resolve_model(args.model)
     vision: list[str] = []
-    if getattr(args, "mmproj", None):
+    if args.mmproj:
         if gguf is None:
             raise SystemExit("[bench] --mmproj needs --model to be a GGUF file")
         mmproj = projector_for(gguf, cache_dir() / "models") if args.mmproj == "tiny" else Path(args.mmproj)
