@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import llama_cpp
@@ -39,10 +40,20 @@ class SamplingParams:
                 and not self.frequency_penalty and self.repeat_penalty == 1.0)
 
 
-def build_sampler(params: SamplingParams, vocab: llama_cpp.llama_vocab_p) -> llama_cpp.llama_sampler_p:
-    """A llama.cpp sampler chain; the caller frees it with ``llama_sampler_free``."""
+def build_sampler(params: SamplingParams, vocab: llama_cpp.llama_vocab_p,
+                  banned: Sequence[int] = ()) -> llama_cpp.llama_sampler_p:
+    """A llama.cpp sampler chain; the caller frees it with ``llama_sampler_free``.
+
+    ``banned`` tokens are never sampled (their logits go to -inf first): the
+    end-of-generation tokens of a request that asked to ``ignore_eos``.
+    """
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     try:
+        if banned:
+            biases = (llama_cpp.llama_logit_bias * len(banned))(
+                *(llama_cpp.llama_logit_bias(token, float("-inf")) for token in banned))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(
+                llama_cpp.llama_vocab_n_tokens(vocab), len(banned), biases))
         if params.grammar:
             grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
             if not grammar:

@@ -100,7 +100,8 @@ def test_batched_greedy_outputs_equal_sequential(engine: Engine) -> None:
 def test_argmax_greedy_picks_what_llama_cpp_greedy_sampler_picks(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     chains: list[SamplingParams] = []
     build = worker_module.build_sampler
-    monkeypatch.setattr(worker_module, "build_sampler", lambda params, vocab: chains.append(params) or build(params, vocab))
+    monkeypatch.setattr(worker_module, "build_sampler",
+                        lambda params, vocab, banned=(): chains.append(params) or build(params, vocab, banned))
     prompts = [chat(engine, p) for p in PROMPTS]
     fast = [submit(engine, p, max_tokens=64) for p in prompts]
     fast_texts = [r.wait().text for r in fast]
@@ -712,3 +713,29 @@ def test_the_server_fills_the_record_from_the_final_event_on_its_event_loop(engi
     assert text and record.finish_reason == "length" and record.output_tokens == 5
     assert record.input_tokens > 0 and record.ttft_ms > 0 and record.slot is not None
     assert record.batch_size_mean == 1
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0), SamplingParams(temperature=0, repeat_penalty=1.1),
+                                      SamplingParams(temperature=0.7, seed=3)], ids=["argmax", "chain", "sampled"])
+@pytest.mark.parametrize("speculative", ["off", "ngram"])
+def test_ignore_eos_never_samples_an_end_of_generation_token(default_gguf: Path, sampling: SamplingParams,
+                                                             speculative: str) -> None:
+    """llama-server's ``ignore_eos``: the answer goes on as text, not past an end-of-turn
+    token into a turn the model makes up; the answer up to where it would have ended is
+    the same."""
+    eng = Engine(EngineConfig("smol-eos", str(default_gguf), n_ctx=2048, n_parallel=1, speculative=speculative))
+    try:
+        prompt = eng.tokenize(chat(eng, "What is 2 + 2?"))  # greedy: an 11-token answer, then EOS
+        runs = []
+        for ignore in (False, True):
+            run = Run()
+            run.job = eng.submit(GenerationRequest([prompt], sampling, 48, ignore_eos=ignore), run, max_queue=4)
+            runs.append(run.wait())
+        natural, forced = runs
+        assert forced.finish == "length" and len(forced.job.sampled) == 48
+        assert not set(forced.job.sampled) & set(eng.eog_ids)
+        if sampling.temperature == 0:
+            assert natural.finish == "stop" and len(natural.job.sampled) < 48
+            assert forced.job.sampled[:len(natural.job.sampled)] == natural.job.sampled
+    finally:
+        eng.close()

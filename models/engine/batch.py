@@ -330,4 +330,7 @@ class BatchBuilder:
             if len(self._logit_views) >= 16:
                 self._logit_views.clear()
             view = self._logit_views[key] = np.ctypeslib.as_array(logits, shape=(len(outputs), self.n_vocab))
+        for row, (_, job) in enumerate(outputs):
+            if job.req.ignore_eos and job.sampler is None:  # the sampler chain bans them itself
+                view[row, list(self.eog_ids)] = -np.inf
         return view.argmax(axis=1)

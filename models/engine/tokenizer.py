@@ -8,6 +8,7 @@ context. One class serves both, so the two tokenize identically.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import llama_cpp
 
@@ -33,6 +34,12 @@ class Tokenizer:
             bos_token=self.token_text(self.bos_id),
             eos_token=self.token_text(int(llama_cpp.llama_vocab_eos(self.vocab))),
         )
+
+    @functools.cached_property
+    def eog_ids(self) -> tuple[int, ...]:
+        """Every end-of-generation token (EOS, EOT, ``<|im_end|>``...): what ``ignore_eos``
+        keeps from being sampled. Found once, by asking the vocabulary about each id."""
+        return tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """Tokenize with special tokens parsed; drops a BOS the template already wrote."""

@@ -308,7 +308,8 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         if job.req.sampling.plain_greedy:
             return  # _sample takes the argmax itself
         try:
-            job.sampler = build_sampler(job.req.sampling, self.vocab)
+            job.sampler = build_sampler(job.req.sampling, self.vocab,
+                                        self.eog_ids if job.req.ignore_eos else ())
         except Exception as exc:
             self._finish(job, error=EngineError(str(exc), code="invalid_sampling", status=400))
 
@@ -397,7 +398,10 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
                 if not row:
                     self._finish(job, error=EngineError(f"llama.cpp returned no logits for batch row {idx}"))
                     return
-                tok = int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
+                logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
+                if job.req.ignore_eos:
+                    logits[list(self.eog_ids)] = -np.inf
+                tok = int(logits.argmax())
         else:
             tok = int(llama_cpp.llama_sampler_sample(job.sampler, self.ctx, idx))
         now = time.perf_counter()
@@ -407,7 +411,8 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
             fig.ttft_ms = (now - job.req.arrival) * 1000.0
             fig.prefill_ms = (now - job.t_admit) * 1000.0
         job.t_last = now
-        if not job.req.ignore_eos and llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+        # ignore_eos banned end-of-generation tokens from sampling (llama-server's meaning)
+        if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
             self._finish(job, reason="stop")
             return
         job.n_generated += 1
