@@ -332,5 +332,9 @@ class BatchBuilder:
             view = self._logit_views[key] = np.ctypeslib.as_array(logits, shape=(len(outputs), self.n_vocab))
         for row, (_, job) in enumerate(outputs):
             if job.req.ignore_eos and job.sampler is None:  # the sampler chain bans them itself
-                view[row, list(self.eog_ids)] = -np.inf
+                self._ban_eog(view[row])
         return view.argmax(axis=1)
+
+    def _ban_eog(self, logits: np.ndarray) -> None:
+        """``ignore_eos`` as llama-server means it: no end-of-generation token can be the argmax."""
+        logits[list(self.eog_ids)] = -np.inf

@@ -400,7 +400,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
                     return
                 logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
                 if job.req.ignore_eos:
-                    logits[list(self.eog_ids)] = -np.inf
+                    self._ban_eog(logits)
                 tok = int(logits.argmax())
         else:
             tok = int(llama_cpp.llama_sampler_sample(job.sampler, self.ctx, idx))
