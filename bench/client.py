@@ -267,6 +267,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def paired_ratios(a: Sequence[float | None], b: Sequence[float | None]) -> list[float]:
+    """a[i] / b[i] for the figures measured back to back (both present, b non-zero): drift
+    on a shared machine, often larger than the difference measured, cancels in each pair."""
+    return [x / y for x, y in zip(a, b) if x is not None and y]
+
+
 def fmt(value: Any, spec: str = ".1f") -> str:
     """Format a number, '-' for None; strings pass through."""
     if value is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.client import BenchClient, fmt, median, print_table, ratio
+from bench.client import BenchClient, fmt, median, paired_ratios, print_table, ratio
 from bench.edgevlm_server import edgevlm_server
 from bench.llama_server import cache_dir, ensure_llama_server, llama_server
 from bench.model_files import DEFAULT_MODEL_ID, resolve_model
@@ -202,8 +202,7 @@ class Results:
         """edgevlm/``reference`` per measurement: the two figures were taken back to back,
         so drift on a shared machine, larger than the differences measured, cancels."""
         m = self.metrics[key]
-        pairs = zip(m.values.get(EDGEVLM, []), m.values.get(reference, []))
-        return [e / l for e, l in pairs if e is not None and l]
+        return paired_ratios(m.values.get(EDGEVLM, []), m.values.get(reference, []))
 
     def paired_summary(self, key: str, label: str, reference: str = LLAMA_SERVER) -> str:
         """One line: median, geometric mean and range of the paired ratios, and how many

@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.client import BenchClient, fmt, median, print_table, ratio, run_concurrent
+from bench.client import BenchClient, fmt, median, paired_ratios, print_table, ratio, run_concurrent
 from bench.edgevlm_server import edgevlm_server
 from bench.harness import in_order, write_json
 from bench.llama_server import ensure_llama_server, llama_server
@@ -191,20 +191,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         best = max(LLAMA_NGRAM_TYPES, key=lambda k: med[f"llama-{k}"].get("grounded") or 0.0)
         best4 = max(LLAMA_NGRAM_TYPES, key=lambda k: med[f"llama-{k}"].get("four") or 0.0)
         checks = [
-            ("grounded: edgevlm-ngram / llama best n-gram", med["edgevlm-ngram"]["grounded"],
-             med[f"llama-{best}"]["grounded"], 1.10, best),
-            ("one stream, no speculation: edgevlm-off / llama-off", med["edgevlm-off"]["free"],
-             med["llama-off"]["free"], 0.97, "free-form"),
-            ("free-form: edgevlm-ngram / edgevlm-off", med["edgevlm-ngram"]["free"],
-             med["edgevlm-off"]["free"], 0.97, ""),
-            ("4 streams: edgevlm-ngram / llama best n-gram", med["edgevlm-ngram"]["four"],
-             med[f"llama-{best4}"]["four"], 1.00, best4),
-            ("4 streams: edgevlm-ngram-per-slot / llama best", med["edgevlm-ngram-per-slot"]["four"],
-             med[f"llama-{best4}"]["four"], 1.00, f"{best4}; same layout"),
+            ("grounded: edgevlm-ngram / llama best n-gram", "edgevlm-ngram", f"llama-{best}", "grounded", 1.10, best),
+            ("one stream, no speculation: edgevlm-off / llama-off", "edgevlm-off", "llama-off", "free", 0.97,
+             "free-form"),
+            ("free-form: edgevlm-ngram / edgevlm-off", "edgevlm-ngram", "edgevlm-off", "free", 0.97, ""),
+            ("4 streams: edgevlm-ngram / llama best n-gram", "edgevlm-ngram", f"llama-{best4}", "four", 1.00, best4),
+            ("4 streams: edgevlm-ngram-per-slot / llama best", "edgevlm-ngram-per-slot", f"llama-{best4}", "four",
+             1.00, f"{best4}; same layout"),
         ]
-        print_table(["target", "ratio", "needs", "met", "note"],
-                    [[label, fmt(ratio(a, b), ".2f"), f">= {need:.2f}",
-                      "yes" if (ratio(a, b) or 0) >= need else "NO", note] for label, a, b, need, note in checks])
+        rows = []
+        for label, a, b, key, need, note in checks:
+            r = ratio(med[a].get(key), med[b].get(key))
+            pairs = paired_ratios(figures[a][key], figures[b][key])
+            rows.append([label, fmt(r, ".2f"), f">= {need:.2f}", "yes" if (r or 0) >= need else "NO",
+                         fmt(median(pairs), ".2f"),
+                         f"{min(pairs):.2f}-{max(pairs):.2f}" if pairs else "-",
+                         f"{sum(1 for x in pairs if x >= need)}/{len(pairs)}", note])
+        # The verdict reads the medians' ratio; the paired columns show how far single
+        # back-to-back measurements spread around it, so a miss inside the spread reads as one.
+        print_table(["target", "ratio", "needs", "met", "paired", "range", "pairs met", "note"], rows)
     write_json(args.json, {"benchmark": "speculative", "threads": args.threads, "runs": args.runs,
                            "figures": {n: dict(figures[n]) for n in names}})
     return 0

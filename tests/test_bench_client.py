@@ -247,6 +247,13 @@ def test_paired_ratios_compare_each_repetition_back_to_back() -> None:
     assert results.paired_ratios("tps") == [0.8, 1.2]
 
 
+def test_paired_ratios_skip_missing_figures_of_either_side() -> None:
+    from bench.client import paired_ratios
+
+    assert paired_ratios([100.0, None, 120.0, 50.0], [125.0, 90.0, 100.0, 0.0]) == [0.8, 1.2]
+    assert paired_ratios([], [1.0]) == []
+
+
 def test_paired_summary_gives_geomean_and_how_many_pairs_met_the_target() -> None:
     from bench.harness import EDGEVLM, LLAMA_SERVER, Results, Target
 
