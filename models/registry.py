@@ -59,6 +59,7 @@ class ModelSpec:
     speculative: str = DEFAULT_SPECULATIVE  # off | ngram | draft (models.engine.speculative)
     draft_model: str | None = None  # the draft model GGUF of speculative "draft"
     kv_layout: str = "shared"  # shared | per-slot (models.engine.types.KV_LAYOUTS)
+    stream_interval: int = 1  # decode steps per hand-over of running requests' text
     image_cache_mb: int = 256  # image-embedding cache of a vision model; 0 = off
     owned_by: str = "edgevlm"
 
@@ -67,7 +68,7 @@ class ModelSpec:
             model_id=self.id, path=self.path, n_ctx=self.ctx_size, n_threads=self.threads,
             n_parallel=self.parallel, n_batch=self.batch, chat_template=self.chat_template,
             mmproj_path=self.mmproj, repack=self.repack, speculative=self.speculative,
-            draft_path=self.draft_model, kv_layout=self.kv_layout,
+            draft_path=self.draft_model, kv_layout=self.kv_layout, stream_interval=self.stream_interval,
         )
 
     def vision_config(self) -> VisionConfig | None:
@@ -97,7 +98,7 @@ def default_model_path() -> Path | None:
 _SPEC_KEYS = {
     "id", "path", "mmproj", "ctx_size", "threads", "parallel", "batch", "chat_template",
     "image_min_tokens", "image_max_tokens", "repack", "speculative", "draft_model",
-    "kv_layout", "image_cache_mb",
+    "kv_layout", "image_cache_mb", "stream_interval",
 }
 
 
@@ -123,6 +124,9 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
         raise ConfigError(f"model {spec.id}: {problem}")
     if isinstance(spec.image_cache_mb, bool) or not isinstance(spec.image_cache_mb, int) or spec.image_cache_mb < 0:
         raise ConfigError(f"model {spec.id}: image_cache_mb must be a whole number of MiB >= 0")
+    if isinstance(spec.stream_interval, bool) or not isinstance(spec.stream_interval, int) \
+            or not 1 <= spec.stream_interval <= 64:
+        raise ConfigError(f"model {spec.id}: stream_interval must be a whole number of decode steps from 1 to 64")
     if not Path(spec.path).is_file():
         raise ConfigError(f"model {spec.id}: GGUF file not found: {spec.path}")
     if spec.mmproj and not Path(spec.mmproj).is_file():

@@ -51,7 +51,7 @@ def registry_from(settings: Settings) -> Registry:
     defaults = {"ctx_size": settings.ctx_size, "threads": settings.threads,
                 "parallel": settings.parallel, "batch": settings.batch, "repack": settings.repack,
                 "speculative": settings.speculative, "draft_model": settings.draft_model,
-                "kv_layout": settings.kv_layout,
+                "kv_layout": settings.kv_layout, "stream_interval": settings.stream_interval,
                 "image_cache_mb": settings.image_cache_mb}
     return build_registry(
         model=settings.model, mmproj=settings.mmproj, config=settings.config,

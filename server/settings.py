@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     kv_layout: Literal["shared", "per-slot"] | None = Field(
         None, description="KV cells: shared = one pool, a request may use the whole context (default); "
                           "per-slot = each slot its own ctx_size / parallel cells (faster concurrent long streams).")
+    stream_interval: int | None = Field(
+        None, ge=1, le=64, description="Decode steps per hand-over of a running request's text (default 1: every "
+                                       "token); the first token and the end go out at once.")
     max_queue: int = Field(8, ge=0, description="Requests waiting per model before 429.")
     max_loaded_models: int = Field(2, ge=1)
     runners: Literal["on", "off"] = Field(

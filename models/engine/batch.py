@@ -84,7 +84,7 @@ class BatchBuilder:
                 n = self._put_prompt(job, take, n, outputs, undo)
         if n:
             batch.n_tokens = n
-            self._flush()
+            self._flush(step=True)
             t0 = time.perf_counter()
             rc = llama_cpp.llama_decode(self.ctx, batch)
             if rc != 0:
@@ -293,7 +293,7 @@ class BatchBuilder:
         if seg.non_causal:
             llama_cpp.llama_set_causal_attn(self.ctx, False)
         try:
-            self._flush()
+            self._flush(step=True)
             rc = llama_cpp.llama_decode(self.ctx, batch)
         finally:
             if seg.non_causal:

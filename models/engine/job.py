@@ -57,6 +57,7 @@ class Job:
         self.t_submit = time.perf_counter()
         self.t_admit = 0.0
         self.t_first = 0.0
+        self.streamed = False  # a text delta of it was emitted (its first goes out at once)
         self.t_last = 0.0
         self.batch_sum = 0
         self.batch_steps = 0

@@ -77,6 +77,9 @@ class EngineConfig:
     speculative: str = "off"  # off | ngram (prompt lookup) | draft; see models.engine.speculative
     draft_path: str | None = None  # the draft model of speculative "draft" (models.engine.draft)
     kv_layout: str = "shared"  # shared | per-slot; see KV_LAYOUTS
+    # Hand running requests their text every N decode steps instead of every step (a
+    # request's first text and its end go out at once); see Engine._flush.
+    stream_interval: int = 1
 
 
 @dataclass
