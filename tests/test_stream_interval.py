@@ -11,6 +11,7 @@ import math
 import threading
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -75,7 +76,7 @@ def test_a_server_streams_fewer_chunks_with_the_same_text(make_server) -> None: 
     assert "".join(content) == full.choices[0].message.content
     assert usage[0].completion_tokens == TOKENS
     assert len(content) <= 1 + math.ceil((TOKENS - 1) / 4) + 1
-    assert srv.app.state.registry.resolve(MODEL).stream_interval == 4
+    assert httpx.get(srv.base_url + "/health", timeout=10).json()["models"][MODEL]["stream_interval"] == 4
 
 
 def test_bad_intervals_are_refused_at_start_up(default_gguf: Path, tmp_path: Path,
