@@ -40,11 +40,6 @@ LLAMA = "llama-server"
 PROMPT = "[{nonce}] Why do bearings fail early? Explain in a few paragraphs."
 
 
-def _cpu_s() -> float:
-    """This process's CPU time (user + system): the client's share of the box."""
-    return time.process_time()
-
-
 async def measure(servers: dict[str, RunningServer], runs: int) -> dict[str, dict[str, list[float | None]]]:
     figures: dict[str, dict[str, list[float | None]]] = defaultdict(lambda: defaultdict(list))
     clients = {n: BenchClient(s.base_url, s.model, ignore_eos=True) for n, s in servers.items()}
@@ -57,17 +52,17 @@ async def measure(servers: dict[str, RunningServer], runs: int) -> dict[str, dic
             order = names[rep % len(names):] + names[:rep % len(names)]
             for name in order:
                 c = clients[name]
-                cpu = _cpu_s()
+                cpu = time.process_time()
                 one = await c.chat([{"role": "user", "content": PROMPT.format(nonce=f"{salt}{rep}")}],
                                    max_tokens=ONE_TOKENS)
                 figures[name]["one"].append(one.decode_tps)
-                figures[name]["one_cpu"].append((_cpu_s() - cpu) / max(1, one.completion_tokens) * 1000.0)
-                cpu = _cpu_s()
+                figures[name]["one_cpu"].append((time.process_time() - cpu) / max(1, one.completion_tokens) * 1000.0)
+                cpu = time.process_time()
                 four = await run_concurrent(
                     c.chat([{"role": "user", "content": PROMPT.format(nonce=f"{salt}{rep}-{i}")}],
                            max_tokens=FOUR_TOKENS) for i in range(4))
                 figures[name]["four"].append(four.useful_tps)
-                figures[name]["four_cpu"].append((_cpu_s() - cpu) / max(1, four.completion_tokens) * 1000.0)
+                figures[name]["four_cpu"].append((time.process_time() - cpu) / max(1, four.completion_tokens) * 1000.0)
             print(f"[bench] repetition {rep + 1}/{runs} done", flush=True)
     finally:
         for c in clients.values():

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from models.engine import Engine, EngineConfig, EngineError, kv_layout_problem
+from models.engine import Engine, EngineConfig, EngineError, kv_layout_problem, stream_interval_problem
 from models.engine.speculative import DEFAULT_SPECULATIVE, mode_problem
 from models.runner import RestartPolicy, RunnerEngine
 from models.runner.client import ModelFailed
@@ -124,9 +124,9 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
         raise ConfigError(f"model {spec.id}: {problem}")
     if isinstance(spec.image_cache_mb, bool) or not isinstance(spec.image_cache_mb, int) or spec.image_cache_mb < 0:
         raise ConfigError(f"model {spec.id}: image_cache_mb must be a whole number of MiB >= 0")
-    if isinstance(spec.stream_interval, bool) or not isinstance(spec.stream_interval, int) \
-            or not 1 <= spec.stream_interval <= 64:
-        raise ConfigError(f"model {spec.id}: stream_interval must be a whole number of decode steps from 1 to 64")
+    problem = stream_interval_problem(spec.stream_interval)
+    if problem is not None:
+        raise ConfigError(f"model {spec.id}: {problem}")
     if not Path(spec.path).is_file():
         raise ConfigError(f"model {spec.id}: GGUF file not found: {spec.path}")
     if spec.mmproj and not Path(spec.mmproj).is_file():

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from models.engine import Engine, EngineConfig, Event, Failed, Finished, GenerationRequest, TextDelta
+from models.engine import Engine, EngineConfig, EngineError, Event, Failed, Finished, GenerationRequest, TextDelta
 from models.registry import ConfigError, build_registry
 from models.sampling import SamplingParams
 from server.settings import Settings
@@ -90,3 +90,6 @@ def test_bad_intervals_are_refused_at_start_up(default_gguf: Path, tmp_path: Pat
     config.write_text(f'[[models]]\nid = "bad"\npath = "{default_gguf}"\nstream_interval = 0\n')
     with pytest.raises(ConfigError, match="stream_interval"):
         build_registry(config=str(config))
+    with pytest.raises(EngineError, match="stream_interval") as refused:
+        Engine(EngineConfig("bad", str(default_gguf), stream_interval=65))
+    assert refused.value.code == "invalid_config"

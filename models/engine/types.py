@@ -63,6 +63,17 @@ def kv_layout_problem(layout: str) -> str | None:
     return None
 
 
+# Most decode steps a running request's text may wait before it is handed over.
+STREAM_INTERVAL_MAX = 64
+
+
+def stream_interval_problem(steps: object) -> str | None:
+    """What is wrong with a stream interval, or None: one rule for the engine and the registry."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= STREAM_INTERVAL_MAX:
+        return f"stream_interval must be a whole number of decode steps from 1 to {STREAM_INTERVAL_MAX}, not {steps!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_id: str

@@ -22,7 +22,8 @@ from models.engine.prefix import PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL, PrefixSh
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
 from models.engine.speculative import CostsByThreads, mode_problem
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
-                                 GenerationRequest, Sink, TextDelta, kv_layout_problem)
+                                 GenerationRequest, Sink, TextDelta, kv_layout_problem,
+                                 stream_interval_problem)
 from models.engine.validation import Limits, check_queue, check_request
 from models.sampling import build_sampler
 
@@ -38,7 +39,8 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
     """One model, one context, ``n_parallel`` sequences, one worker thread."""
 
     def __init__(self, config: EngineConfig):
-        problem = mode_problem(config.speculative, config.draft_path) or kv_layout_problem(config.kv_layout)
+        problem = (mode_problem(config.speculative, config.draft_path) or kv_layout_problem(config.kv_layout)
+                   or stream_interval_problem(config.stream_interval))
         if problem is not None:
             raise EngineError(problem, code="invalid_config")
         self._load(config)
@@ -49,7 +51,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         self._slots = [Slot(seq_id=i, run_ids=run_ids) for i in range(self.n_parallel)]
         self._waiting: deque[Job] = deque()
         self._outbox: list[tuple[Sink, Event]] = []  # events waiting for the next flush
-        self._stream_interval = max(1, config.stream_interval)
+        self._stream_interval = config.stream_interval
         self._held_steps = 0  # decode steps whose events the outbox still holds
         self._urgent = False  # the outbox holds an event that goes out at the next flush
         # Called after each flush has handed its events to their sinks: a runner sends
