@@ -1,6 +1,6 @@
 """Speculative decoding benchmark: edgevlm (off, ngram) vs llama-server (off and its n-gram types).
 
-    python -m bench.speculative [--threads N] [--runs 3] [--model PATH]
+    python -m bench.speculative [--threads N] [--runs 3] [--model PATH] [--stream-interval N]
 
 Every server loads the same GGUF with 4 slots and the same context, and all run at
 once (each idle while another is measured); every measurement visits them in an order
@@ -155,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--model", default=None, help="GGUF path (default: the embedded model)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="edgevlm's --stream-interval (default 1: every token in its own chunk, as llama-server)")
     parser.add_argument("--no-build", action="store_true", help="do not build llama-server when missing")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -165,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, extra in (("edgevlm-off", ["--speculative", "off"]), ("edgevlm-ngram", ["--speculative", "ngram"]),
                             ("edgevlm-ngram-per-slot", ["--speculative", "ngram", "--kv-layout", "per-slot"])):
             servers[name] = stack.enter_context(edgevlm_server(
-                model=edge_model, threads=args.threads, ctx_size=CTX_SIZE, parallel=PARALLEL, extra_args=extra))
+                model=edge_model, threads=args.threads, ctx_size=CTX_SIZE, parallel=PARALLEL,
+                extra_args=[*extra, "--stream-interval", str(args.stream_interval)]))
         if binary is not None:
             servers["llama-off"] = stack.enter_context(llama_server(
                 gguf, threads=args.threads, ctx_size=CTX_SIZE, parallel=PARALLEL, binary=binary))
@@ -186,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["4 streams tok/s (wall)", *(fmt(med[n].get("four")) for n in names)]]
     print_table(["metric", *names], rows,
                 title=f"bench.speculative — {PARALLEL} slots, {args.threads} threads, {platform.machine()}, "
-                      f"medians of {args.runs} runs")
+                      f"medians of {args.runs} runs"
+                      + (f", edgevlm --stream-interval {args.stream_interval}" if args.stream_interval != 1 else ""))
     if binary is not None:
         best = max(LLAMA_NGRAM_TYPES, key=lambda k: med[f"llama-{k}"].get("grounded") or 0.0)
         best4 = max(LLAMA_NGRAM_TYPES, key=lambda k: med[f"llama-{k}"].get("four") or 0.0)
@@ -211,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # back-to-back measurements spread around it, so a miss inside the spread reads as one.
         print_table(["target", "ratio", "needs", "met", "paired", "range", "pairs met", "note"], rows)
     write_json(args.json, {"benchmark": "speculative", "threads": args.threads, "runs": args.runs,
+                           "stream_interval": args.stream_interval,
                            "figures": {n: dict(figures[n]) for n in names}})
     return 0
 
