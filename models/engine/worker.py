@@ -34,6 +34,10 @@ log = logging.getLogger("edgevlm.engine")
 # and tokenizer, short next to an image encode it would otherwise wait out).
 ARRIVAL_WAIT_S = 0.015
 
+# The longest a running request's text waits for its hand-over under ``stream_interval``:
+# a reader sees no pause in ten updates a second, and a step this slow is never held.
+STREAM_HOLD_MAX_S = 0.1
+
 
 class Engine(NativeModel, PrefixSharing, BatchBuilder):
     """One model, one context, ``n_parallel`` sequences, one worker thread."""
@@ -53,6 +57,8 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         self._outbox: list[tuple[Sink, Event]] = []  # events waiting for the next flush
         self._stream_interval = config.stream_interval
         self._held_steps = 0  # decode steps whose events the outbox still holds
+        self._held_since = 0.0  # when the outbox first held them (perf_counter)
+        self._last_step_flush = 0.0  # the previous step's flush: one step ago
         self._urgent = False  # the outbox holds an event that goes out at the next flush
         # Called after each flush has handed its events to their sinks: a runner sends
         # them to the HTTP process then, all of one step in one message.
@@ -144,14 +150,24 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         computes, instead of contending with this thread for the GIL between steps.
 
         With ``stream_interval`` N a step's text waits in the outbox until N steps'
-        worth is there (or a first token or an end comes), and then goes in one hand-over.
+        worth is there (or a first token or an end comes), and then goes in one hand-over;
+        never held so long that it would wait more than ``STREAM_HOLD_MAX_S`` for it, so
+        a slow model (a step of 100 ms or more) hands every step's text over as it comes.
         Each hand-over wakes the server (the runner's socket, the event loop, an SSE
         write) and the client on the cores llama.cpp computes on: on a 2-core box each
         wake-up costs about as much CPU as 0.1-0.2 ms of the model's compute.
         """
-        if step and self._outbox and not self._urgent and self._held_steps + 1 < self._stream_interval:
-            self._held_steps += 1
-            return
+        if step:
+            now = time.perf_counter()
+            step_s, self._last_step_flush = now - self._last_step_flush, now
+            if self._outbox and not self._urgent and self._held_steps + 1 < self._stream_interval:
+                # held until the next step's flush: only while that stays within the bound
+                held_s = now - self._held_since if self._held_steps else 0.0
+                if held_s + step_s < STREAM_HOLD_MAX_S:
+                    if not self._held_steps:
+                        self._held_since = now
+                    self._held_steps += 1
+                    return
         self._held_steps = 0
         self._urgent = False
         if self._outbox:
