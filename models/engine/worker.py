@@ -157,7 +157,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         write) and the client on the cores llama.cpp computes on: on a 2-core box each
         wake-up costs about as much CPU as 0.1-0.2 ms of the model's compute.
         """
-        if step:
+        if step and self._stream_interval > 1:  # at 1 every step hands over: nothing to time
             now = time.perf_counter()
             step_s, self._last_step_flush = now - self._last_step_flush, now
             if self._outbox and not self._urgent and self._held_steps + 1 < self._stream_interval:
