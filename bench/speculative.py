@@ -1,6 +1,6 @@
 """Speculative decoding benchmark: edgevlm (off, ngram) vs llama-server (off and its n-gram types).
 
-    python -m bench.speculative [--threads N] [--runs 3] [--model PATH] [--stream-interval N]
+    python -m bench.speculative [--threads N] [--runs 3] [--model PATH] [--stream-interval auto|N]
 
 Every server loads the same GGUF with 4 slots and the same context, and all run at
 once (each idle while another is measured); every measurement visits them in an order
@@ -35,6 +35,8 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+
+import httpx
 
 from bench.client import BenchClient, fmt, median, paired_ratios, print_table, ratio, run_concurrent
 from bench.edgevlm_server import edgevlm_server
@@ -149,14 +151,21 @@ async def measure(servers: dict[str, RunningServer], runs: int) -> dict[str, dic
     return figures
 
 
+def edgevlm_stream_interval(server: RunningServer) -> int | None:
+    """The decode steps per hand-over an edgevlm server runs with (``auto`` resolved), from /health."""
+    models = httpx.get(server.base_url + "/health", timeout=30).json().get("models", {})
+    return models.get(server.model, {}).get("stream_interval")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.speculative", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--model", default=None, help="GGUF path (default: the embedded model)")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--stream-interval", type=int, default=1,
-                        help="edgevlm's --stream-interval (default 1: every token in its own chunk, as llama-server)")
+    parser.add_argument("--stream-interval", default="auto",
+                        help="edgevlm's --stream-interval (default: its own default, auto; 1 sends every token in "
+                             "its own chunk, as llama-server does)")
     parser.add_argument("--no-build", action="store_true", help="do not build llama-server when missing")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -178,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     extra_args=["--spec-type", kind]))
         else:
             print("[bench] no llama-server: edgevlm only")
+        interval = edgevlm_stream_interval(servers["edgevlm-off"])
         figures = asyncio.run(measure(servers, args.runs))
 
     names = list(servers)
@@ -189,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["4 streams tok/s (wall)", *(fmt(med[n].get("four")) for n in names)]]
     print_table(["metric", *names], rows,
                 title=f"bench.speculative — {PARALLEL} slots, {args.threads} threads, {platform.machine()}, "
-                      f"medians of {args.runs} runs"
-                      + (f", edgevlm --stream-interval {args.stream_interval}" if args.stream_interval != 1 else ""))
+                      f"medians of {args.runs} runs, edgevlm --stream-interval {args.stream_interval}"
+                      + (f" ({interval} steps per hand-over)" if args.stream_interval == "auto" else ""))
     if binary is not None:
         best = max(LLAMA_NGRAM_TYPES, key=lambda k: med[f"llama-{k}"].get("grounded") or 0.0)
         best4 = max(LLAMA_NGRAM_TYPES, key=lambda k: med[f"llama-{k}"].get("four") or 0.0)
@@ -215,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # back-to-back measurements spread around it, so a miss inside the spread reads as one.
         print_table(["target", "ratio", "needs", "met", "paired", "range", "pairs met", "note"], rows)
     write_json(args.json, {"benchmark": "speculative", "threads": args.threads, "runs": args.runs,
-                           "stream_interval": args.stream_interval,
+                           "stream_interval": args.stream_interval, "stream_interval_steps": interval,
                            "figures": {n: dict(figures[n]) for n in names}})
     return 0
 

@@ -19,7 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from models.engine import Engine, EngineConfig, EngineError, kv_layout_problem, stream_interval_problem
+from models.engine import (STREAM_INTERVAL_AUTO, Engine, EngineConfig, EngineError, kv_layout_problem,
+                           stream_interval_problem)
 from models.engine.speculative import DEFAULT_SPECULATIVE, mode_problem
 from models.runner import RestartPolicy, RunnerEngine
 from models.runner.client import ModelFailed
@@ -59,7 +60,7 @@ class ModelSpec:
     speculative: str = DEFAULT_SPECULATIVE  # off | ngram | draft (models.engine.speculative)
     draft_model: str | None = None  # the draft model GGUF of speculative "draft"
     kv_layout: str = "shared"  # shared | per-slot (models.engine.types.KV_LAYOUTS)
-    stream_interval: int = 1  # decode steps per hand-over of running requests' text
+    stream_interval: int | str = STREAM_INTERVAL_AUTO  # decode steps per hand-over of running text, or auto
     image_cache_mb: int = 256  # image-embedding cache of a vision model; 0 = off
     owned_by: str = "edgevlm"
 

@@ -41,9 +41,10 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--kv-layout", "kv_layout", str, "KV cells: shared = one pool, a request may use the whole context "
                                       "(default) | per-slot = each slot its own ctx-size / parallel cells, "
                                       "like llama-server -np N: concurrent long streams step faster"),
-    ("--stream-interval", "stream_interval", int, "hand a running request's text over every N decode steps "
-                                                  "(default 1 = every token; first token and end at once): "
-                                                  "fewer wake-ups of server and client on small CPUs"),
+    ("--stream-interval", "stream_interval", str, "hand a running request's text over every N decode steps, "
+                                                  "or auto (default: 1 while the model's threads leave a CPU "
+                                                  "free, 4 once they take every CPU; first token and end at "
+                                                  "once): fewer wake-ups of server and client on small CPUs"),
     ("--max-queue", "max_queue", int, "requests that may wait per model before 429 (default 8)"),
     ("--max-loaded-models", "max_loaded_models", int, "models kept in memory at once (default 2)"),
     ("--runners", "runners", str, "on (default) = each model runs in its own supervised process (a crash "

@@ -41,9 +41,10 @@ class Settings(BaseSettings):
     kv_layout: Literal["shared", "per-slot"] | None = Field(
         None, description="KV cells: shared = one pool, a request may use the whole context (default); "
                           "per-slot = each slot its own ctx_size / parallel cells (faster concurrent long streams).")
-    stream_interval: int | None = Field(
-        None, ge=1, le=64, description="Decode steps per hand-over of a running request's text (default 1: every "
-                                       "token); the first token and the end go out at once.")
+    stream_interval: int | str | None = Field(
+        None, description="Decode steps per hand-over of a running request's text: auto (default: every token "
+                          "while the model's threads leave a CPU free, every 4th once they take every CPU) "
+                          "or 1-64; the first token and the end go out at once.")
     max_queue: int = Field(8, ge=0, description="Requests waiting per model before 429.")
     max_loaded_models: int = Field(2, ge=1)
     runners: Literal["on", "off"] = Field(
@@ -89,6 +90,18 @@ class Settings(BaseSettings):
     clip_checkpoint: str | None = Field(None, description="Local CLIP weights file for --clip-model.")
     clip_config: str | None = Field(None, description="open_clip model-config JSON for a custom CLIP.")
     clip_threads: int | None = Field(None, ge=1, description="torch threads for CLIP (default: torch's).")
+
+    @field_validator("stream_interval", mode="before")
+    @classmethod
+    def _stream_interval(cls, v: object) -> object:
+        from models.engine.types import stream_interval_problem  # the engine's own rule
+
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        problem = None if v is None else stream_interval_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @field_validator("api_key", "allow_file_dirs", "allow_image_hosts", mode="before")
     @classmethod

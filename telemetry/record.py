@@ -71,6 +71,7 @@ class ModelInfo:
     n_threads: int = 0
     n_parallel: int = 1
     kv_layout: str = "shared"  # shared | per-slot (models.engine.types.KV_LAYOUTS)
+    stream_interval: int = 1  # decode steps per hand-over of a running request's text
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""``--stream-interval N``: running requests' text handed over every N decode steps.
+"""``--stream-interval auto|N``: running requests' text handed over every N decode steps.
 
 Each hand-over wakes the server and the client on the cores llama.cpp computes on, so
 on a small CPU fewer of them leave it more time; the first token and the end still go
-out at once, and the text is the same.
+out at once, and the text is the same. ``auto`` (the default) hands every token over
+while the model's threads leave a CPU free, every 4th once they take every CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import httpx
 import openai
 import pytest
 
-from models.engine import Engine, EngineConfig, EngineError, Event, Failed, Finished, GenerationRequest, TextDelta
+from models import cpu_info
+from models.engine import (Engine, EngineConfig, EngineError, Event, Failed, Finished, GenerationRequest, TextDelta,
+                           default_threads, resolve_stream_interval)
+from models.engine.types import AUTO_STREAM_INTERVAL
 from models.registry import ConfigError, build_registry
 from models.sampling import SamplingParams
 from server.settings import Settings
@@ -95,6 +99,11 @@ def test_bad_intervals_are_refused_at_start_up(default_gguf: Path, tmp_path: Pat
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEVLM_STREAM_INTERVAL", "3")
     assert Settings().stream_interval == 3
+    monkeypatch.setenv("EDGEVLM_STREAM_INTERVAL", "auto")
+    assert Settings().stream_interval == "auto"
+    monkeypatch.setenv("EDGEVLM_STREAM_INTERVAL", "often")
+    with pytest.raises(ValueError, match="auto or a whole number"):
+        Settings()
     monkeypatch.setenv("EDGEVLM_STREAM_INTERVAL", "0")
     with pytest.raises(ValueError):
         Settings()
@@ -105,3 +114,36 @@ def test_bad_intervals_are_refused_at_start_up(default_gguf: Path, tmp_path: Pat
     with pytest.raises(EngineError, match="stream_interval") as refused:
         Engine(EngineConfig("bad", str(default_gguf), stream_interval=65))
     assert refused.value.code == "invalid_config"
+
+
+def test_auto_holds_text_only_where_the_model_takes_every_cpu() -> None:
+    assert resolve_stream_interval("auto", n_threads=2, usable_cpus=2) == AUTO_STREAM_INTERVAL
+    assert resolve_stream_interval("auto", n_threads=4, usable_cpus=2) == AUTO_STREAM_INTERVAL
+    assert resolve_stream_interval("auto", n_threads=2, usable_cpus=3) == 1  # a CPU for server and client
+    assert resolve_stream_interval(1, n_threads=2, usable_cpus=2) == 1  # a number is kept as given
+    assert resolve_stream_interval(8, n_threads=1, usable_cpus=16) == 8
+
+
+def test_an_engine_resolves_auto_from_its_threads_and_the_usable_cpus(
+        default_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default config is auto; the engine applies what it resolves and reports it."""
+    usable = cpu_info.cpu_budget().usable
+    engine = Engine(EngineConfig("auto", str(default_gguf), n_ctx=512, n_parallel=1, n_threads=usable))
+    try:
+        assert engine.info.stream_interval == engine._stream_interval == AUTO_STREAM_INTERVAL
+    finally:
+        engine.close()
+    # the same threads on a machine with CPUs to spare: every token goes out alone
+    monkeypatch.setattr(cpu_info, "cpu_budget", lambda: cpu_info.CpuBudget(machine=usable + 2,
+                                                                         affinity=usable + 2, quota=None))
+    engine = Engine(EngineConfig("auto", str(default_gguf), n_ctx=512, n_parallel=1, n_threads=usable))
+    try:
+        assert engine.info.stream_interval == engine._stream_interval == 1
+    finally:
+        engine.close()
+
+
+def test_health_shows_the_interval_auto_resolved_to(server) -> None:  # type: ignore[no-untyped-def]
+    row = httpx.get(server.base_url + "/health", timeout=10).json()["models"][MODEL]
+    setting = Settings().stream_interval or "auto"  # EDGEVLM_STREAM_INTERVAL, if set, reaches the server too
+    assert row["stream_interval"] == resolve_stream_interval(setting, default_threads(), cpu_info.cpu_budget().usable)

@@ -25,13 +25,13 @@ from models.engine.native import default_parallel, default_threads
 from models.engine.prefix import PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
                                  GenerationRequest, ImageSegment, KV_LAYOUTS, PromptTooLong, QueueFull,
-                                 Segment, Sink, TextDelta, kv_layout_problem,
-                                 segment_tokens, stream_interval_problem)
+                                 STREAM_INTERVAL_AUTO, Segment, Sink, TextDelta, kv_layout_problem,
+                                 resolve_stream_interval, segment_tokens, stream_interval_problem)
 from models.engine.worker import Engine
 
 __all__ = [
     "GENERATION_RESERVE", "PARK_MIN_IDLE_CELLS", "PARK_MIN_PREFILL", "Engine", "EngineClosed", "EngineConfig",
     "EngineError", "Event", "Failed", "Finished", "GenerationRequest", "ImageSegment", "Job", "KV_LAYOUTS",
-    "PromptTooLong", "QueueFull", "Segment", "Sink", "TextDelta", "default_parallel",
-    "default_threads", "kv_layout_problem", "segment_tokens", "stream_interval_problem",
+    "PromptTooLong", "QueueFull", "STREAM_INTERVAL_AUTO", "Segment", "Sink", "TextDelta", "default_parallel",
+    "default_threads", "kv_layout_problem", "resolve_stream_interval", "segment_tokens", "stream_interval_problem",
 ]

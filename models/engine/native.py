@@ -16,7 +16,7 @@ import psutil
 
 from models import cpu_info, cpu_paths, gguf_info
 from models.engine.draft import DraftModel
-from models.engine.types import EngineConfig, EngineError
+from models.engine.types import EngineConfig, EngineError, resolve_stream_interval
 from models.engine.tokenizer import Tokenizer
 from models.llama_lib import ensure_backend, free_loaded
 from telemetry.record import ModelInfo
@@ -98,6 +98,10 @@ class NativeModel(Tokenizer):
             n_threads=n_threads,
             n_parallel=cparams.n_seq_max,
             kv_layout="per-slot" if self.per_slot else "shared",
+            # from the configured threads, once: a runner's share of the cores shrinks
+            # only while other models compute, and their threads then take the CPUs left
+            stream_interval=resolve_stream_interval(config.stream_interval, n_threads,
+                                                    cpu_info.cpu_budget().usable),
         )
         # Token rows may belong to every slot at once (a prefix prefilled jointly).
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, cparams.n_seq_max)

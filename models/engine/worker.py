@@ -55,7 +55,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         self._slots = [Slot(seq_id=i, run_ids=run_ids) for i in range(self.n_parallel)]
         self._waiting: deque[Job] = deque()
         self._outbox: list[tuple[Sink, Event]] = []  # events waiting for the next flush
-        self._stream_interval = config.stream_interval
+        self._stream_interval = self.info.stream_interval  # "auto" resolved at load
         self._held_steps = 0  # decode steps whose events the outbox still holds
         self._held_since = 0.0  # when the outbox first held them (perf_counter)
         self._last_step_flush = 0.0  # the previous step's flush: one step ago
