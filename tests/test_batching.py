@@ -17,7 +17,7 @@ import pytest
 
 import models.engine.worker as worker_module
 import models.llama_lib as llama_lib
-from models.engine import (PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL, Engine, EngineConfig, Failed, Finished,
+from models.engine import (KV_WINDOW_PAD, PARK_MIN_PREFILL, Engine, EngineConfig, Failed, Finished,
                            GenerationRequest, Job, PromptTooLong, TextDelta)
 from models.engine.slots import Slot, common_prefix, pool_cells
 from models.sampling import SamplingParams
@@ -245,18 +245,28 @@ def test_long_prompt_parks_idle_caches_in_ram_and_the_next_turn_restores_them(
     assert warm.text == _cold(tiny_llm, prompt2).text
 
 
-@pytest.mark.parametrize("first_answer, parks", [(8, False), (PARK_MIN_IDLE_CELLS + 40, True)])
-def test_a_short_request_parks_idle_caches_big_enough_to_widen_its_attention(
-        tiny_llm: Path, first_answer: int, parks: bool) -> None:
+@pytest.mark.parametrize("first_answer, answer, parks", [
+    (8, 4, False),  # a few idle cells and a short answer stay within one padding step
+    (KV_WINDOW_PAD + 40, 4, True),  # idle cells alone fill a step
+    (KV_WINDOW_PAD // 2, KV_WINDOW_PAD // 2, True),  # fewer, but the answer would cross a step beside them
+])
+def test_a_short_request_parks_idle_caches_that_would_widen_its_attention(
+        tiny_llm: Path, monkeypatch: pytest.MonkeyPatch, first_answer: int, answer: int, parks: bool) -> None:
+    monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")  # read when the context is made
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2))
     try:
         idle = _slot_of(eng, submit(eng, "<|im_start|>user\nCount.<|im_end|>\n", max_tokens=first_answer).wait())
-        short = submit(eng, "<|im_start|>user\nName a bird.<|im_end|>\n", max_tokens=4).wait()
+        with KvCellLog() as log:
+            short = submit(eng, "<|im_start|>user\nName a bird.<|im_end|>\n", max_tokens=answer).wait()
         assert short.record.slot != idle.seq_id and short.record.prefilled_tokens < PARK_MIN_PREFILL
-        if parks:  # the short request decoded beside none of them
+        # llama.cpp's own account: attention spans one past the highest cell in use
+        window = max(n for n, _ in log.seen)
+        if parks:  # the short request decoded beside none of them, in a window of its own cells
             assert idle.parked is not None and _pool_cells(eng, idle) == 0
+            assert window <= KV_WINDOW_PAD < len(idle.history) + short.record.input_tokens + answer
         else:  # a few idle cells cannot widen the window: they stay in the pool
             assert idle.parked is None and _pool_cells(eng, idle) == len(idle.history)
+            assert window <= KV_WINDOW_PAD
     finally:
         eng.close()
 

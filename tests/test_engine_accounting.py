@@ -13,7 +13,7 @@ import numpy as np
 
 from models.engine.admission import choose_slot, place, preemption_victim, resume_point
 from models.engine.job import Job
-from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
+from models.engine.slots import KV_WINDOW_PAD, Slot, common_prefix, evict_idle, idle_cells_widen, pool_cells
 from models.engine.types import GenerationRequest, ImageSegment, Segment
 from models.sampling import SamplingParams
 
@@ -105,6 +105,16 @@ def test_evicting_a_cache_another_slot_shares_frees_only_its_own_cells() -> None
     b.borrow(a, 0, 80)
     b.job = make_job([1])  # b is running: never evicted
     assert evict_idle([a, b], 100, clear) == 20
+
+
+def test_idle_cells_are_parked_only_when_they_widen_the_attention_window() -> None:
+    pad = KV_WINDOW_PAD
+    assert not idle_cells_widen(live=0, total=0, grow=40)  # nothing idle
+    assert not idle_cells_widen(live=0, total=16, grow=14)  # 30 cells: one step either way
+    assert idle_cells_widen(live=0, total=pad + 40, grow=4)  # idle cells alone fill a step
+    assert idle_cells_widen(live=0, total=pad // 2, grow=pad // 2 + 10)  # the answer crosses a step beside them
+    assert not idle_cells_widen(live=300, total=320, grow=100)  # 400 and 420 cells: the same two steps
+    assert idle_cells_widen(live=300, total=320, grow=200)  # 500 against 520: a third step
 
 
 def test_the_next_turn_goes_to_its_conversations_slot_and_a_new_one_to_an_empty_slot() -> None:

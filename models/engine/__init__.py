@@ -22,7 +22,8 @@ parking), ``batch`` (building each step's batch) and ``worker`` (the ``Engine``)
 
 from models.engine.job import GENERATION_RESERVE, Job
 from models.engine.native import default_parallel, default_threads
-from models.engine.prefix import PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL
+from models.engine.prefix import PARK_MIN_PREFILL
+from models.engine.slots import KV_WINDOW_PAD
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
                                  GenerationRequest, ImageSegment, KV_LAYOUTS, PromptTooLong, QueueFull,
                                  STREAM_INTERVAL_AUTO, Segment, Sink, TextDelta, kv_layout_problem,
@@ -30,7 +31,7 @@ from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event,
 from models.engine.worker import Engine
 
 __all__ = [
-    "GENERATION_RESERVE", "PARK_MIN_IDLE_CELLS", "PARK_MIN_PREFILL", "Engine", "EngineClosed", "EngineConfig",
+    "GENERATION_RESERVE", "KV_WINDOW_PAD", "PARK_MIN_PREFILL", "Engine", "EngineClosed", "EngineConfig",
     "EngineError", "Event", "Failed", "Finished", "GenerationRequest", "ImageSegment", "Job", "KV_LAYOUTS",
     "PromptTooLong", "QueueFull", "STREAM_INTERVAL_AUTO", "Segment", "Sink", "TextDelta", "default_parallel",
     "default_threads", "kv_layout_problem", "resolve_stream_interval", "segment_tokens", "stream_interval_problem",

@@ -10,7 +10,7 @@ import numpy as np
 
 from models.engine.admission import resume_point
 from models.engine.job import Job
-from models.engine.slots import Slot, common_prefix, pool_cells
+from models.engine.slots import Slot, common_prefix, idle_cells_widen, pool_cells
 
 log = logging.getLogger("edgevlm.engine")
 
@@ -19,13 +19,6 @@ log = logging.getLogger("edgevlm.engine")
 # tiles: a 600-token prefill beside three idle chats ran ~12% slower. Parked KV costs a
 # copy out and, on its next prefix hit, a copy back.
 PARK_MIN_PREFILL = 256
-# Idle slots' cells also slow every decode step of the requests running beside them:
-# llama.cpp attends over every cell up to the highest one in use (padded to 256), masked
-# or not. Measured on 2 cores (SmolLM2-135M), a short request decoding beside 2213 idle
-# cached cells made 74 to 81 tok/s, 94 to 99 with them parked. So a request of any
-# length parks them once they hold this many cells (one step of that padding: fewer
-# cannot widen the window by a step).
-PARK_MIN_IDLE_CELLS = 256
 
 # Per slot, sharing a prefix copies the source's whole stream (n_ctx / n_parallel cells:
 # ~10 ms for 2048 cells of SmolLM2-135M), worth it only for a prefix longer than what
@@ -117,10 +110,11 @@ class PrefixSharing:
                 follower.slot.seal()
         job.followers = []
 
-    def _idle_cells(self) -> int:
-        """KV cells in the pool that only idle slots hold (what parking would free)."""
+    def _idle_cells_widen(self, grow: int) -> bool:
+        """Whether idle slots' cells would widen the attention window of the requests running
+        once they add ``grow`` more cells (what parking them would narrow)."""
         in_pool = [s for s in self._slots if s.parked is None]
-        return pool_cells(in_pool) - pool_cells(s for s in in_pool if s.job is not None)
+        return idle_cells_widen(pool_cells(s for s in in_pool if s.job is not None), pool_cells(in_pool), grow)
 
     def _park_idle(self) -> None:
         """Move every idle slot's KV to host RAM; at most ``n_ctx`` tokens stay parked (LRU)."""

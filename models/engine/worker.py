@@ -18,7 +18,7 @@ from models.engine.admission import place, preemption_victim, resume_point, wort
 from models.engine.batch import PREFILL_CHUNK_WHILE_DECODING, BatchBuilder
 from models.engine.job import Job
 from models.engine.native import NativeModel
-from models.engine.prefix import PARK_MIN_IDLE_CELLS, PARK_MIN_PREFILL, PrefixSharing
+from models.engine.prefix import PARK_MIN_PREFILL, PrefixSharing
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
 from models.engine.speculative import CostsByThreads, mode_problem
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
@@ -330,8 +330,8 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         job.cursor = reuse
         slot.prompt_end = len(job.prompt_items)
         # per slot, idle caches lie in their own streams: nobody attends over them
-        if not self.per_slot and (job.n_prompt - reuse >= PARK_MIN_PREFILL
-                                  or self._idle_cells() >= PARK_MIN_IDLE_CELLS):
+        if not self.per_slot and (job.n_prompt - reuse >= PARK_MIN_PREFILL or self._idle_cells_widen(
+                job.n_prompt - reuse + sum(j.reserve for s in self._slots if (j := s.job) is not None))):
             self._park_idle()
         fig.slot = slot.seq_id
         if job.preemptions:
