@@ -17,6 +17,9 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from bench.model_files import DEFAULT_MODEL_ID
 from bench.process import RunningServer, free_port, run_server
@@ -86,3 +89,9 @@ def edgevlm_server(
     model_id = DEFAULT_MODEL_ID if model is None else None
     with run_server("edgevlm", cmd, port, model=model_id, startup_timeout_s=startup_timeout_s) as server:
         yield server
+
+
+def health_models(server: RunningServer) -> dict[str, dict[str, Any]]:
+    """Each loaded model's row of a running edgevlm server's ``GET /health`` (slots,
+    resolved stream interval, runner process...), by model id."""
+    return httpx.get(server.base_url + "/health", timeout=30).json().get("models", {})

@@ -40,10 +40,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.client import BenchClient, fmt, print_table
-from bench.edgevlm_server import edgevlm_server
+from bench.edgevlm_server import edgevlm_server, health_models
 from bench.harness import write_json
 from bench.model_files import require_default_model
 from bench.process import RunningServer, default_threads
@@ -156,8 +154,7 @@ async def in_sessions(servers: tuple[RunningServer, RunningServer], tokens: int,
 
 def runner_rss(server: RunningServer) -> dict[str, int]:
     """Resident bytes of each model's runner process, from /health."""
-    models = httpx.get(server.base_url + "/health", timeout=30).json().get("models", {})
-    return {mid: row["runner"]["rss_bytes"] for mid, row in models.items() if row.get("runner")}
+    return {mid: row["runner"]["rss_bytes"] for mid, row in health_models(server).items() if row.get("runner")}
 
 
 def server_rss(server: RunningServer) -> int:

@@ -36,10 +36,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
-
 from bench.client import BenchClient, fmt, median, paired_ratios, print_table, ratio, run_concurrent
-from bench.edgevlm_server import edgevlm_server
+from bench.edgevlm_server import edgevlm_server, health_models
 from bench.harness import in_order, write_json
 from bench.llama_server import ensure_llama_server, llama_server
 from bench.model_files import resolve_model
@@ -153,8 +151,7 @@ async def measure(servers: dict[str, RunningServer], runs: int) -> dict[str, dic
 
 def edgevlm_stream_interval(server: RunningServer) -> int | None:
     """The decode steps per hand-over an edgevlm server runs with (``auto`` resolved), from /health."""
-    models = httpx.get(server.base_url + "/health", timeout=30).json().get("models", {})
-    return models.get(server.model, {}).get("stream_interval")
+    return health_models(server).get(server.model, {}).get("stream_interval")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
