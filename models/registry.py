@@ -62,6 +62,7 @@ class ModelSpec:
     kv_layout: str = "shared"  # shared | per-slot (models.engine.types.KV_LAYOUTS)
     stream_interval: int | str = STREAM_INTERVAL_AUTO  # decode steps per hand-over of running text, or auto
     image_cache_mb: int = 256  # image-embedding cache of a vision model; 0 = off
+    prompt_cache_mb: int = 256  # host RAM for the KV of prompts whose slot went to another request; 0 = off
     owned_by: str = "edgevlm"
 
     def engine_config(self) -> EngineConfig:
@@ -70,6 +71,7 @@ class ModelSpec:
             n_parallel=self.parallel, n_batch=self.batch, chat_template=self.chat_template,
             mmproj_path=self.mmproj, repack=self.repack, speculative=self.speculative,
             draft_path=self.draft_model, kv_layout=self.kv_layout, stream_interval=self.stream_interval,
+            prompt_cache_mb=self.prompt_cache_mb,
         )
 
     def vision_config(self) -> VisionConfig | None:
@@ -99,7 +101,7 @@ def default_model_path() -> Path | None:
 _SPEC_KEYS = {
     "id", "path", "mmproj", "ctx_size", "threads", "parallel", "batch", "chat_template",
     "image_min_tokens", "image_max_tokens", "repack", "speculative", "draft_model",
-    "kv_layout", "image_cache_mb", "stream_interval",
+    "kv_layout", "image_cache_mb", "prompt_cache_mb", "stream_interval",
 }
 
 
@@ -123,8 +125,10 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
     problem = kv_layout_problem(spec.kv_layout)
     if problem is not None:
         raise ConfigError(f"model {spec.id}: {problem}")
-    if isinstance(spec.image_cache_mb, bool) or not isinstance(spec.image_cache_mb, int) or spec.image_cache_mb < 0:
-        raise ConfigError(f"model {spec.id}: image_cache_mb must be a whole number of MiB >= 0")
+    for key in ("image_cache_mb", "prompt_cache_mb"):
+        mb = getattr(spec, key)
+        if isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
+            raise ConfigError(f"model {spec.id}: {key} must be a whole number of MiB >= 0")
     problem = stream_interval_problem(spec.stream_interval)
     if problem is not None:
         raise ConfigError(f"model {spec.id}: {problem}")

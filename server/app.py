@@ -52,7 +52,7 @@ def registry_from(settings: Settings) -> Registry:
                 "parallel": settings.parallel, "batch": settings.batch, "repack": settings.repack,
                 "speculative": settings.speculative, "draft_model": settings.draft_model,
                 "kv_layout": settings.kv_layout, "stream_interval": settings.stream_interval,
-                "image_cache_mb": settings.image_cache_mb}
+                "image_cache_mb": settings.image_cache_mb, "prompt_cache_mb": settings.prompt_cache_mb}
     return build_registry(
         model=settings.model, mmproj=settings.mmproj, config=settings.config,
         model_options={"image_min_tokens": settings.image_min_tokens,

@@ -45,6 +45,9 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
                                                   "or auto (default: 1 while the model's threads leave a CPU "
                                                   "free, 4 once they take every CPU; first token and end at "
                                                   "once): fewer wake-ups of server and client on small CPUs"),
+    ("--prompt-cache-mb", "prompt_cache_mb", int, "host RAM per model for the KV of prompts whose slot "
+                                                  "another request took, so they come back without prefill "
+                                                  "(default 256; 0 = off)"),
     ("--max-queue", "max_queue", int, "requests that may wait per model before 429 (default 8)"),
     ("--max-loaded-models", "max_loaded_models", int, "models kept in memory at once (default 2)"),
     ("--runners", "runners", str, "on (default) = each model runs in its own supervised process (a crash "

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         None, description="Decode steps per hand-over of a running request's text: auto (default: every token "
                           "while the model's threads leave a CPU free, every 4th once they take every CPU) "
                           "or 1-64; the first token and the end go out at once.")
+    prompt_cache_mb: int | None = Field(
+        None, ge=0, description="Host RAM per model for the KV of prompts whose slot another request took, MiB "
+                                "(default 256; 0 = off).")
     max_queue: int = Field(8, ge=0, description="Requests waiting per model before 429.")
     max_loaded_models: int = Field(2, ge=1)
     runners: Literal["on", "off"] = Field(

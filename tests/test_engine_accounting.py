@@ -13,6 +13,7 @@ import numpy as np
 
 from models.engine.admission import choose_slot, place, preemption_victim, resume_point
 from models.engine.job import Job
+from models.engine.prompt_cache import PromptCache, SavedPrompt
 from models.engine.slots import KV_WINDOW_PAD, Slot, common_prefix, evict_idle, idle_cells_widen, pool_cells
 from models.engine.types import GenerationRequest, ImageSegment, Segment
 from models.sampling import SamplingParams
@@ -147,3 +148,49 @@ def test_the_most_recently_admitted_request_is_preempted() -> None:
     young.t_submit, newer_submit.t_submit = 0.5, 0.7
     assert preemption_victim([old, young, newer_submit]) is newer_submit
     assert preemption_victim([old, young]) is young
+
+
+def saved(history: list[int], nbytes: int, last_used: float) -> SavedPrompt:
+    return SavedPrompt(list(history), [], len(history), np.zeros(nbytes, dtype=np.uint8), last_used)
+
+
+def test_the_prompt_cache_drops_least_recently_used_prompts_to_stay_under_its_cap() -> None:
+    cache = PromptCache(max_bytes=1000)
+    a, b, c = saved([1, 2, 3], 400, 1.0), saved([4, 5, 6], 400, 3.0), saved([7, 8, 9], 400, 2.0)
+    assert cache.add(a) and cache.add(b)
+    assert cache.nbytes == 800
+    assert cache.add(c)  # 1200 > 1000: the least recently used (a) goes
+    assert cache.entries == [b, c] and cache.nbytes == 800
+    assert not cache.add(saved([10, 11], 1001, 4.0))  # larger than the whole cap: never kept
+    assert cache.entries == [b, c] and cache.nbytes == 800
+    assert cache.take(b) is b and cache.entries == [c] and cache.nbytes == 400
+
+
+def test_the_prompt_cache_keeps_one_copy_of_a_conversation_the_longest() -> None:
+    cache = PromptCache(max_bytes=10_000)
+    turn1 = saved([1, 2, 3], 300, 1.0)
+    turn2 = saved([1, 2, 3, 4, 5], 500, 2.0)  # the same chat, one turn on
+    assert cache.add(turn1) and cache.add(turn2)
+    assert cache.entries == [turn2] and cache.nbytes == 500  # turn 1 gives back nothing turn 2 cannot
+    assert not cache.add(saved([1, 2, 3], 300, 5.0))  # covered by turn 2, which is touched instead
+    assert turn2.last_used == 5.0 and cache.nbytes == 500
+
+
+def test_the_prompt_cache_finds_the_longest_shared_prefix() -> None:
+    cache = PromptCache(max_bytes=10_000)
+    short, long = saved([1, 2, 9], 10, 1.0), saved([1, 2, 3, 4, 8], 10, 2.0)
+    cache.add(short)
+    cache.add(long)
+    assert cache.best([1, 2, 3, 4, 5, 6]) == (long, 4)
+    assert cache.best([1, 2, 9, 9]) == (short, 3)
+    assert cache.best([7, 7]) == (None, 0)
+
+
+def test_a_slot_adopts_a_saved_prompt_with_its_positions() -> None:
+    slot, other = make_slots(2)
+    other.history.extend([1, 2, ("img", 0), ("img", 1), 3])
+    other.marks.append((4, 7))  # from item 4 on, positions run 7 ahead (an M-RoPE image)
+    slot.adopt(other.history, other.marks, prompt_end=4)
+    assert slot.history == other.history and slot.history is not other.history
+    assert slot.shift == 7 and slot.pos_at(4) == 11 and slot.prompt_end == 4
+    assert pool_cells([slot]) == 5  # its cells are new ones, in the pool

@@ -295,3 +295,25 @@ def test_a_photo_cached_in_another_slot_is_shared_with_its_mrope_positions(
         assert text == eng.detokenize(_reference(eng, encoder, prompt, images))
     finally:
         eng.close()
+
+
+def test_a_photo_asked_about_again_after_other_conversations_comes_back_from_ram(
+        qwen_files, encoder: VisionEncoder) -> None:
+    llm, mmproj = qwen_files
+    eng = Engine(EngineConfig(model_id="tiny-qwen2vl", path=str(llm), n_ctx=1024, n_parallel=2,
+                              n_batch=64, mmproj_path=str(mmproj)))
+    images = [_image(64, 48, seed=5)]
+    prompt = f"look at {encoder.media_marker} and check " + "the guard and the belt " * 6
+    try:
+        base = _segments(encoder, eng, prompt, images)
+        _, first = _generate(eng, base)
+        for i in range(3):  # both slots go to other conversations meanwhile
+            _generate(eng, [eng.tokenize(f"shift {i} " + "log the stop " * 12)], max_tokens=4)
+        follow = base + [eng.tokenize(" is it safe", add_special=False)]
+        text, warm = _generate(eng, follow)
+        n_base = sum(len(s) if isinstance(s, list) else s.n_tokens for s in base)
+        assert warm.restored_tokens > 0
+        assert warm.cached_tokens >= n_base - 1  # the photo's rows and their M-RoPE positions came back
+        assert text == eng.detokenize(_reference(eng, encoder, prompt + " is it safe", images))
+    finally:
+        eng.close()

@@ -1,4 +1,5 @@
-"""Prefix sharing and parking: reuse KV another slot holds, move idle KV to host RAM."""
+"""Prefix sharing, parking and the prompt cache: reuse KV another slot holds, move idle KV
+to host RAM, and keep a reassigned slot's KV there until its prompt comes back."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 
 from models.engine.admission import resume_point
 from models.engine.job import Job
-from models.engine.slots import Slot, common_prefix, idle_cells_widen, pool_cells
+from models.engine.prompt_cache import PromptCache, SavedPrompt
+from models.engine.slots import Slot, common_prefix, evict_idle, idle_cells_widen, pool_cells
 
 log = logging.getLogger("edgevlm.engine")
 
@@ -24,6 +26,13 @@ PARK_MIN_PREFILL = 256
 # ~10 ms for 2048 cells of SmolLM2-135M), worth it only for a prefix longer than what
 # prefilling this many tokens costs (~4 ms each on 2 cores).
 MIN_STREAM_COPY = 32
+
+# The prompt cache copies a slot's KV out when a request cuts this many of the previous
+# prompt's items (a new conversation taking the slot), not when a chat's next turn only
+# replaces the end of its last reply; and copies one back for a match this much longer
+# than what the pool already holds. Either copy is ~1 ms per 100 tokens of SmolLM2-135M's
+# KV on 2 cores, against ~4 ms per token prefilled.
+MIN_SAVE = 32
 
 
 def bytes_ptr(buf: np.ndarray) -> ctypes._Pointer:
@@ -43,13 +52,7 @@ class PrefixSharing:
         """
         slot = job.slot
         assert slot is not None
-        best, source = reuse, None
-        for other in self._slots:
-            if other is slot or other.parked is not None or len(other.history) <= best:
-                continue
-            n = common_prefix(other.history, job.items)
-            if n > best:
-                best, source = n, other
+        best, source = self._pool_prefix(job, reuse)
         if source is None:
             return reuse
         n = resume_point(job, best)
@@ -65,6 +68,17 @@ class PrefixSharing:
                                           source.pos_at(reuse), source.pos_at(n))
         slot.borrow(source, reuse, n)
         return n
+
+    def _pool_prefix(self, job: Job, at_least: int = 0) -> tuple[int, Slot | None]:
+        """The longest prefix of ``job``'s items, over ``at_least``, that another slot's pool cells hold."""
+        best, source = at_least, None
+        for other in self._slots:
+            if other is job.slot or other.parked is not None or len(other.history) <= best:
+                continue
+            n = common_prefix(other.history, job.items)
+            if n > best:
+                best, source = n, other
+        return best, source
 
     def _join_prefills(self, started: list[Job], running: list[Job]) -> None:
         """Let requests that start together prefill their common next tokens once.
@@ -135,6 +149,7 @@ class PrefixSharing:
         while total > self.n_ctx:
             victim = parked.pop(0)
             total -= len(victim.history)
+            self._save(victim)
             victim.truncate(0)
 
     def _unpark(self, slot: Slot) -> bool:
@@ -147,3 +162,65 @@ class PrefixSharing:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         log.warning("could not restore a parked KV cache of %s; prefilling it again", self.config.model_id)
         return False
+
+    # ----------------------------------------------------------- prompt cache
+    def _save(self, slot: Slot, keep: int = 0) -> None:
+        """Keep ``slot``'s KV in the prompt cache before it is cut back to ``keep`` items,
+        if that cut loses a prompt worth keeping (see ``MIN_SAVE``)."""
+        cache: PromptCache | None = self._prompt_cache
+        if cache is None or min(slot.prompt_end, len(slot.history)) - keep < MIN_SAVE:
+            return
+        blob = slot.parked
+        if blob is None:
+            size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
+            blob = np.empty(size, dtype=np.uint8)
+            if llama_cpp.llama_state_seq_get_data(self.ctx, bytes_ptr(blob), size, slot.seq_id) != size:
+                return
+        cache.add(SavedPrompt(list(slot.history), list(slot.marks), slot.prompt_end, blob, slot.last_used))
+
+    def _evict(self, slot: Slot) -> None:
+        """An idle slot gives its cells back to make room; its prompt waits in the cache."""
+        self._save(slot)
+        self._clear(slot)
+
+    def _cache_gain(self, job: Job, common: int) -> tuple[SavedPrompt | None, int]:
+        """The cached prompt that would save ``job`` the most prefill beyond its slot's own
+        ``common`` items and what any other slot could share, and how many items more."""
+        cache: PromptCache | None = self._prompt_cache
+        if cache is None or not len(cache):
+            return None, 0
+        entry, n = cache.best(job.items)
+        if entry is None:
+            return None, 0
+        pool, _ = self._pool_prefix(job, common)
+        return entry, resume_point(job, n) - resume_point(job, pool)
+
+    def _restore_saved(self, job: Job, common: int) -> bool:
+        """Put the cached prompt ``job`` starts with into its slot, if one saves enough prefill.
+
+        The slot's own KV goes to the cache first (when worth keeping): it is some other
+        conversation's. False leaves the slot as it was, or empty when there was no room.
+        """
+        entry, gain = self._cache_gain(job, common)
+        if entry is None or gain < MIN_SAVE:
+            return False
+        slot = job.slot
+        assert slot is not None and slot.parked is None
+        self._save(slot)
+        self._clear(slot)
+        if not self.per_slot:
+            short = len(entry.history) - (self.n_ctx - pool_cells(self._slots))
+            if short > 0:
+                evict_idle(self._slots, short, self._evict, keep=slot)
+            if len(entry.history) > self.n_ctx - pool_cells(self._slots):
+                return False  # running requests hold the room; prefill it instead
+        elif len(entry.history) > self.n_ctx:
+            return False
+        self._prompt_cache.take(entry)
+        blob = entry.blob
+        if llama_cpp.llama_state_seq_set_data(self.ctx, bytes_ptr(blob), blob.nbytes, slot.seq_id) != blob.nbytes:
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            log.warning("could not restore a cached prompt of %s; prefilling it again", self.config.model_id)
+            return False
+        slot.adopt(entry.history, entry.marks, entry.prompt_end)
+        return True

@@ -89,6 +89,15 @@ class Slot:
         self.runs, self.run_end = [], 0
         self.tail = next(self.run_ids)
 
+    def adopt(self, history: list[Hashable], marks: list[tuple[int, int]], prompt_end: int) -> None:
+        """An empty slot took another sequence's saved KV (the prompt cache): its books too."""
+        assert not self.history and self.parked is None, "clear a slot before it adopts a saved cache"
+        self.history = list(history)
+        self.marks = list(marks)
+        self.shift = marks[-1][1] if marks else 0
+        self.prompt_end = prompt_end
+        self.refill()
+
     def pos_at(self, i: int) -> int:
         """Position of history item ``i`` (valid for ``i <= len(history)``)."""
         shift = 0

@@ -117,6 +117,8 @@ class EngineConfig:
     # request's first text and its end go out at once), or "auto": see Engine._flush
     # and resolve_stream_interval.
     stream_interval: int | str = STREAM_INTERVAL_AUTO
+    # Host RAM for the KV of prompts whose slot another request took (models.engine.prompt_cache); 0 = off.
+    prompt_cache_mb: int = 256
 
 
 @dataclass

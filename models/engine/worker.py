@@ -18,7 +18,8 @@ from models.engine.admission import place, preemption_victim, resume_point, wort
 from models.engine.batch import PREFILL_CHUNK_WHILE_DECODING, BatchBuilder
 from models.engine.job import Job
 from models.engine.native import NativeModel
-from models.engine.prefix import PARK_MIN_PREFILL, PrefixSharing
+from models.engine.prefix import MIN_SAVE, PARK_MIN_PREFILL, PrefixSharing
+from models.engine.prompt_cache import PromptCache
 from models.engine.slots import Slot, common_prefix, evict_idle, pool_cells
 from models.engine.speculative import CostsByThreads, mode_problem
 from models.engine.types import (EngineClosed, EngineConfig, EngineError, Event, Failed, Finished,
@@ -53,6 +54,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         self._threads_now = self._threads_wanted = self.n_threads
         run_ids = itertools.count()  # one numbering for every slot's cell runs
         self._slots = [Slot(seq_id=i, run_ids=run_ids) for i in range(self.n_parallel)]
+        self._prompt_cache = PromptCache(config.prompt_cache_mb << 20) if config.prompt_cache_mb > 0 else None
         self._waiting: deque[Job] = deque()
         self._outbox: list[tuple[Sink, Event]] = []  # events waiting for the next flush
         self._stream_interval = self.info.stream_interval  # "auto" resolved at load
@@ -76,9 +78,10 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
 
     @property
     def memory_bytes(self) -> int:
-        """What loading took (weights, KV pool, buffers) plus KV parked in host RAM."""
+        """What loading took (weights, KV pool, buffers) plus KV parked or cached in host RAM."""
         parked = [s.parked for s in self._slots]  # read once: the worker may drop one meanwhile
-        return self._load_bytes + sum(p.nbytes for p in parked if p is not None)
+        cached = self._prompt_cache.nbytes if self._prompt_cache is not None else 0
+        return self._load_bytes + sum(p.nbytes for p in parked if p is not None) + cached
 
     # ----------------------------------------------------------- front door
     @property
@@ -287,7 +290,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
             plan = place(job, self._slots, running, needs, self.n_ctx, per_slot=self.per_slot)
             if plan is None:
                 break
-            evict_idle(self._slots, plan.evict, self._clear, keep=plan.slot)
+            evict_idle(self._slots, plan.evict, self._evict, keep=plan.slot)
             needs.append(plan.need)
             self._waiting.popleft()
             job.slot = plan.slot
@@ -297,10 +300,15 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         return admitted
 
     def _restores(self, job: Job) -> bool:
-        """Whether starting ``job`` copies its slot's parked KV back into the pool."""
+        """Whether starting ``job`` copies KV back into the pool (its slot's parked KV, or a
+        cached prompt)."""
         slot = job.slot
-        return (slot is not None and slot.parked is not None
-                and worth_restoring(slot, common_prefix(slot.history, job.items)))
+        if slot is None:
+            return False
+        common = common_prefix(slot.history, job.items)
+        if slot.parked is not None and worth_restoring(slot, common):
+            return True
+        return self._cache_gain(job, common)[1] >= MIN_SAVE
 
     def _start(self, job: Job) -> None:
         slot = job.slot
@@ -314,12 +322,19 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         common = common_prefix(slot.history, job.items)
         if slot.parked is not None:
             if worth_restoring(slot, common) and self._unpark(slot):
-                fig.restored_tokens = len(slot.history)
+                fig.restored_tokens += len(slot.history)
             else:
+                self._save(slot)
                 slot.truncate(0)
                 common = 0
+        if self._restore_saved(job, common):
+            fig.restored_tokens += len(slot.history)
+            common = common_prefix(slot.history, job.items)
+        elif not slot.history:
+            common = 0  # the cache's copy could not come back: the slot was emptied for it
         reuse = resume_point(job, common)
         if reuse < len(slot.history):
+            self._save(slot, keep=reuse)
             if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.pos_at(reuse), -1):
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
                 reuse = 0
@@ -365,7 +380,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         remaining = sum(j.n_prompt - j.cursor for j in live if j.cursor < j.n_prompt)
         chunk = PREFILL_CHUNK_WHILE_DECODING if n_new else self.n_batch
         need = n_new + min(remaining, chunk + self.n_batch)
-        used -= evict_idle(self._slots, used + need - self.n_ctx, self._clear)
+        used -= evict_idle(self._slots, used + need - self.n_ctx, self._evict)
         # Still short: the most recently admitted job gives its cells back and waits at the
         # head of the queue, resuming later exactly where it was; a running stream is
         # never cut short for a newcomer. A job alone at the limit ends with "length".
@@ -393,6 +408,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
     def _preempt(self, job: Job) -> None:
         slot = job.slot
         self._detach(job)
+        self._save(slot)  # what it prefilled and generated comes back when it resumes
         self._clear(slot)
         slot.job = None
         slot.last_used = time.monotonic()

@@ -1,0 +1,63 @@
+"""The prompt cache through the server: flag, environment and TOML, and what a client sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from models.registry import DEFAULT_MODEL_ID, ConfigError, build_registry
+from server.app import registry_from
+from server.settings import Settings
+from tests.conftest import live_server
+
+DOC = "Work order 7, press four: " + "replace the drive belt, then test the guard and log it. " * 10
+
+
+def _ask(client: openai.OpenAI, text: str) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(model=DEFAULT_MODEL_ID, messages=[{"role": "user", "content": text}],
+                                          max_tokens=12, temperature=0)
+
+
+@pytest.mark.parametrize("layout, cache_mb", [("per-slot", 256), ("shared", 256), ("shared", 0)])
+def test_a_work_order_asked_about_again_after_other_chats_comes_back_cached(
+        tmp_path: Path, layout: str, cache_mb: int) -> None:
+    # two slots, three other conversations between: the work order's slot went to another
+    with live_server(tmp_path, parallel=2, ctx_size=2048, kv_layout=layout, prompt_cache_mb=cache_mb) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        first = _ask(client, DOC)
+        for i in range(3):
+            _ask(client, f"Shift {i} note: " + "the line stopped twice and restarted. " * 8)
+        again = _ask(client, DOC)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    if not cache_mb:  # only the chat template's first tokens match what the slots hold
+        assert cached < again.usage.prompt_tokens // 4
+        assert again.choices[0].message.content == first.choices[0].message.content
+        return
+    assert cached == again.usage.prompt_tokens - 1  # all but the last prompt token
+    if layout == "per-slot":
+        # the copy lands at the start of an emptied stream, where the first prefill put it:
+        # the same sums, the same answer. In the shared pool it lands among other cells,
+        # which changes the order attention sums in (a near-tie may part; see test_batching).
+        assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_size_from_flag_environment_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    llm = tmp_path / "m.gguf"
+    llm.write_bytes(b"GGUF")  # the registry only checks that the file exists
+    config = tmp_path / "models.toml"
+    config.write_text(f'[[models]]\nid = "own"\npath = "{llm}"\nprompt_cache_mb = 0\n\n'
+                      f'[[models]]\nid = "flag"\npath = "{llm}"\n')
+    monkeypatch.setenv("EDGEVLM_PROMPT_CACHE_MB", "7")
+    settings = Settings(config=str(config), embedded_model=False)
+    assert settings.prompt_cache_mb == 7
+    specs = registry_from(settings).specs
+    assert specs["own"].engine_config().prompt_cache_mb == 0  # the model's own key wins
+    assert specs["flag"].engine_config().prompt_cache_mb == 7
+    monkeypatch.setenv("EDGEVLM_PROMPT_CACHE_MB", "-1")
+    with pytest.raises(ValueError):
+        Settings()
+    config.write_text(f'[[models]]\nid = "bad"\npath = "{llm}"\nprompt_cache_mb = -5\n')
+    with pytest.raises(ConfigError, match="prompt_cache_mb"):
+        build_registry(config=str(config))
