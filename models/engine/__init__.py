@@ -11,13 +11,15 @@ any slot (the next turn of a chat, a shared system prompt, the same photo) prefi
 only what is new, and requests that start together prefill their common prefix once;
 shared cells are counted once when deciding what fits. Before a long prompt
 prefills, idle slots' KV moves to host RAM so the prompt attends over its own cells
-only; it comes back on that conversation's next turn. Running requests are never
-interrupted by new ones.
+only; it comes back on that conversation's next turn. A slot's KV that another
+conversation displaces waits in a host-RAM prompt cache until its prompt returns.
+Running requests are never interrupted by new ones.
 
 One concept per module: ``types`` (errors, config, requests, events), ``detok`` (text
 and stop strings), ``job``, ``slots`` (KV slot and cell accounting), ``native``
-(llama.cpp model, context, tokenizer), ``admission``, ``prefix`` (sharing and
-parking), ``batch`` (building each step's batch) and ``worker`` (the ``Engine``).
+(llama.cpp model, context, tokenizer), ``admission``, ``prefix`` (sharing, parking
+and the prompt cache's copies), ``prompt_cache`` (what is kept, matched and dropped),
+``batch`` (building each step's batch) and ``worker`` (the ``Engine``).
 """
 
 from models.engine.job import GENERATION_RESERVE, Job
