@@ -272,6 +272,28 @@ def test_a_short_request_parks_idle_caches_that_would_widen_its_attention(
         eng.close()
 
 
+def test_a_restored_cache_lands_below_idle_cells_not_above_them(
+        tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")  # read when the context is made
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2))
+    manual = "Manual: " + "check the guard. " * 60
+    try:
+        chat_ = submit(eng, manual + "Question one?", max_tokens=8).wait()
+        long_ = submit(eng, "river " * (PARK_MIN_PREFILL + 100), max_tokens=4).wait()  # parks the manual chat
+        chat_slot, long_slot = _slot_of(eng, chat_), _slot_of(eng, long_)
+        assert chat_slot.parked is not None and long_slot.parked is None  # the long prompt idles in the pool
+        with KvCellLog() as log:
+            short = submit(eng, "Manual: " + "check the guard. " * 12 + "Is it on?", max_tokens=16).wait()
+        assert short.record.slot == chat_slot.seq_id and 0 < short.record.restored_tokens
+        # The idle long prompt was parked before the manual came back, so the copy (cut to
+        # the shared prefix) lies in the lowest cells: the short request attends over its
+        # own cells, not over cells above the long prompt's for its whole life.
+        assert long_slot.parked is not None
+        assert max(n for n, _ in log.seen) <= KV_WINDOW_PAD < long_.record.input_tokens
+    finally:
+        eng.close()
+
+
 def test_an_unrelated_prompt_drops_a_parked_cache_without_restoring_it(tiny_llm: Path) -> None:
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2))
     try:

@@ -319,6 +319,12 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
             self._finish(job, reason="cancelled")
             return
         fig = job.figures
+        if self._restores(job):
+            # Idle caches leave the pool before a copy comes back, not after: the copy would
+            # land above their cells, and the cells this request keeps of it would hold the
+            # window that wide for its whole life (a free-form answer after three grounded
+            # chats decoded over ~1200 cells instead of ~250, ~10 % slower).
+            self._park_if_widening(job, 0)
         common = common_prefix(slot.history, job.items)
         if slot.parked is not None:
             if worth_restoring(slot, common) and self._unpark(slot):
@@ -344,10 +350,7 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         self._follow_draft(slot)
         job.cursor = reuse
         slot.prompt_end = len(job.prompt_items)
-        # per slot, idle caches lie in their own streams: nobody attends over them
-        if not self.per_slot and (job.n_prompt - reuse >= PARK_MIN_PREFILL or self._idle_cells_widen(
-                job.n_prompt - reuse + sum(j.reserve for s in self._slots if (j := s.job) is not None))):
-            self._park_idle()
+        self._park_if_widening(job, reuse)
         fig.slot = slot.seq_id
         if job.preemptions:
             fig.preemptions = job.preemptions
@@ -364,6 +367,14 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
                                         self.eog_ids if job.req.ignore_eos else ())
         except Exception as exc:
             self._finish(job, error=EngineError(str(exc), code="invalid_sampling", status=400))
+
+    def _park_if_widening(self, job: Job, reuse: int) -> None:
+        """Park idle caches before ``job`` prefills from ``reuse`` on, if its prompt is long
+        or they would widen the window the running requests attend over. Per slot, idle
+        caches lie in their own streams: nobody attends over them."""
+        if not self.per_slot and (job.n_prompt - reuse >= PARK_MIN_PREFILL or self._idle_cells_widen(
+                job.n_prompt - reuse + sum(j.reserve for s in self._slots if (j := s.job) is not None))):
+            self._park_idle()
 
     # ----------------------------------------------------------- room
     def _ensure_room(self, live: list[Job], n_new: int) -> None:
