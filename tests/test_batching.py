@@ -294,6 +294,26 @@ def test_a_restored_cache_lands_below_idle_cells_not_above_them(
         eng.close()
 
 
+def test_a_request_restoring_its_slot_still_shares_the_prefix_an_idle_slot_holds(tiny_llm: Path) -> None:
+    eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=3))
+    head = "Line 4 log: "
+    system = head + "System: lock out the press before opening the guard. " * 16
+    try:
+        old = submit(eng, head + "check the guard. " * 60 + "Question one?", max_tokens=4).wait()
+        submit(eng, "river " * (PARK_MIN_PREFILL + 100), max_tokens=4).wait()  # parks the old chat
+        source = submit(eng, system + "Hello", max_tokens=4).wait()
+        assert _slot_of(eng, old).parked is not None and _slot_of(eng, source).parked is None
+        prompt = system + "Is the guard on?"
+        run = submit(eng, prompt, max_tokens=8).wait()
+        # the least recently used slot, whose parked chat shares the log's head: it comes
+        # back, and the idle slot holding the system prompt stays in the pool to share it
+        assert run.record.slot == old.record.slot and run.record.restored_tokens > 0
+        assert run.record.shared_tokens >= len(eng.tokenize(system)) - len(eng.tokenize(head)) - 2
+        assert run.text == _cold(tiny_llm, prompt, max_tokens=8).text
+    finally:
+        eng.close()
+
+
 def test_an_unrelated_prompt_drops_a_parked_cache_without_restoring_it(tiny_llm: Path) -> None:
     eng = Engine(EngineConfig("tiny", str(tiny_llm), n_ctx=2048, n_parallel=2))
     try:

@@ -130,10 +130,11 @@ class PrefixSharing:
         in_pool = [s for s in self._slots if s.parked is None]
         return idle_cells_widen(pool_cells(s for s in in_pool if s.job is not None), pool_cells(in_pool), grow)
 
-    def _park_idle(self) -> None:
-        """Move every idle slot's KV to host RAM; at most ``n_ctx`` tokens stay parked (LRU)."""
+    def _park_idle(self, keep: Slot | None = None) -> None:
+        """Move every idle slot's KV (but ``keep``'s) to host RAM; at most ``n_ctx`` tokens
+        stay parked (LRU)."""
         for slot in self._slots:
-            if slot.job is not None or not slot.spans:
+            if slot.job is not None or not slot.spans or slot is keep:
                 continue
             size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
             blob = np.empty(size, dtype=np.uint8)

@@ -323,8 +323,10 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
             # Idle caches leave the pool before a copy comes back, not after: the copy would
             # land above their cells, and the cells this request keeps of it would hold the
             # window that wide for its whole life (a free-form answer after three grounded
-            # chats decoded over ~1200 cells instead of ~250, ~10 % slower).
-            self._park_if_widening(job, 0)
+            # chats decoded over ~1200 cells instead of ~250, ~10 % slower). An idle slot
+            # holding a longer prefix to share stays: parking it would forgo the share.
+            n, source = self._pool_prefix(job)
+            self._park_if_widening(job, 0, keep=source if n >= MIN_SAVE else None)
         common = common_prefix(slot.history, job.items)
         if slot.parked is not None:
             if worth_restoring(slot, common) and self._unpark(slot):
@@ -368,13 +370,13 @@ class Engine(NativeModel, PrefixSharing, BatchBuilder):
         except Exception as exc:
             self._finish(job, error=EngineError(str(exc), code="invalid_sampling", status=400))
 
-    def _park_if_widening(self, job: Job, reuse: int) -> None:
-        """Park idle caches before ``job`` prefills from ``reuse`` on, if its prompt is long
-        or they would widen the window the running requests attend over. Per slot, idle
-        caches lie in their own streams: nobody attends over them."""
+    def _park_if_widening(self, job: Job, reuse: int, keep: Slot | None = None) -> None:
+        """Park idle caches (but ``keep``) before ``job`` prefills from ``reuse`` on, if its
+        prompt is long or they would widen the window the running requests attend over.
+        Per slot, idle caches lie in their own streams: nobody attends over them."""
         if not self.per_slot and (job.n_prompt - reuse >= PARK_MIN_PREFILL or self._idle_cells_widen(
                 job.n_prompt - reuse + sum(j.reserve for s in self._slots if (j := s.job) is not None))):
-            self._park_idle()
+            self._park_idle(keep)
 
     # ----------------------------------------------------------- room
     def _ensure_room(self, live: list[Job], n_new: int) -> None:
