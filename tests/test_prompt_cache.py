@@ -7,8 +7,11 @@ from pathlib import Path
 import openai
 import pytest
 
+import argparse
+
 from models.registry import DEFAULT_MODEL_ID, ConfigError, build_registry
 from server.app import registry_from
+from server.cli import _serve_parser, _settings_from
 from server.settings import Settings
 from tests.conftest import live_server
 
@@ -55,6 +58,11 @@ def test_size_from_flag_environment_and_toml(tmp_path: Path, monkeypatch: pytest
     specs = registry_from(settings).specs
     assert specs["own"].engine_config().prompt_cache_mb == 0  # the model's own key wins
     assert specs["flag"].engine_config().prompt_cache_mb == 7
+    parser = argparse.ArgumentParser()
+    _serve_parser(parser.add_subparsers())
+    flagged = _settings_from(parser.parse_args(["serve", "--prompt-cache-mb", "64", "--config", str(config)]))
+    assert flagged.prompt_cache_mb == 64  # the flag wins over the environment
+    assert registry_from(flagged).specs["flag"].engine_config().prompt_cache_mb == 64
     monkeypatch.setenv("EDGEVLM_PROMPT_CACHE_MB", "-1")
     with pytest.raises(ValueError):
         Settings()
