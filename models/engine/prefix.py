@@ -136,11 +136,9 @@ class PrefixSharing:
         for slot in self._slots:
             if slot.job is not None or not slot.spans or slot is keep:
                 continue
-            size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
-            blob = np.empty(size, dtype=np.uint8)
-            got = llama_cpp.llama_state_seq_get_data(self.ctx, bytes_ptr(blob), size, slot.seq_id)
+            blob = self._copy_out(slot)
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-            if got == size:
+            if blob is not None:
                 slot.parked = blob
             else:
                 slot.truncate(0)
@@ -157,11 +155,25 @@ class PrefixSharing:
         """Put a parked slot's KV back into the pool (any free cells will do)."""
         blob, slot.parked = slot.parked, None
         assert blob is not None
-        if llama_cpp.llama_state_seq_set_data(self.ctx, bytes_ptr(blob), blob.nbytes, slot.seq_id) == blob.nbytes:
+        if self._copy_in(slot, blob, "a parked KV cache"):
             slot.refill()
             return True
+        return False
+
+    def _copy_out(self, slot: Slot) -> np.ndarray | None:
+        """``slot``'s sequence state (its KV) copied to host RAM, or None if llama.cpp fails."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        blob = np.empty(size, dtype=np.uint8)
+        got = llama_cpp.llama_state_seq_get_data(self.ctx, bytes_ptr(blob), size, slot.seq_id)
+        return blob if got == size else None
+
+    def _copy_in(self, slot: Slot, blob: np.ndarray, what: str) -> bool:
+        """Copy a sequence state back into ``slot``'s sequence; on failure (no room) its
+        cells are left empty and the request prefills instead."""
+        if llama_cpp.llama_state_seq_set_data(self.ctx, bytes_ptr(blob), blob.nbytes, slot.seq_id) == blob.nbytes:
+            return True
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-        log.warning("could not restore a parked KV cache of %s; prefilling it again", self.config.model_id)
+        log.warning("could not restore %s of %s; prefilling it again", what, self.config.model_id)
         return False
 
     # ----------------------------------------------------------- prompt cache
@@ -171,13 +183,9 @@ class PrefixSharing:
         cache: PromptCache | None = self._prompt_cache
         if cache is None or min(slot.prompt_end, len(slot.history)) - keep < MIN_SAVE:
             return
-        blob = slot.parked
-        if blob is None:
-            size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
-            blob = np.empty(size, dtype=np.uint8)
-            if llama_cpp.llama_state_seq_get_data(self.ctx, bytes_ptr(blob), size, slot.seq_id) != size:
-                return
-        cache.add(SavedPrompt(list(slot.history), list(slot.marks), slot.prompt_end, blob, slot.last_used))
+        blob = slot.parked if slot.parked is not None else self._copy_out(slot)
+        if blob is not None:
+            cache.add(SavedPrompt(list(slot.history), list(slot.marks), slot.prompt_end, blob, slot.last_used))
 
     def _evict(self, slot: Slot) -> None:
         """An idle slot gives its cells back to make room; its prompt waits in the cache."""
@@ -218,10 +226,7 @@ class PrefixSharing:
         elif len(entry.history) > self.n_ctx:
             return False
         self._prompt_cache.take(entry)
-        blob = entry.blob
-        if llama_cpp.llama_state_seq_set_data(self.ctx, bytes_ptr(blob), blob.nbytes, slot.seq_id) != blob.nbytes:
-            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-            log.warning("could not restore a cached prompt of %s; prefilling it again", self.config.model_id)
+        if not self._copy_in(slot, entry.blob, "a cached prompt"):
             return False
         slot.adopt(entry.history, entry.marks, entry.prompt_end)
         return True
