@@ -163,9 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stream-interval", default="auto",
                         help="edgevlm's --stream-interval (default: its own default, auto; 1 sends every token in "
                              "its own chunk, as llama-server does)")
+    parser.add_argument("--llama-flash-attn", choices=("auto", "on", "off"), default="auto",
+                        help="llama-server's -fa (default: its own default, auto); edgevlm keeps its own "
+                             "--flash-attn auto, shown in the title")
     parser.add_argument("--no-build", action="store_true", help="do not build llama-server when missing")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    fa = ["-fa", args.llama_flash_attn]
     edge_model, gguf = resolve_model(args.model)
     binary = ensure_llama_server(build=not args.no_build) if gguf is not None else None
     with contextlib.ExitStack() as stack:
@@ -177,14 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 extra_args=[*extra, "--stream-interval", str(args.stream_interval)]))
         if binary is not None:
             servers["llama-off"] = stack.enter_context(llama_server(
-                gguf, threads=args.threads, ctx_size=CTX_SIZE, parallel=PARALLEL, binary=binary))
+                gguf, threads=args.threads, ctx_size=CTX_SIZE, parallel=PARALLEL, binary=binary, extra_args=fa))
             for kind in LLAMA_NGRAM_TYPES:
                 servers[f"llama-{kind}"] = stack.enter_context(llama_server(
                     gguf, threads=args.threads, ctx_size=CTX_SIZE, parallel=PARALLEL, binary=binary,
-                    extra_args=["--spec-type", kind]))
+                    extra_args=["--spec-type", kind, *fa]))
         else:
             print("[bench] no llama-server: edgevlm only")
         interval = edgevlm_stream_interval(servers["edgevlm-off"])
+        attention = health_models(servers["edgevlm-off"]).get(servers["edgevlm-off"].model, {}).get("attention")
         figures = asyncio.run(measure(servers, args.runs))
 
     names = list(servers)
@@ -197,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(["metric", *names], rows,
                 title=f"bench.speculative — {PARALLEL} slots, {args.threads} threads, {platform.machine()}, "
                       f"medians of {args.runs} runs, edgevlm --stream-interval {args.stream_interval}"
-                      + (f" ({interval} steps per hand-over)" if args.stream_interval == "auto" else ""))
+                      + (f" ({interval} steps per hand-over)" if args.stream_interval == "auto" else "")
+                      + f", edgevlm attention {attention}, llama-server -fa {args.llama_flash_attn}")
     if binary is not None:
         best = max(LLAMA_NGRAM_TYPES, key=lambda k: med[f"llama-{k}"].get("grounded") or 0.0)
         best4 = max(LLAMA_NGRAM_TYPES, key=lambda k: med[f"llama-{k}"].get("four") or 0.0)
@@ -223,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_table(["target", "ratio", "needs", "met", "paired", "range", "pairs met", "note"], rows)
     write_json(args.json, {"benchmark": "speculative", "threads": args.threads, "runs": args.runs,
                            "stream_interval": args.stream_interval, "stream_interval_steps": interval,
+                           "edgevlm_attention": attention, "llama_flash_attn": args.llama_flash_attn,
                            "figures": {n: dict(figures[n]) for n in names}})
     return 0
 

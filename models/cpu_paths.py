@@ -128,7 +128,8 @@ def load_model(path: str, allowed: tuple[str, ...] | None, *, gpu_layers: int = 
 
 
 # ------------------------------------------------------------------ the self-test (child side)
-def _selftest_tokens(model: llama_cpp.llama_model_p, n: int) -> list[int]:
+def selftest_tokens(model: llama_cpp.llama_model_p, n: int) -> list[int]:
+    """``n`` tokens of a plant-floor sentence, repeated as needed."""
     tokens = tokenize(llama_cpp.llama_model_get_vocab(model), _SELFTEST_TEXT * 4, add_special=True) or [0]
     while len(tokens) < n:
         tokens += tokens
@@ -176,7 +177,7 @@ def selftest_child(path: str, allowed: tuple[str, ...], n_threads: int) -> dict:
     plain = load_model(path, ())
     if not plain:
         raise RuntimeError(f"could not load {path}")
-    tokens = _selftest_tokens(plain, 36)
+    tokens = selftest_tokens(plain, 36)
     ref = _decode_logits(plain, tokens, 32, n_threads)
     llama_cpp.llama_model_free(plain)
     _buffer_log.clear()
@@ -243,36 +244,39 @@ def cache_dir() -> Path:
     return Path(xdg) / "edgevlm"
 
 
-def _cache_key(path: str, n_threads: int, available: tuple[str, ...]) -> str:
+def machine_key(path: str, n_threads: int, **extra: object) -> str:
+    """A verdict's cache key: this CPU, the llama.cpp build, the model file, the threads
+    and ``extra`` (what else the verdict depends on)."""
     st = os.stat(path)
     system_info = llama_cpp.llama_print_system_info().decode(errors="replace")
     ident = {
         "cpu": cpu_info.cpu_model(), "flags": cpu_info.cpu_flags(), "llama_cpp": llama_cpp.__version__,
-        "system_info": system_info, "available": list(available), "threads": n_threads,
+        "system_info": system_info, "threads": n_threads, **extra,
         "file": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
         "weight_types": ggml().tensor_types(path),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def _read_cache(file: Path) -> dict:
+def read_verdicts(file: Path) -> dict:
+    """Cached verdicts by key; empty if the file is missing or unreadable."""
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _write_cache(file: Path, key: str, verdict: Verdict) -> None:
+def write_verdict(file: Path, key: str, entry: dict) -> None:
+    """Add one verdict to ``file`` (replaced whole, so readers never see half of it)."""
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        entries = _read_cache(file)
-        entries[key] = {"allowed": list(verdict.allowed or ()), "reason": verdict.reason,
-                        "buffers_mib": verdict.buffers_mib, "checked_at": time.time()}
+        entries = read_verdicts(file)
+        entries[key] = entry
         tmp = file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
         os.replace(tmp, file)
     except OSError as exc:
-        log.warning("cannot cache the CPU fast-path verdict in %s: %s", file, exc)
+        log.warning("cannot cache a verdict in %s: %s", file, exc)
 
 
 def _timeout_s(path: str) -> float:
@@ -318,9 +322,9 @@ def choose(path: str, mode: str = "auto", n_threads: int = 1, *, use_cache: bool
     if not available:
         return Verdict(mode, (), available, "this llama.cpp build has no extra buffer types for this CPU")
     file = cache_dir() / "cpu-paths.json"
-    key = _cache_key(path, n_threads, available)
+    key = machine_key(path, n_threads, available=list(available))
     if use_cache:
-        hit = _read_cache(file).get(key)
+        hit = read_verdicts(file).get(key)
         if hit is not None:
             return Verdict(mode, tuple(hit["allowed"]), available, hit["reason"], cached=True,
                            buffers_mib=hit.get("buffers_mib", {}))
@@ -340,7 +344,8 @@ def choose(path: str, mode: str = "auto", n_threads: int = 1, *, use_cache: bool
         verdict = Verdict(mode, (), available, "; ".join(failures))
     verdict = Verdict(**{**asdict(verdict), "seconds": time.monotonic() - started})
     if use_cache:
-        _write_cache(file, key, verdict)
+        write_verdict(file, key, {"allowed": list(verdict.allowed or ()), "reason": verdict.reason,
+                                  "buffers_mib": verdict.buffers_mib, "checked_at": time.time()})
     return verdict
 
 

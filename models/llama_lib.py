@@ -142,8 +142,11 @@ class OneSequence:
     """
 
     def __init__(self, model: llama_cpp.llama_model_p, *, n_ctx: int, n_batch: int, n_threads: int,
-                 cb_eval: object = None, n_embd: int = 0) -> None:
+                 cb_eval: object = None, n_embd: int = 0, flash_attn: bool | None = None) -> None:
         cparams = llama_cpp.llama_context_default_params()
+        if flash_attn is not None:  # None: llama.cpp's choice
+            cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = n_batch
         cparams.n_seq_max = 1

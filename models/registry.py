@@ -57,6 +57,7 @@ class ModelSpec:
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
     repack: str = "auto"  # CPU fast paths: auto | on | off (models.cpu_paths)
+    flash_attn: str = "auto"  # attention kernel: auto (timed) | on | off (models.attention)
     speculative: str = DEFAULT_SPECULATIVE  # off | ngram | draft (models.engine.speculative)
     draft_model: str | None = None  # the draft model GGUF of speculative "draft"
     kv_layout: str = "shared"  # shared | per-slot (models.engine.types.KV_LAYOUTS)
@@ -69,7 +70,8 @@ class ModelSpec:
         return EngineConfig(
             model_id=self.id, path=self.path, n_ctx=self.ctx_size, n_threads=self.threads,
             n_parallel=self.parallel, n_batch=self.batch, chat_template=self.chat_template,
-            mmproj_path=self.mmproj, repack=self.repack, speculative=self.speculative,
+            mmproj_path=self.mmproj, repack=self.repack, flash_attn=self.flash_attn,
+            speculative=self.speculative,
             draft_path=self.draft_model, kv_layout=self.kv_layout, stream_interval=self.stream_interval,
             prompt_cache_mb=self.prompt_cache_mb,
         )
@@ -100,7 +102,7 @@ def default_model_path() -> Path | None:
 
 _SPEC_KEYS = {
     "id", "path", "mmproj", "ctx_size", "threads", "parallel", "batch", "chat_template",
-    "image_min_tokens", "image_max_tokens", "repack", "speculative", "draft_model",
+    "image_min_tokens", "image_max_tokens", "repack", "flash_attn", "speculative", "draft_model",
     "kv_layout", "image_cache_mb", "prompt_cache_mb", "stream_interval",
 }
 
@@ -120,8 +122,9 @@ def _spec_from_table(table: dict[str, Any], base: Path, defaults: dict[str, Any]
     if "chat_template_file" in table:
         values["chat_template"] = (base / table["chat_template_file"]).read_text()
     spec = ModelSpec(**values)
-    if spec.repack not in ("auto", "on", "off"):
-        raise ConfigError(f"model {spec.id}: repack must be auto, on or off, not {spec.repack!r}")
+    for key in ("repack", "flash_attn"):
+        if getattr(spec, key) not in ("auto", "on", "off"):
+            raise ConfigError(f"model {spec.id}: {key} must be auto, on or off, not {getattr(spec, key)!r}")
     problem = kv_layout_problem(spec.kv_layout)
     if problem is not None:
         raise ConfigError(f"model {spec.id}: {problem}")

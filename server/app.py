@@ -50,6 +50,7 @@ def runner_policy(settings: Settings) -> RestartPolicy | None:
 def registry_from(settings: Settings) -> Registry:
     defaults = {"ctx_size": settings.ctx_size, "threads": settings.threads,
                 "parallel": settings.parallel, "batch": settings.batch, "repack": settings.repack,
+                "flash_attn": settings.flash_attn,
                 "speculative": settings.speculative, "draft_model": settings.draft_model,
                 "kv_layout": settings.kv_layout, "stream_interval": settings.stream_interval,
                 "image_cache_mb": settings.image_cache_mb, "prompt_cache_mb": settings.prompt_cache_mb}

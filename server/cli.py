@@ -33,6 +33,9 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--batch", "batch", int, "max tokens per llama_decode call (default 512)"),
     ("--repack", "repack", str, "CPU fast paths (AMX, repacked weights): auto = self-tested in a "
                                 "child process and cached (default) | on | off"),
+    ("--flash-attn", "flash_attn", str, "attention kernel: auto = flash attention or the plain path, "
+                                        "whichever runs a request faster on this machine (timed once at "
+                                        "load, cached; default) | on | off"),
     ("--speculative", "speculative", str, "speculative decoding: ngram = draft from the context by prompt "
                                           "lookup, verified in the same batch (default) | draft = a draft "
                                           "model proposes (needs --draft-model) | off"),

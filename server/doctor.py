@@ -70,6 +70,7 @@ def _load_check(spec_json: str, policy_json: str = "null") -> int:
     model = load_model(spec, RestartPolicy(**policy) if policy is not None else None)
     report = {"seconds": time.monotonic() - started, "memory_mb": model.memory_bytes / 2**20,
               "vision": model.vision is not None, "fast_paths": model.engine.fast_paths.describe(),
+              "attention": model.engine.attention.describe(),
               "runner": model.runner.supervision() if model.runner is not None else None}
     model.close()
     print(json.dumps(report), flush=True)
@@ -145,6 +146,7 @@ def run(settings: Settings) -> int:
                 r = loaded.report
                 out(f"    load        ok in {r['seconds']:.1f} s, {r['memory_mb']:.0f} MiB"
                     f"{', vision encoder ok' if r['vision'] else ''}")
+                out(f"    {r['attention']}")
                 if r.get("runner"):
                     out(_runner_line(r["runner"]))
             else:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     batch: int | None = Field(None, ge=32, description="Max tokens per llama_decode call.")
     repack: Literal["auto", "on", "off"] | None = Field(
         None, description="CPU fast paths (AMX, repacked weights): auto = self-tested, on, off.")
+    flash_attn: Literal["auto", "on", "off"] | None = Field(
+        None, description="Attention kernel: auto = flash attention or the plain path, whichever this "
+                          "machine ran faster (timed once, cached), on, off.")
     speculative: Literal["off", "ngram", "draft"] | None = Field(
         None, description="Speculative decoding: ngram (prompt lookup, default), draft (a draft model) or off.")
     draft_model: str | None = Field(

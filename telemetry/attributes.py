@@ -169,6 +169,7 @@ def record_attributes(record: RequestRecord, capture_content: bool = False) -> A
     a["edgevlm.model.threads"] = m.n_threads
     a["edgevlm.model.n_parallel"] = m.n_parallel
     a["edgevlm.model.kv_layout"] = m.kv_layout
+    _put(a, "edgevlm.model.flash_attn", m.flash_attn)
 
     _put(a, "edgevlm.process.peak_rss_bytes", record.peak_rss_bytes)
     _put(a, "edgevlm.runner.peak_rss_bytes", record.runner_peak_rss_bytes)

@@ -72,6 +72,7 @@ class ModelInfo:
     n_parallel: int = 1
     kv_layout: str = "shared"  # shared | per-slot (models.engine.types.KV_LAYOUTS)
     stream_interval: int = 1  # decode steps per hand-over of a running request's text
+    flash_attn: bool | None = None  # attention kernel: flash, plain (False), llama.cpp's choice (None)
 
 
 @dataclass

@@ -15,7 +15,11 @@ from server.cli import _serve_parser, _settings_from
 from server.settings import Settings
 from tests.conftest import live_server
 
-DOC = "Work order 7, press four: " + "replace the drive belt, then test the guard and log it. " * 10
+# A question with a clear answer: with the cache off the document is prefilled again among
+# other cells, in another summation order, and an open reply to it was a near-tie at its
+# first token (0.1 logit).
+DOC = ("Work order 7, press four: " + "replace the drive belt, then test the guard and log it. " * 10
+       + "Which part is replaced?")
 
 
 def _ask(client: openai.OpenAI, text: str) -> openai.types.chat.ChatCompletion:

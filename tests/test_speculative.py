@@ -94,7 +94,8 @@ def assert_same_or_near_tie(engine: Engine, prompt: list[int], want: list[int], 
     if n is None:
         assert len(got) == len(want) or min(len(got), len(want)) > 0
         return len(got) == len(want)
-    with OneSequence(engine.model, n_ctx=engine.n_ctx, n_batch=engine.n_ctx, n_threads=engine.n_threads) as seq:
+    with OneSequence(engine.model, n_ctx=engine.n_ctx, n_batch=engine.n_ctx, n_threads=engine.n_threads,
+                     flash_attn=engine.attention.flash) as seq:
         assert seq.decode(prompt + want[:n], 0, lambda i: i == len(prompt) + n - 1) == 0
         row = seq.logits(len(prompt) + n - 1)
         margin = abs(float(row[want[n]]) - float(row[got[n]]))

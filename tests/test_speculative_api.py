@@ -48,13 +48,15 @@ def test_speculation_is_on_by_default_reported_and_can_be_refused_per_request(ma
     srv = make_server(parallel=2, ctx_size=2048, traces=str(traces))
     client = OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
     msgs = [{"role": "user", "content": COPY}]
-    plain, fast = without_and_with_drafts(client, 120)
+    # 100 tokens: the copy's greedy answer has a near-tie at token 109 (a 0.04 logit margin
+    # with the plain attention kernel, 0.11 with flash), where any change in summation parts it
+    plain, fast = without_and_with_drafts(client, 100)
     t_fast = fast.model_extra["timings"]
     # how much it drafts is the planner's call on this machine's step costs (a compute-bound
     # CPU drafts little); that the copy drafted and had drafts accepted is not
     assert t_fast["drafted_tokens"] >= t_fast["accepted_tokens"] > 0
     # streamed: the last chunk's timings carry the same counts
-    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=120, temperature=0,
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=100, temperature=0,
                                             stream=True)
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -77,7 +77,10 @@ def test_tiny_draft_model_keeps_one_stream_token_for_token_identical(default_ggu
         for p, w in zip(prompts, want):
             run, job = submit(on, p, 96)
             run.wait()
-            assert job.sampled == w
+            # verification rows sum in another order than one-token steps: the open
+            # questions may part at a near-tie; the copy has none this early
+            same = assert_same_or_near_tie(on, p, w, job.sampled)
+            assert same or p != prompts[0]
             figs.append(run.ended.figures)
             cells_agree(on)
             draft_cells_agree(on)
@@ -101,22 +104,31 @@ def test_tiny_draft_model_with_four_concurrent_streams(default_gguf: Path, tiny_
         on.close()
 
 
-def test_the_model_drafting_for_itself_is_accepted_and_changes_nothing(default_gguf: Path, off: Engine,
+@pytest.mark.parametrize("flash_attn", ["on", "off"])
+def test_the_model_drafting_for_itself_is_accepted_and_changes_nothing(default_gguf: Path, flash_attn: str,
                                                                        monkeypatch) -> None:
     """At temperature 0 a model's greedy proposals are its own next tokens: nearly all are
     accepted. Drafting costs as much as a step here, so the planner would (rightly) stop:
-    exploring every step keeps it drafting up to 8 tokens."""
+    exploring every step keeps it drafting up to 8 tokens.
+
+    Not all: the draft proposes from one-token steps, the target verifies in batched rows,
+    which sum in another order, so at a near-tie they part. With either attention kernel
+    the copy's 56 drafted tokens were all accepted; on the open question flash attention
+    accepted 56 of 56 and the plain kernel 54 of 66 (two partings, each wasting the rest
+    of an 8-token draft)."""
     monkeypatch.setattr(StepCosts, "explore", lambda self: True)
-    on = draft_engine("smol-self", default_gguf, default_gguf, 1)
+    ref = Engine(EngineConfig("smol-ref", str(default_gguf), n_ctx=2048, n_parallel=1, flash_attn=flash_attn))
+    on = Engine(EngineConfig("smol-self", str(default_gguf), n_ctx=2048, n_parallel=1, speculative="draft",
+                             draft_path=str(default_gguf), flash_attn=flash_attn))
     try:
-        for text in (COPY, "Why is the sky blue?"):
-            p = chat(off, text)
-            (want,) = alone(off, [p], 64)
+        for text, least in ((COPY, 0.95), ("Why is the sky blue?", 0.75)):
+            p = chat(ref, text)
+            (want,) = alone(ref, [p], 64)
             run, job = submit(on, p, 64)
             run.wait()
             fig = run.ended.figures
             assert fig.drafted_tokens > 20, fig
-            assert fig.accepted_tokens / fig.drafted_tokens > 0.9, fig
+            assert fig.accepted_tokens / fig.drafted_tokens > least, fig
             assert_same_or_near_tie(on, p, want, job.sampled)
             if text == COPY:
                 assert job.sampled == want
@@ -124,6 +136,7 @@ def test_the_model_drafting_for_itself_is_accepted_and_changes_nothing(default_g
             draft_cells_agree(on)
     finally:
         on.close()
+        ref.close()
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused(default_gguf: Path, tmp_path: Path) -> None:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import llama_cpp
 import numpy as np
 
 from models import cpu_paths
+from models.attention import AttentionVerdict
 from models.engine.slots import common_prefix
 from models.engine.speculative import CostsByThreads
 from models.engine.types import EngineError
@@ -71,7 +72,7 @@ class DraftModel:
 
     def __init__(self, path: str, *, target_path: str, target_vocab: llama_cpp.llama_vocab_p, n_ctx: int,
                  n_batch: int, n_parallel: int, n_threads: int, allowed: tuple[str, ...] | None,
-                 gpu_layers: int):
+                 gpu_layers: int, attention: Callable[[llama_cpp.llama_model_p], AttentionVerdict] | None = None):
         self.path = path
         self.model = cpu_paths.load_model(path, allowed, gpu_layers=gpu_layers)
         if not self.model:
@@ -84,7 +85,10 @@ class DraftModel:
             if why is not None:
                 raise EngineError(f"draft model {path} does not share the tokenizer of {target_path} ({why})",
                                   code="invalid_config")
+            # its own kernel choice: a smaller model may time the other way
+            self.attention = attention(self.model) if attention is not None else AttentionVerdict("auto", None, "not timed")
             cparams = llama_cpp.llama_context_default_params()
+            cparams.flash_attn_type = self.attention.flash_attn_type
             cparams.n_ctx = n_ctx
             cparams.n_batch = cparams.n_ubatch = n_batch
             cparams.n_seq_max = n_parallel

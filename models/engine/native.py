@@ -1,7 +1,8 @@
 """The llama.cpp side of a loaded model: weights, context, batches and tokenizer.
 
 The CPU fast paths are the ones ``models.cpu_paths`` self-tested on this machine (its
-``load_model`` applies the choice); nothing here assumes a CPU feature works.
+``load_model`` applies the choice), and the attention kernel the one ``models.attention``
+timed faster here; nothing here assumes a CPU feature works or is fast.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import llama_cpp
 import numpy as np
 import psutil
 
-from models import cpu_info, cpu_paths, gguf_info
+from models import attention, cpu_info, cpu_paths, gguf_info
 from models.engine.draft import DraftModel
 from models.engine.types import EngineConfig, EngineError, resolve_stream_interval
 from models.engine.tokenizer import Tokenizer
-from models.llama_lib import ensure_backend, free_loaded
+from models.llama_lib import ensure_backend, free_loaded, on_own_thread
 from telemetry.record import ModelInfo
 
 log = logging.getLogger("edgevlm.engine")
@@ -63,7 +64,10 @@ class NativeModel(Tokenizer):
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         n_ctx = config.n_ctx or min(n_ctx_train, 4096)
         n_batch = max(32, min(config.n_batch, n_ctx))
+        self.attention = choose_attention(model, config.path, config.flash_attn, n_threads, self.fast_paths.allowed)
+        log.info("model %s: %s", config.model_id, self.attention.describe())
         cparams = llama_cpp.llama_context_default_params()
+        cparams.flash_attn_type = self.attention.flash_attn_type
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
@@ -98,6 +102,7 @@ class NativeModel(Tokenizer):
             n_threads=n_threads,
             n_parallel=cparams.n_seq_max,
             kv_layout="per-slot" if self.per_slot else "shared",
+            flash_attn=self.attention.flash,
             # from the configured threads, once: a runner's share of the cores shrinks
             # only while other models compute, and their threads then take the CPUs left
             stream_interval=resolve_stream_interval(config.stream_interval, n_threads,
@@ -133,10 +138,14 @@ class NativeModel(Tokenizer):
         assert config.draft_path is not None
         verdict = choose_fast_paths(config.draft_path, config.repack, n_threads)
         log.info("model %s: draft model %s: %s", config.model_id, config.draft_path, verdict.describe())
-        return DraftModel(config.draft_path, target_path=config.path, target_vocab=self.vocab,
-                          n_ctx=int(llama_cpp.llama_n_ctx(self.ctx)),
-                          n_batch=self.n_batch, n_parallel=self.n_parallel, n_threads=n_threads,
-                          allowed=verdict.allowed, gpu_layers=gpu_layers())
+        drafter = DraftModel(config.draft_path, target_path=config.path, target_vocab=self.vocab,
+                             n_ctx=int(llama_cpp.llama_n_ctx(self.ctx)),
+                             n_batch=self.n_batch, n_parallel=self.n_parallel, n_threads=n_threads,
+                             allowed=verdict.allowed, gpu_layers=gpu_layers(),
+                             attention=lambda model: choose_attention(model, config.draft_path or "", config.flash_attn,
+                                                                      n_threads, verdict.allowed))
+        log.info("model %s: draft model: %s", config.model_id, drafter.attention.describe())
+        return drafter
 
     def _free_native(self) -> None:
         if self._drafter is not None:
@@ -171,6 +180,11 @@ def gpu_layers() -> int:
     return 0 if os.environ.get("EDGEVLM_CPU_ONLY") else 999
 
 
+def offloads() -> bool:
+    """Whether layers go to a GPU: this build has a GPU backend and EDGEVLM_CPU_ONLY is unset."""
+    return gpu_layers() > 0 and bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def choose_fast_paths(path: str, repack: str, n_threads: int) -> cpu_paths.Verdict:
     """The self-tested fast paths; a file the self-test cannot read gets the plain path
     (its load then fails with llama.cpp's own clear error)."""
@@ -181,6 +195,21 @@ def choose_fast_paths(path: str, repack: str, n_threads: int) -> cpu_paths.Verdi
         return cpu_paths.choose(path, repack, n_threads)
     except Exception as exc:  # unreadable or not GGUF: nothing to test
         return cpu_paths.Verdict(repack, (), (), f"not self-tested ({exc})")
+
+
+def choose_attention(model: llama_cpp.llama_model_p, path: str, mode: str, n_threads: int,
+                     fast_paths: tuple[str, ...] | None) -> attention.AttentionVerdict:
+    """The timed attention kernel (``models.attention``); if the probe itself fails,
+    llama.cpp's own choice, said so. The probe computes graphs, so it runs on a thread of
+    its own (``on_own_thread``): the loading thread keeps no OpenMP team."""
+    if mode not in attention.FLASH_ATTN_MODES:
+        raise EngineError(f"flash_attn must be one of {', '.join(attention.FLASH_ATTN_MODES)}, not {mode!r}",
+                          code="invalid_config")
+    try:
+        return on_own_thread(lambda: attention.choose(model, path, mode, n_threads, fast_paths, gpu=offloads()),
+                             name="attention-probe")
+    except Exception as exc:  # a context the probe could not create: not the model's fault
+        return attention.AttentionVerdict(mode, None, f"not timed ({exc})")
 
 
 def default_threads() -> int:

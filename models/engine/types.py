@@ -110,6 +110,7 @@ class EngineConfig:
     chat_template: str | None = None  # overrides the GGUF's template
     mmproj_path: str | None = None
     repack: str = "auto"  # CPU fast paths: auto (self-tested) | on | off; see models.cpu_paths
+    flash_attn: str = "auto"  # attention kernel: auto (timed) | on | off; see models.attention
     speculative: str = "off"  # off | ngram (prompt lookup) | draft; see models.engine.speculative
     draft_path: str | None = None  # the draft model of speculative "draft" (models.engine.draft)
     kv_layout: str = "shared"  # shared | per-slot; see KV_LAYOUTS

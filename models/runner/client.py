@@ -124,6 +124,7 @@ class RunnerEngine(Tokenizer):
         self.n_threads = facts.n_threads
         self.n_parallel = facts.n_parallel
         self.fast_paths = facts.fast_paths
+        self.attention = facts.attention
 
     # ----------------------------------------------------------- set-up
     def _load_vocab(self, config: EngineConfig) -> llama_cpp.llama_model_p:

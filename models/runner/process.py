@@ -69,7 +69,8 @@ class Runner:
             projector=v.projector, media_marker=v.media_marker, uses_mrope=v.uses_mrope,
             uses_non_causal=v.uses_non_causal, n_embd=v.n_embd)
         self.send(p.READY, p.Facts(info=e.info, limits=e.limits, n_threads=e.n_threads,
-                                   n_parallel=e.n_parallel, fast_paths=e.fast_paths, vision=vision_facts))
+                                   n_parallel=e.n_parallel, fast_paths=e.fast_paths, attention=e.attention,
+                                   vision=vision_facts))
         return True
 
     def call(self, call_id: int, method: str, args: tuple, kwargs: dict[str, Any]) -> None:

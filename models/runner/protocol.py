@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from models.attention import AttentionVerdict
 from models.cpu_paths import Verdict
 from models.engine.validation import Limits
 from telemetry.record import ModelInfo
@@ -84,4 +85,5 @@ class Facts:
     n_threads: int
     n_parallel: int
     fast_paths: Verdict
+    attention: AttentionVerdict
     vision: VisionFacts | None = None  # set when the model has a vision projector

@@ -36,7 +36,8 @@ def _model_row(lm: LoadedModel) -> dict[str, Any]:
     info = lm.engine.info
     row: dict[str, Any] = {"active": lm.engine.active, "queued": lm.engine.queue_depth,
                            "slots": info.n_parallel, "kv_layout": info.kv_layout, "ctx_per_request": info.n_ctx,
-                           "stream_interval": info.stream_interval}
+                           "stream_interval": info.stream_interval,
+                           "attention": {None: "llama.cpp's choice", True: "flash", False: "plain"}[info.flash_attn]}
     if lm.runner is not None:
         row["runner"] = lm.runner.supervision()
         if lm.failure:
