@@ -26,7 +26,7 @@ from bench.client import print_table
 from bench.harness import in_order, write_json
 from bench.model_files import resolve_model
 from bench.process import default_threads
-from models.llama_lib import ensure_backend
+from models.llama_lib import decode_rows, ensure_backend
 
 CTX_SIZE = 8192
 PREFILL_CHUNK = 128
@@ -56,13 +56,8 @@ class Layout:
             self._decode([(100 + (k * 7 + s) % 1000, k, s, False) for s, k in rows])
 
     def _decode(self, rows: list[tuple[int, int, int, bool]]) -> float:
-        b = self.batch
-        for i, (token, pos, seq, logits) in enumerate(rows):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
-            b.seq_id[i][0] = seq
-        b.n_tokens = len(rows)
         t0 = time.perf_counter()
-        if llama_cpp.llama_decode(self.ctx, b) != 0:
+        if decode_rows(self.ctx, self.batch, rows) != 0:
             raise SystemExit("llama_decode failed")
         return (time.perf_counter() - t0) * 1000.0
 

@@ -17,14 +17,20 @@ Decode at long context is twice as fast without it, prompt processing 10-15 % sl
 So nothing is assumed:
 
 - ``auto`` (the default, CPU only) times both kernels on the model itself, in the
-  process that loads it: a prompt is prefilled and a few single-token steps decoded at
-  its end, once with flash attention and once without, and each is priced as one
-  request (that prompt, and an answer a quarter of its length, at the measured step
-  cost). Flash attention goes off only when the plain path saves at least ``MIN_GAIN``;
-  otherwise llama.cpp keeps its own choice. The verdict is cached on disk beside the
-  fast-path verdicts (``models.cpu_paths``), keyed by the CPU, the llama.cpp build, the
-  model file, the threads and the fast paths, so later starts cost nothing. With
-  layers offloaded to a GPU, ``auto`` is llama.cpp's choice untimed.
+  process that loads it and in the context layout it will serve with: a prompt is
+  prefilled and copied into every other slot's sequence (``llama_state_seq_*``, no
+  compute), then decode steps are timed at its end, one stream alone and all slots at
+  once. Each kernel is priced as one request (that prompt, and an answer a quarter of
+  its length) in both cases. Flash attention goes off only when the plain path saves at
+  least ``MIN_GAIN`` in both: the plain kernel computes attention over every cell of a
+  shared pool, other sequences' masked cells included, where flash attention skips
+  them, so a machine where it wins alone may lose with four streams in one pool (on a
+  2-vCPU AMD EPYC: one row at 700 cells 11.6 ms with flash attention and 17.6 ms
+  without, beside three other 700-cell sequences). Otherwise llama.cpp keeps its own
+  choice. The verdict is cached on disk beside the fast-path verdicts
+  (``models.cpu_paths``), keyed by the CPU, the llama.cpp build, the model file, the
+  threads, the fast paths and the layout, so later starts cost nothing. With layers
+  offloaded to a GPU, ``auto`` is llama.cpp's choice untimed.
 - ``on`` and ``off`` force it.
 
 Both kernels compute the same attention; results differ only by summation order, like
@@ -42,9 +48,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import llama_cpp
+import numpy as np
 
 from models import cpu_paths
-from models.llama_lib import OneSequence
+from models.llama_lib import OneSequence, bytes_ptr, decode_rows
 
 log = logging.getLogger("edgevlm.attention")
 
@@ -63,6 +70,8 @@ PROBE_MIN_TOKENS = 128
 PROBE_MAX_TOKENS = 1024
 PROBE_CHUNK = 64
 PROBE_STEPS = 8
+# Slots the probe fills (a server's default is 4; more only repeats what 4 show).
+PROBE_MAX_SEQS = 4
 
 
 @dataclass(frozen=True)
@@ -91,49 +100,101 @@ class AttentionVerdict:
 
 @dataclass(frozen=True)
 class KernelTiming:
-    """One kernel's probe: a prompt's prefill and a decode step at its end."""
+    """One kernel's probe: a prompt's prefill, and a decode step at its end with one
+    stream (``step_ms``) and with every slot's stream at once (``all_step_ms``)."""
 
     prompt_tokens: int
     prefill_ms: float
     step_ms: float
+    n_seqs: int = 1
+    all_step_ms: float = 0.0
 
-    def request_ms(self) -> float:
-        """The probe's request: the prompt, and an answer ANSWER_SHARE of its length."""
-        return self.prefill_ms + ANSWER_SHARE * self.prompt_tokens * self.step_ms
+    def request_ms(self, concurrent: bool = False) -> float:
+        """The probe's request (the prompt, an answer ANSWER_SHARE of its length), alone or
+        as one of ``n_seqs`` decoding together (a step's time shared among them)."""
+        step = self.all_step_ms / self.n_seqs if concurrent else self.step_ms
+        return self.prefill_ms + ANSWER_SHARE * self.prompt_tokens * step
 
 
 def decide(flash: KernelTiming, plain: KernelTiming) -> tuple[bool | None, str]:
     """Flash attention off (False) when the plain path prices the request MIN_GAIN
-    cheaper, else llama.cpp's choice (None); and the figures that say why."""
+    cheaper alone and among all slots, else llama.cpp's choice (None); and the figures
+    that say why."""
     figures = (f"{flash.prompt_tokens}-token prompt prefilled in {flash.prefill_ms:.0f} ms with flash "
                f"attention, {plain.prefill_ms:.0f} ms without; a decode step {flash.step_ms:.1f} ms "
                f"vs {plain.step_ms:.1f} ms")
-    gain = 1.0 - plain.request_ms() / flash.request_ms()
+    gains = [1.0 - plain.request_ms() / flash.request_ms()]
+    if flash.n_seqs > 1:
+        figures += f", {flash.n_seqs} streams {flash.all_step_ms:.1f} ms vs {plain.all_step_ms:.1f} ms"
+        gains.append(1.0 - plain.request_ms(True) / flash.request_ms(True))
+    gain = min(gains)
     if gain >= MIN_GAIN:
         return False, f"{figures}: a request costs {gain:.0%} less without"
     return None, f"{figures}: flash attention kept ({-gain:+.0%} without)"
 
 
-def time_kernel(model: llama_cpp.llama_model_p, flash: bool, tokens: list[int], n_threads: int) -> KernelTiming:
-    """Prefill ``tokens`` and decode PROBE_STEPS single tokens after them with one kernel."""
+class _ProbeContext:
+    """A context shaped like the engine's (slots, layout) with one kernel, and its batch."""
+
+    def __init__(self, model: llama_cpp.llama_model_p, flash: bool, n_seqs: int, per_slot: bool,
+                 n_ctx_seq: int, n_threads: int) -> None:
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.n_ctx = n_ctx_seq * n_seqs
+        cparams.n_batch = cparams.n_ubatch = 512
+        cparams.n_seq_max = n_seqs
+        cparams.kv_unified = n_seqs > 1 and not per_slot
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not self.ctx:
+            raise RuntimeError(f"could not create a probe context of {cparams.n_ctx} tokens")
+        self.batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def decode(self, rows: list[tuple[int, int, int]], logits: bool) -> float:
+        """Decode (sequence, position, token) rows; the ms it took."""
+        t0 = time.perf_counter()
+        if decode_rows(self.ctx, self.batch, [(tok, pos, seq, logits) for seq, pos, tok in rows]) != 0:
+            raise RuntimeError("llama_decode failed")
+        return (time.perf_counter() - t0) * 1000.0
+
+    def clone(self, src: int, dst: int) -> None:
+        """Copy ``src``'s cells into sequence ``dst`` (its own cells: no compute)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, src)
+        blob = np.empty(size, dtype=np.uint8)
+        llama_cpp.llama_state_seq_get_data(self.ctx, bytes_ptr(blob), size, src)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, bytes_ptr(blob), size, dst) != size:
+            raise RuntimeError("could not copy a sequence")
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+
+def time_kernel(model: llama_cpp.llama_model_p, flash: bool, tokens: list[int], n_threads: int,
+                n_seqs: int = 1, per_slot: bool = False) -> KernelTiming:
+    """Prefill ``tokens`` into sequence 0 and copy it to the others, then time PROBE_STEPS
+    one-row steps of sequence 0 and PROBE_STEPS steps of a row per sequence."""
     n = len(tokens)
-    with OneSequence(model, n_ctx=n + PROBE_STEPS + 8, n_batch=min(512, n), n_threads=n_threads,
-                     flash_attn=flash) as seq:
-        started = time.perf_counter()
-        for at in range(0, n, seq.n_batch):
-            if seq.decode(tokens[at:at + seq.n_batch], at, logits=False) != 0:
-                raise RuntimeError("llama_decode failed")
-        prefill_ms = (time.perf_counter() - started) * 1000.0
-        steps = []
-        for i in range(PROBE_STEPS):
-            t0 = time.perf_counter()
-            if seq.decode([tokens[i]], n + i) != 0:
-                raise RuntimeError("llama_decode failed")
-            steps.append((time.perf_counter() - t0) * 1000.0)
-    return KernelTiming(n, prefill_ms, statistics.median(steps))
+    probe = _ProbeContext(model, flash, n_seqs, per_slot, n + 2 * PROBE_STEPS + 8, n_threads)
+    try:
+        prefill_ms = 0.0
+        for at in range(0, n, 512):
+            prefill_ms += probe.decode([(0, at + i, t) for i, t in enumerate(tokens[at:at + 512])], False)
+        for seq in range(1, n_seqs):
+            probe.clone(0, seq)
+        one = [probe.decode([(0, n + i, tokens[i])], True) for i in range(PROBE_STEPS)]
+        # then every sequence steps together, each at its own next position
+        all_ = [probe.decode([(s, n + (PROBE_STEPS if s == 0 else 0) + i, tokens[i]) for s in range(n_seqs)], True)
+                for i in range(PROBE_STEPS)] if n_seqs > 1 else []
+    finally:
+        probe.close()
+    return KernelTiming(n, prefill_ms, statistics.median(one), n_seqs, statistics.median(all_) if all_ else 0.0)
 
 
-def probe(model: llama_cpp.llama_model_p, n_threads: int) -> tuple[KernelTiming, KernelTiming]:
+def probe(model: llama_cpp.llama_model_p, n_threads: int, n_seqs: int = 1,
+          per_slot: bool = False) -> tuple[KernelTiming, KernelTiming]:
     """Time both kernels on a prompt as long as PROBE_PREFILL_MS allows (flash first)."""
     n_train = int(llama_cpp.llama_model_n_ctx_train(model))
     first = cpu_paths.selftest_tokens(model, PROBE_CHUNK)
@@ -144,15 +205,19 @@ def probe(model: llama_cpp.llama_model_p, n_threads: int) -> tuple[KernelTiming,
         seq.decode(first, 0, logits=False)
         chunk_ms = max((time.perf_counter() - t0) * 1000.0, 1e-3)
     n = int(PROBE_PREFILL_MS / chunk_ms) * PROBE_CHUNK
-    n = max(PROBE_MIN_TOKENS, min(PROBE_MAX_TOKENS, n, n_train - PROBE_STEPS - 16))
+    n = max(PROBE_MIN_TOKENS, min(PROBE_MAX_TOKENS, n, n_train - 2 * PROBE_STEPS - 16))
     tokens = cpu_paths.selftest_tokens(model, n)
-    return time_kernel(model, True, tokens, n_threads), time_kernel(model, False, tokens, n_threads)
+    seqs = max(1, min(PROBE_MAX_SEQS, n_seqs))
+    return (time_kernel(model, True, tokens, n_threads, seqs, per_slot),
+            time_kernel(model, False, tokens, n_threads, seqs, per_slot))
 
 
 def choose(model: llama_cpp.llama_model_p, path: str, mode: str, n_threads: int,
-           fast_paths: tuple[str, ...] | None, *, gpu: bool, use_cache: bool = True) -> AttentionVerdict:
-    """Decide whether ``model`` (loaded from ``path`` with ``fast_paths``) uses flash
-    attention on this machine (see the module docstring)."""
+           fast_paths: tuple[str, ...] | None, *, gpu: bool, n_seqs: int = 1, per_slot: bool = False,
+           use_cache: bool = True) -> AttentionVerdict:
+    """Decide whether ``model`` (loaded from ``path`` with ``fast_paths``), served with
+    ``n_seqs`` slots in one pool or a stream each (``per_slot``), uses flash attention on
+    this machine (see the module docstring)."""
     if mode not in FLASH_ATTN_MODES:
         raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN_MODES)}, not {mode!r}")
     if mode == "on":
@@ -162,13 +227,15 @@ def choose(model: llama_cpp.llama_model_p, path: str, mode: str, n_threads: int,
     if gpu:
         return AttentionVerdict(mode, None, "layers offloaded to a GPU: not timed")
     file = cpu_paths.cache_dir() / "attention.json"
-    key = cpu_paths.machine_key(path, n_threads, fast_paths=list(fast_paths) if fast_paths is not None else None)
+    seqs = max(1, min(PROBE_MAX_SEQS, n_seqs))
+    key = cpu_paths.machine_key(path, n_threads, fast_paths=list(fast_paths) if fast_paths is not None else None,
+                                attention_probe={"seqs": seqs, "per_slot": per_slot and seqs > 1})
     if use_cache:
         hit = cpu_paths.read_verdicts(file).get(key)
         if hit is not None:
             return AttentionVerdict(mode, hit["flash"], hit["reason"], cached=True)
     started = time.monotonic()
-    flash, plain = probe(model, n_threads)
+    flash, plain = probe(model, n_threads, seqs, per_slot)
     choice, reason = decide(flash, plain)
     verdict = AttentionVerdict(mode, choice, reason, seconds=time.monotonic() - started)
     if use_cache:

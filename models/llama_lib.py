@@ -121,6 +121,22 @@ def token_piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool = T
     return buf.raw[:max(n, 0)]
 
 
+def decode_rows(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch,
+                rows: list[tuple[int, int, int, bool]]) -> int:
+    """Decode (token, position, sequence, logits) rows in ``batch`` (one sequence id per
+    row); llama_decode's code (0 = done)."""
+    for i, (token, pos, seq, logits) in enumerate(rows):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+        batch.seq_id[i][0] = seq
+    batch.n_tokens = len(rows)
+    return int(llama_cpp.llama_decode(ctx, batch))
+
+
+def bytes_ptr(buf: np.ndarray) -> ctypes._Pointer:
+    """A byte array's data as the ``uint8_t *`` llama.cpp's state calls take."""
+    return buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
+
 def free_loaded(owner: object) -> None:
     """Free ``owner.ctx``, then ``owner.model`` (a context needs its model until freed).
 

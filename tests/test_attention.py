@@ -39,6 +39,17 @@ def test_the_plain_path_is_chosen_only_when_it_prices_the_request_cheaper() -> N
     assert decide(flash, KernelTiming(512, prefill_ms=2500.0, step_ms=25.0))[0] is None
 
 
+def test_the_plain_path_must_win_with_every_slot_decoding_too() -> None:
+    """Alone the plain kernel wins; with four streams in one pool it attends over the
+    others' masked cells too and loses (as on the AMD EPYC): flash attention stays."""
+    flash = KernelTiming(512, prefill_ms=1900.0, step_ms=20.0, n_seqs=4, all_step_ms=46.0)
+    assert flash.request_ms(True) == pytest.approx(1900.0 + 0.25 * 512 * 46.0 / 4)
+    choice, reason = decide(flash, KernelTiming(512, prefill_ms=2100.0, step_ms=13.5, n_seqs=4, all_step_ms=70.0))
+    assert choice is None and "4 streams 46.0 ms vs 70.0 ms" in reason
+    choice, reason = decide(flash, KernelTiming(512, prefill_ms=2100.0, step_ms=13.5, n_seqs=4, all_step_ms=30.0))
+    assert choice is False and "4 streams" in reason
+
+
 def test_verdict_maps_to_llama_cpp_flash_attn_types() -> None:
     assert AttentionVerdict("auto", None, "").flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
     assert AttentionVerdict("on", True, "").flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -60,18 +71,23 @@ def test_auto_times_both_kernels_once_then_reads_the_cache(tiny_model: llama_cpp
     timed: list[bool] = []
     real = attention.time_kernel
     monkeypatch.setattr(attention, "time_kernel", lambda model, flash, *a: timed.append(flash) or real(model, flash, *a))
-    first = llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 2, (), gpu=False))
+    first = llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 2, (), gpu=False,
+                                                             n_seqs=2))
     assert timed == [True, False]
     assert not first.cached and first.seconds > 0
-    assert "ms with flash attention" in first.reason and first.flash in (None, False)
+    assert "ms with flash attention" in first.reason and "2 streams" in first.reason
+    assert first.flash in (None, False)
     stored = json.loads((tmp_path / "attention.json").read_text())
     assert [entry["flash"] for entry in stored.values()] == [first.flash]
-    again = llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 2, (), gpu=False))
+    again = llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 2, (), gpu=False,
+                                                             n_seqs=2))
     assert timed == [True, False]  # not timed again
     assert again.cached and (again.flash, again.reason) == (first.flash, first.reason)
-    # other fast paths or threads are another machine as far as the kernels go
-    llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 1, (), gpu=False))
-    assert timed == [True, False, True, False]
+    # other threads or another layout are another machine as far as the kernels go
+    llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 1, (), gpu=False, n_seqs=2))
+    llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 2, (), gpu=False, n_seqs=2,
+                                                     per_slot=True))
+    assert timed == [True, False] * 3
 
 
 def test_on_off_and_a_gpu_are_not_timed(tiny_model: llama_cpp.llama_model_p, tiny_llm: Path,

@@ -3,7 +3,6 @@ to host RAM, and keep a reassigned slot's KV there until its prompt comes back."
 
 from __future__ import annotations
 
-import ctypes
 import logging
 
 import llama_cpp
@@ -13,6 +12,7 @@ from models.engine.admission import resume_point
 from models.engine.job import Job
 from models.engine.prompt_cache import PromptCache, SavedPrompt
 from models.engine.slots import Slot, common_prefix, evict_idle, idle_cells_widen, pool_cells
+from models.llama_lib import bytes_ptr
 
 log = logging.getLogger("edgevlm.engine")
 
@@ -33,10 +33,6 @@ MIN_STREAM_COPY = 32
 # than what the pool already holds. Either copy is ~1 ms per 100 tokens of SmolLM2-135M's
 # KV on 2 cores, against ~4 ms per token prefilled.
 MIN_SAVE = 32
-
-
-def bytes_ptr(buf: np.ndarray) -> ctypes._Pointer:
-    return buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
 class PrefixSharing:
