@@ -41,11 +41,9 @@ model's memory).
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import llama_cpp
 import numpy as np
@@ -53,9 +51,6 @@ import numpy as np
 from models import cpu_paths
 from models.llama_lib import OneSequence, bytes_ptr, decode_rows
 
-log = logging.getLogger("edgevlm.attention")
-
-FlashAttnMode = Literal["auto", "on", "off"]
 FLASH_ATTN_MODES: tuple[str, ...] = ("auto", "on", "off")
 # The plain path must price the probe's request this much cheaper to be chosen: a
 # smaller difference is within what a shared machine's noise moves.

@@ -24,6 +24,7 @@ from server.settings import Settings
 from tests.conftest import live_server
 from tests.test_batching import chat, submit
 from tests.test_speculative import assert_same_or_near_tie
+from tests.test_speculative_api import spans
 
 
 def test_the_plain_path_is_chosen_only_when_it_prices_the_request_cheaper() -> None:
@@ -194,8 +195,14 @@ def test_mode_from_flag_environment_and_toml(tmp_path: Path, monkeypatch: pytest
         build_registry(config=str(config))
 
 
-def test_health_shows_each_models_kernel(tmp_path: Path, tiny_llm: Path) -> None:
+def test_health_and_spans_show_each_models_kernel(tmp_path: Path, tiny_llm: Path) -> None:
     with live_server(tmp_path, model=str(tiny_llm), flash_attn="off", ctx_size=512, parallel=1) as srv:
         with srv.client() as c:
             models = c.get("/health").json()["models"]
+            model_id = next(iter(models))
+            r = c.post("/v1/chat/completions", json={"model": model_id, "max_tokens": 4,
+                                                     "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
     assert [row["attention"] for row in models.values()] == ["plain"]
+    (span,) = spans(tmp_path / "traces.jsonl")
+    assert span["edgevlm.model.flash_attn"] is False
