@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from contextlib import contextmanager
@@ -27,6 +28,42 @@ def fast_path_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEVLM_CACHE_DIR", str(path))
         yield path
+
+
+def two_model_config(tmp_path: Path, own_key: str) -> Path:
+    """A models.toml naming two stub files (the registry only checks that a file exists):
+    model "own" with the TOML line ``own_key``, model "flag" without it."""
+    llm = tmp_path / "m.gguf"
+    llm.write_bytes(b"GGUF")
+    config = tmp_path / "models.toml"
+    config.write_text(f'[[models]]\nid = "own"\npath = "{llm}"\n{own_key}\n\n'
+                      f'[[models]]\nid = "flag"\npath = "{llm}"\n')
+    return config
+
+
+def assert_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: str, toml_line: str, match: str) -> None:
+    """``env`` (NAME=VALUE) fails the settings at start-up; ``toml_line`` in a model's
+    TOML table is one ConfigError matching ``match``."""
+    from models.registry import ConfigError, build_registry
+
+    name, _, value = env.partition("=")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError):
+        Settings()
+    monkeypatch.delenv(name)
+    config = tmp_path / "bad.toml"
+    config.write_text(f'[[models]]\nid = "bad"\npath = "{tmp_path / "m.gguf"}"\n{toml_line}\n')
+    with pytest.raises(ConfigError, match=match):
+        build_registry(config=str(config))
+
+
+def serve_settings(*argv: str) -> Settings:
+    """The settings ``edgevlm serve ARGV`` would run with (flags over environment)."""
+    from server.cli import _serve_parser, _settings_from
+
+    parser = argparse.ArgumentParser()
+    _serve_parser(parser.add_subparsers())
+    return _settings_from(parser.parse_args(["serve", *argv]))
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 from contextlib import contextmanager
@@ -17,11 +16,10 @@ from models import attention, cpu_paths, llama_lib
 from models.attention import AttentionVerdict, KernelTiming, decide
 from models.engine import Engine, EngineConfig, EngineError
 from models.llama_lib import OneSequence, ensure_backend
-from models.registry import ConfigError, build_registry
+from models.registry import build_registry
 from server.app import registry_from
-from server.cli import _serve_parser, _settings_from
 from server.settings import Settings
-from tests.conftest import live_server
+from tests.conftest import assert_refused, live_server, serve_settings, two_model_config
 from tests.test_batching import chat, submit
 from tests.test_speculative import assert_same_or_near_tie
 from tests.test_speculative_api import spans
@@ -173,26 +171,16 @@ def test_default_model_answers_alike_with_either_kernel(default_gguf: Path) -> N
 
 
 def test_mode_from_flag_environment_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    llm = tmp_path / "m.gguf"
-    llm.write_bytes(b"GGUF")  # the registry only checks that the file exists
-    config = tmp_path / "models.toml"
-    config.write_text(f'[[models]]\nid = "own"\npath = "{llm}"\nflash_attn = "on"\n\n'
-                      f'[[models]]\nid = "flag"\npath = "{llm}"\n')
+    config = two_model_config(tmp_path, 'flash_attn = "on"')
     assert build_registry(config=str(config)).specs["flag"].engine_config().flash_attn == "auto"  # the default
     monkeypatch.setenv("EDGEVLM_FLASH_ATTN", "off")
     specs = registry_from(Settings(config=str(config), embedded_model=False)).specs
     assert specs["own"].engine_config().flash_attn == "on"  # the model's own key wins
     assert specs["flag"].engine_config().flash_attn == "off"
-    parser = argparse.ArgumentParser()
-    _serve_parser(parser.add_subparsers())
-    flagged = _settings_from(parser.parse_args(["serve", "--flash-attn", "auto", "--config", str(config)]))
+    flagged = serve_settings("--flash-attn", "auto", "--config", str(config))
     assert registry_from(flagged).specs["flag"].engine_config().flash_attn == "auto"  # the flag wins
-    monkeypatch.setenv("EDGEVLM_FLASH_ATTN", "fast")
-    with pytest.raises(ValueError):
-        Settings()
-    config.write_text(f'[[models]]\nid = "bad"\npath = "{llm}"\nflash_attn = "fast"\n')
-    with pytest.raises(ConfigError, match="flash_attn must be auto, on or off, not 'fast'"):
-        build_registry(config=str(config))
+    assert_refused(tmp_path, monkeypatch, "EDGEVLM_FLASH_ATTN=fast", 'flash_attn = "fast"',
+                   "flash_attn must be auto, on or off, not 'fast'")
 
 
 def test_health_and_spans_show_each_models_kernel(tmp_path: Path, tiny_llm: Path) -> None:

@@ -7,13 +7,10 @@ from pathlib import Path
 import openai
 import pytest
 
-import argparse
-
-from models.registry import DEFAULT_MODEL_ID, ConfigError, build_registry
+from models.registry import DEFAULT_MODEL_ID
 from server.app import registry_from
-from server.cli import _serve_parser, _settings_from
 from server.settings import Settings
-from tests.conftest import live_server
+from tests.conftest import assert_refused, live_server, serve_settings, two_model_config
 
 # A question with a clear answer: with the cache off the document is prefilled again among
 # other cells, in another summation order, and an open reply to it was a near-tie at its
@@ -51,25 +48,14 @@ def test_a_work_order_asked_about_again_after_other_chats_comes_back_cached(
 
 
 def test_size_from_flag_environment_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    llm = tmp_path / "m.gguf"
-    llm.write_bytes(b"GGUF")  # the registry only checks that the file exists
-    config = tmp_path / "models.toml"
-    config.write_text(f'[[models]]\nid = "own"\npath = "{llm}"\nprompt_cache_mb = 0\n\n'
-                      f'[[models]]\nid = "flag"\npath = "{llm}"\n')
+    config = two_model_config(tmp_path, "prompt_cache_mb = 0")
     monkeypatch.setenv("EDGEVLM_PROMPT_CACHE_MB", "7")
     settings = Settings(config=str(config), embedded_model=False)
     assert settings.prompt_cache_mb == 7
     specs = registry_from(settings).specs
     assert specs["own"].engine_config().prompt_cache_mb == 0  # the model's own key wins
     assert specs["flag"].engine_config().prompt_cache_mb == 7
-    parser = argparse.ArgumentParser()
-    _serve_parser(parser.add_subparsers())
-    flagged = _settings_from(parser.parse_args(["serve", "--prompt-cache-mb", "64", "--config", str(config)]))
+    flagged = serve_settings("--prompt-cache-mb", "64", "--config", str(config))
     assert flagged.prompt_cache_mb == 64  # the flag wins over the environment
     assert registry_from(flagged).specs["flag"].engine_config().prompt_cache_mb == 64
-    monkeypatch.setenv("EDGEVLM_PROMPT_CACHE_MB", "-1")
-    with pytest.raises(ValueError):
-        Settings()
-    config.write_text(f'[[models]]\nid = "bad"\npath = "{llm}"\nprompt_cache_mb = -5\n')
-    with pytest.raises(ConfigError, match="prompt_cache_mb"):
-        build_registry(config=str(config))
+    assert_refused(tmp_path, monkeypatch, "EDGEVLM_PROMPT_CACHE_MB=-1", "prompt_cache_mb = -5", "prompt_cache_mb")
