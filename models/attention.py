@@ -17,20 +17,22 @@ Decode at long context is twice as fast without it, prompt processing 10-15 % sl
 So nothing is assumed:
 
 - ``auto`` (the default, CPU only) times both kernels on the model itself, in the
-  process that loads it and in the context layout it will serve with: a prompt is
-  prefilled and copied into every other slot's sequence (``llama_state_seq_*``, no
-  compute), then decode steps are timed at its end, one stream alone and all slots at
-  once. Each kernel is priced as one request (that prompt, and an answer a quarter of
-  its length) in both cases. Flash attention goes off only when the plain path saves at
-  least ``MIN_GAIN`` in both: the plain kernel computes attention over every cell of a
-  shared pool, other sequences' masked cells included, where flash attention skips
-  them, so a machine where it wins alone may lose with four streams in one pool (on a
-  2-vCPU AMD EPYC: one row at 700 cells 11.6 ms with flash attention and 17.6 ms
-  without, beside three other 700-cell sequences). Otherwise llama.cpp keeps its own
-  choice. The verdict is cached on disk beside the fast-path verdicts
-  (``models.cpu_paths``), keyed by the CPU, the llama.cpp build, the model file, the
-  threads, the fast paths and the layout, so later starts cost nothing. With layers
-  offloaded to a GPU, ``auto`` is llama.cpp's choice untimed.
+  process that loads it: a prompt is prefilled, and decode steps are timed at its end
+  with one stream alone and with four streams in one shared pool (the prompt's cells
+  copied into the other sequences with ``llama_state_seq_*``: no compute). Each kernel
+  is priced as one request (that prompt, and an answer a quarter of its length) in both
+  cases. Flash attention goes off only when the plain path saves at least ``MIN_GAIN``
+  in both (a stream per slot attends over its own cells, as one alone does): the plain kernel
+  computes attention over every cell of a shared pool, other sequences' masked cells
+  included, where flash attention skips them, so a machine where it wins alone may lose
+  with four streams in one pool (on a 2-vCPU AMD EPYC: one row at 700 cells 11.6 ms
+  with flash attention and 17.6 ms without, beside three other 700-cell sequences).
+  Otherwise llama.cpp keeps its own choice. One verdict per model and machine, whatever
+  the layout or slots a server gives it, so every context of a model computes alike. It
+  is cached on disk beside the fast-path verdicts (``models.cpu_paths``), keyed by the
+  CPU, the llama.cpp build, the model file, the threads and the fast paths, so later
+  starts cost nothing. With layers offloaded to a GPU, ``auto`` is llama.cpp's choice
+  untimed.
 - ``on`` and ``off`` force it.
 
 Both kernels compute the same attention; results differ only by summation order, like
@@ -65,8 +67,8 @@ PROBE_MIN_TOKENS = 128
 PROBE_MAX_TOKENS = 1024
 PROBE_CHUNK = 64
 PROBE_STEPS = 8
-# Slots the probe fills (a server's default is 4; more only repeats what 4 show).
-PROBE_MAX_SEQS = 4
+# Streams the probe decodes together (a server's default slots).
+PROBE_SEQS = 4
 
 
 @dataclass(frozen=True)
@@ -93,53 +95,52 @@ class AttentionVerdict:
         return f"attention: {chosen}: {self.reason} ({how})"
 
 
+# The shapes a decode step is timed in: one stream alone, and PROBE_SEQS streams in one
+# shared pool. A stream per slot attends over its own cells only, as one alone does.
+# (A state copied out of a shared pool does not load into a context of one stream per
+# slot, so timing that shape too would cost a second prefill.)
+SHAPES = ("alone", "shared pool")
+
+
 @dataclass(frozen=True)
 class KernelTiming:
-    """One kernel's probe: a prompt's prefill, and a decode step at its end with one
-    stream (``step_ms``) and with every slot's stream at once (``all_step_ms``)."""
+    """One kernel's probe: a prompt's prefill, and the median decode step at its end in
+    each of SHAPES (one row per stream)."""
 
     prompt_tokens: int
     prefill_ms: float
-    step_ms: float
-    n_seqs: int = 1
-    all_step_ms: float = 0.0
+    step_ms: dict[str, float]
 
-    def request_ms(self, concurrent: bool = False) -> float:
-        """The probe's request (the prompt, an answer ANSWER_SHARE of its length), alone or
-        as one of ``n_seqs`` decoding together (a step's time shared among them)."""
-        step = self.all_step_ms / self.n_seqs if concurrent else self.step_ms
-        return self.prefill_ms + ANSWER_SHARE * self.prompt_tokens * step
+    def request_ms(self, shape: str) -> float:
+        """The probe's request (the prompt, an answer ANSWER_SHARE of its length), its
+        steps shared with the other streams of ``shape``."""
+        streams = 1 if shape == "alone" else PROBE_SEQS
+        return self.prefill_ms + ANSWER_SHARE * self.prompt_tokens * self.step_ms[shape] / streams
 
 
 def decide(flash: KernelTiming, plain: KernelTiming) -> tuple[bool | None, str]:
     """Flash attention off (False) when the plain path prices the request MIN_GAIN
-    cheaper alone and among all slots, else llama.cpp's choice (None); and the figures
-    that say why."""
+    cheaper in every shape, else llama.cpp's choice (None); and the figures that say why."""
+    steps = ", ".join(f"{shape} {flash.step_ms[shape]:.1f} vs {plain.step_ms[shape]:.1f} ms" for shape in SHAPES)
     figures = (f"{flash.prompt_tokens}-token prompt prefilled in {flash.prefill_ms:.0f} ms with flash "
-               f"attention, {plain.prefill_ms:.0f} ms without; a decode step {flash.step_ms:.1f} ms "
-               f"vs {plain.step_ms:.1f} ms")
-    gains = [1.0 - plain.request_ms() / flash.request_ms()]
-    if flash.n_seqs > 1:
-        figures += f", {flash.n_seqs} streams {flash.all_step_ms:.1f} ms vs {plain.all_step_ms:.1f} ms"
-        gains.append(1.0 - plain.request_ms(True) / flash.request_ms(True))
-    gain = min(gains)
+               f"attention, {plain.prefill_ms:.0f} ms without; a decode step {steps}")
+    gain = min(1.0 - plain.request_ms(shape) / flash.request_ms(shape) for shape in SHAPES)
     if gain >= MIN_GAIN:
         return False, f"{figures}: a request costs {gain:.0%} less without"
     return None, f"{figures}: flash attention kept ({-gain:+.0%} without)"
 
 
 class _ProbeContext:
-    """A context shaped like the engine's (slots, layout) with one kernel, and its batch."""
+    """A shared pool of PROBE_SEQS sequences with one kernel, and its batch."""
 
-    def __init__(self, model: llama_cpp.llama_model_p, flash: bool, n_seqs: int, per_slot: bool,
-                 n_ctx_seq: int, n_threads: int) -> None:
+    def __init__(self, model: llama_cpp.llama_model_p, flash: bool, n_ctx_seq: int, n_threads: int) -> None:
         cparams = llama_cpp.llama_context_default_params()
         cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        cparams.n_ctx = n_ctx_seq * n_seqs
+        cparams.n_ctx = n_ctx_seq * PROBE_SEQS
         cparams.n_batch = cparams.n_ubatch = 512
-        cparams.n_seq_max = n_seqs
-        cparams.kv_unified = n_seqs > 1 and not per_slot
+        cparams.n_seq_max = PROBE_SEQS
+        cparams.kv_unified = True
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(model, cparams)
@@ -154,42 +155,49 @@ class _ProbeContext:
             raise RuntimeError("llama_decode failed")
         return (time.perf_counter() - t0) * 1000.0
 
-    def clone(self, src: int, dst: int) -> None:
-        """Copy ``src``'s cells into sequence ``dst`` (its own cells: no compute)."""
-        size = llama_cpp.llama_state_seq_get_size(self.ctx, src)
+    def copy_out(self, seq: int) -> np.ndarray:
+        """Sequence ``seq``'s cells as a state blob."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
         blob = np.empty(size, dtype=np.uint8)
-        llama_cpp.llama_state_seq_get_data(self.ctx, bytes_ptr(blob), size, src)
-        if llama_cpp.llama_state_seq_set_data(self.ctx, bytes_ptr(blob), size, dst) != size:
-            raise RuntimeError("could not copy a sequence")
+        llama_cpp.llama_state_seq_get_data(self.ctx, bytes_ptr(blob), size, seq)
+        return blob
+
+    def copy_in(self, blob: np.ndarray, seqs: range) -> None:
+        """Give each of ``seqs`` cells of its own holding ``blob`` (a copy: no compute)."""
+        for seq in seqs:
+            if llama_cpp.llama_state_seq_set_data(self.ctx, bytes_ptr(blob), blob.nbytes, seq) != blob.nbytes:
+                raise RuntimeError("could not copy a sequence")
+
+    def steps(self, starts: list[tuple[int, int]], tokens: list[int]) -> float:
+        """Median ms of PROBE_STEPS steps of one row per (sequence, first position)."""
+        return statistics.median(self.decode([(seq, at + i, tokens[i]) for seq, at in starts], True)
+                                 for i in range(PROBE_STEPS))
 
     def close(self) -> None:
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
 
 
-def time_kernel(model: llama_cpp.llama_model_p, flash: bool, tokens: list[int], n_threads: int,
-                n_seqs: int = 1, per_slot: bool = False) -> KernelTiming:
-    """Prefill ``tokens`` into sequence 0 and copy it to the others, then time PROBE_STEPS
-    one-row steps of sequence 0 and PROBE_STEPS steps of a row per sequence."""
+def time_kernel(model: llama_cpp.llama_model_p, flash: bool, tokens: list[int], n_threads: int) -> KernelTiming:
+    """Prefill ``tokens`` into a shared pool and time one stream's steps there; copy it
+    into the pool's other sequences and time all of them stepping."""
     n = len(tokens)
-    probe = _ProbeContext(model, flash, n_seqs, per_slot, n + 2 * PROBE_STEPS + 8, n_threads)
+    step: dict[str, float] = {}
+    pool = _ProbeContext(model, flash, n + 2 * PROBE_STEPS + 8, n_threads)
     try:
-        prefill_ms = 0.0
-        for at in range(0, n, 512):
-            prefill_ms += probe.decode([(0, at + i, t) for i, t in enumerate(tokens[at:at + 512])], False)
-        for seq in range(1, n_seqs):
-            probe.clone(0, seq)
-        one = [probe.decode([(0, n + i, tokens[i])], True) for i in range(PROBE_STEPS)]
-        # then every sequence steps together, each at its own next position
-        all_ = [probe.decode([(s, n + (PROBE_STEPS if s == 0 else 0) + i, tokens[i]) for s in range(n_seqs)], True)
-                for i in range(PROBE_STEPS)] if n_seqs > 1 else []
+        prefill_ms = sum(pool.decode([(0, at + i, t) for i, t in enumerate(tokens[at:at + 512])], False)
+                         for at in range(0, n, 512))
+        blob = pool.copy_out(0)
+        step["alone"] = pool.steps([(0, n)], tokens)
+        pool.copy_in(blob, range(1, PROBE_SEQS))
+        # sequence 0 is PROBE_STEPS ahead; the others step from the prompt's end
+        step["shared pool"] = pool.steps([(0, n + PROBE_STEPS)] + [(seq, n) for seq in range(1, PROBE_SEQS)], tokens)
     finally:
-        probe.close()
-    return KernelTiming(n, prefill_ms, statistics.median(one), n_seqs, statistics.median(all_) if all_ else 0.0)
+        pool.close()
+    return KernelTiming(n, prefill_ms, step)
 
 
-def probe(model: llama_cpp.llama_model_p, n_threads: int, n_seqs: int = 1,
-          per_slot: bool = False) -> tuple[KernelTiming, KernelTiming]:
+def probe(model: llama_cpp.llama_model_p, n_threads: int) -> tuple[KernelTiming, KernelTiming]:
     """Time both kernels on a prompt as long as PROBE_PREFILL_MS allows (flash first)."""
     n_train = int(llama_cpp.llama_model_n_ctx_train(model))
     first = cpu_paths.selftest_tokens(model, PROBE_CHUNK)
@@ -202,17 +210,13 @@ def probe(model: llama_cpp.llama_model_p, n_threads: int, n_seqs: int = 1,
     n = int(PROBE_PREFILL_MS / chunk_ms) * PROBE_CHUNK
     n = max(PROBE_MIN_TOKENS, min(PROBE_MAX_TOKENS, n, n_train - 2 * PROBE_STEPS - 16))
     tokens = cpu_paths.selftest_tokens(model, n)
-    seqs = max(1, min(PROBE_MAX_SEQS, n_seqs))
-    return (time_kernel(model, True, tokens, n_threads, seqs, per_slot),
-            time_kernel(model, False, tokens, n_threads, seqs, per_slot))
+    return time_kernel(model, True, tokens, n_threads), time_kernel(model, False, tokens, n_threads)
 
 
 def choose(model: llama_cpp.llama_model_p, path: str, mode: str, n_threads: int,
-           fast_paths: tuple[str, ...] | None, *, gpu: bool, n_seqs: int = 1, per_slot: bool = False,
-           use_cache: bool = True) -> AttentionVerdict:
-    """Decide whether ``model`` (loaded from ``path`` with ``fast_paths``), served with
-    ``n_seqs`` slots in one pool or a stream each (``per_slot``), uses flash attention on
-    this machine (see the module docstring)."""
+           fast_paths: tuple[str, ...] | None, *, gpu: bool, use_cache: bool = True) -> AttentionVerdict:
+    """Decide whether ``model`` (loaded from ``path`` with ``fast_paths``) uses flash
+    attention on this machine (see the module docstring)."""
     if mode not in FLASH_ATTN_MODES:
         raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN_MODES)}, not {mode!r}")
     if mode == "on":
@@ -222,15 +226,13 @@ def choose(model: llama_cpp.llama_model_p, path: str, mode: str, n_threads: int,
     if gpu:
         return AttentionVerdict(mode, None, "layers offloaded to a GPU: not timed")
     file = cpu_paths.cache_dir() / "attention.json"
-    seqs = max(1, min(PROBE_MAX_SEQS, n_seqs))
-    key = cpu_paths.machine_key(path, n_threads, fast_paths=list(fast_paths) if fast_paths is not None else None,
-                                attention_probe={"seqs": seqs, "per_slot": per_slot and seqs > 1})
+    key = cpu_paths.machine_key(path, n_threads, fast_paths=list(fast_paths) if fast_paths is not None else None)
     if use_cache:
         hit = cpu_paths.read_verdicts(file).get(key)
         if hit is not None:
             return AttentionVerdict(mode, hit["flash"], hit["reason"], cached=True)
     started = time.monotonic()
-    flash, plain = probe(model, n_threads, seqs, per_slot)
+    flash, plain = probe(model, n_threads)
     choice, reason = decide(flash, plain)
     verdict = AttentionVerdict(mode, choice, reason, seconds=time.monotonic() - started)
     if use_cache:

@@ -25,28 +25,26 @@ from tests.test_speculative import assert_same_or_near_tie
 from tests.test_speculative_api import spans
 
 
-def test_the_plain_path_is_chosen_only_when_it_prices_the_request_cheaper() -> None:
-    flash = KernelTiming(512, prefill_ms=1900.0, step_ms=20.0)
-    # 128 answer tokens: 1900 + 2560 = 4460 ms with flash attention
-    assert flash.request_ms() == pytest.approx(1900.0 + 0.25 * 512 * 20.0)
-    choice, reason = decide(flash, KernelTiming(512, prefill_ms=2100.0, step_ms=13.5))  # 3828 ms: 14% less
-    assert choice is False and "14% less without" in reason and "20.0 ms vs 13.5 ms" in reason
-    # slower prefill, faster steps, but under MIN_GAIN in all: llama.cpp keeps its choice
-    choice, reason = decide(flash, KernelTiming(512, prefill_ms=2050.0, step_ms=19.0))
+def timing(prefill_ms: float, alone: float, shared: float) -> KernelTiming:
+    return KernelTiming(512, prefill_ms, {"alone": alone, "shared pool": shared})
+
+
+def test_the_plain_path_is_chosen_only_when_it_prices_the_request_cheaper_in_every_shape() -> None:
+    flash = timing(1900.0, alone=20.0, shared=56.0)
+    # 128 answer tokens: 1900 + 2560 = 4460 ms alone with flash attention; in four
+    # streams each step is shared by four requests
+    assert flash.request_ms("alone") == pytest.approx(1900.0 + 0.25 * 512 * 20.0)
+    assert flash.request_ms("shared pool") == pytest.approx(1900.0 + 0.25 * 512 * 56.0 / 4)
+    choice, reason = decide(flash, timing(2100.0, alone=13.5, shared=39.0))
+    assert choice is False and "alone 20.0 vs 13.5 ms, shared pool 56.0 vs 39.0 ms" in reason
+    assert "less without" in reason
+    # faster alone, but slower in the shared pool (the AMD EPYC's case): flash attention stays
+    choice, reason = decide(flash, timing(2100.0, alone=13.5, shared=80.0))
     assert choice is None and "flash attention kept" in reason
-    # the plain path slower at both
-    assert decide(flash, KernelTiming(512, prefill_ms=2500.0, step_ms=25.0))[0] is None
-
-
-def test_the_plain_path_must_win_with_every_slot_decoding_too() -> None:
-    """Alone the plain kernel wins; with four streams in one pool it attends over the
-    others' masked cells too and loses (as on the AMD EPYC): flash attention stays."""
-    flash = KernelTiming(512, prefill_ms=1900.0, step_ms=20.0, n_seqs=4, all_step_ms=46.0)
-    assert flash.request_ms(True) == pytest.approx(1900.0 + 0.25 * 512 * 46.0 / 4)
-    choice, reason = decide(flash, KernelTiming(512, prefill_ms=2100.0, step_ms=13.5, n_seqs=4, all_step_ms=70.0))
-    assert choice is None and "4 streams 46.0 ms vs 70.0 ms" in reason
-    choice, reason = decide(flash, KernelTiming(512, prefill_ms=2100.0, step_ms=13.5, n_seqs=4, all_step_ms=30.0))
-    assert choice is False and "4 streams" in reason
+    # under MIN_GAIN everywhere: llama.cpp keeps its choice
+    assert decide(flash, timing(2050.0, alone=19.0, shared=54.0))[0] is None
+    # the plain path slower at all of it
+    assert decide(flash, timing(2500.0, alone=25.0, shared=70.0))[0] is None
 
 
 def test_verdict_maps_to_llama_cpp_flash_attn_types() -> None:
@@ -67,26 +65,39 @@ def tiny_model(tiny_llm: Path) -> Iterator[llama_cpp.llama_model_p]:
 def test_auto_times_both_kernels_once_then_reads_the_cache(tiny_model: llama_cpp.llama_model_p, tiny_llm: Path,
                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEVLM_CACHE_DIR", str(tmp_path))
-    timed: list[bool] = []
+    timed: list[KernelTiming] = []
     real = attention.time_kernel
-    monkeypatch.setattr(attention, "time_kernel", lambda model, flash, *a: timed.append(flash) or real(model, flash, *a))
-    first = llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 2, (), gpu=False,
-                                                             n_seqs=2))
-    assert timed == [True, False]
-    assert not first.cached and first.seconds > 0
-    assert "ms with flash attention" in first.reason and "2 streams" in first.reason
+    monkeypatch.setattr(attention, "time_kernel", lambda *a: timed.append(real(*a)) or timed[-1])
+    first = llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 2, (), gpu=False))
+    assert len(timed) == 2 and not first.cached and first.seconds > 0
+    # the real probe: each kernel prefilled and stepped in both shapes
+    assert all(t.prefill_ms > 0 and set(t.step_ms) == set(attention.SHAPES) for t in timed)
+    assert all(ms > 0 for t in timed for ms in t.step_ms.values())
+    assert "ms with flash attention" in first.reason and "shared pool" in first.reason
     assert first.flash in (None, False)
     stored = json.loads((tmp_path / "attention.json").read_text())
     assert [entry["flash"] for entry in stored.values()] == [first.flash]
-    again = llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 2, (), gpu=False,
-                                                             n_seqs=2))
-    assert timed == [True, False]  # not timed again
+    again = llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 2, (), gpu=False))
+    assert len(timed) == 2  # not timed again
     assert again.cached and (again.flash, again.reason) == (first.flash, first.reason)
-    # other threads or another layout are another machine as far as the kernels go
-    llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 1, (), gpu=False, n_seqs=2))
-    llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 2, (), gpu=False, n_seqs=2,
-                                                     per_slot=True))
-    assert timed == [True, False] * 3
+    # another thread count is another machine as far as the kernels go
+    llama_lib.on_own_thread(lambda: attention.choose(tiny_model, str(tiny_llm), "auto", 1, (), gpu=False))
+    assert len(timed) == 4
+
+
+def test_every_layout_of_a_model_gets_the_one_verdict(tiny_llm: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """One kernel per model and machine: a shared pool and a stream per slot, any slot
+    count, compute alike (what tests comparing them rely on, and a server loading it twice)."""
+    monkeypatch.setenv("EDGEVLM_CACHE_DIR", str(tmp_path))
+    engines = [Engine(EngineConfig("t", str(tiny_llm), n_ctx=512, n_parallel=p, kv_layout=layout))
+               for p, layout in ((1, "shared"), (4, "shared"), (4, "per-slot"))]
+    try:
+        first, *rest = [e.attention for e in engines]
+        assert not first.cached and all(v.cached and v.flash == first.flash for v in rest)
+    finally:
+        for e in engines:
+            e.close()
 
 
 def test_on_off_and_a_gpu_are_not_timed(tiny_model: llama_cpp.llama_model_p, tiny_llm: Path,

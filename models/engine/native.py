@@ -65,8 +65,7 @@ class NativeModel(Tokenizer):
         n_ctx = config.n_ctx or min(n_ctx_train, 4096)
         n_batch = max(32, min(config.n_batch, n_ctx))
         n_seqs = config.n_parallel if config.n_parallel > 0 else default_parallel()
-        self.attention = choose_attention(model, config.path, config.flash_attn, n_threads, self.fast_paths.allowed,
-                                          n_seqs, per_slot=config.kv_layout == "per-slot")
+        self.attention = choose_attention(model, config.path, config.flash_attn, n_threads, self.fast_paths.allowed)
         log.info("model %s: %s", config.model_id, self.attention.describe())
         cparams = llama_cpp.llama_context_default_params()
         cparams.flash_attn_type = self.attention.flash_attn_type
@@ -145,7 +144,7 @@ class NativeModel(Tokenizer):
                              n_batch=self.n_batch, n_parallel=self.n_parallel, n_threads=n_threads,
                              allowed=verdict.allowed, gpu_layers=gpu_layers(),
                              attention=lambda model: choose_attention(model, config.draft_path or "", config.flash_attn,
-                                                                      n_threads, verdict.allowed, self.n_parallel))
+                                                                      n_threads, verdict.allowed))
         log.info("model %s: draft model: %s", config.model_id, drafter.attention.describe())
         return drafter
 
@@ -200,8 +199,7 @@ def choose_fast_paths(path: str, repack: str, n_threads: int) -> cpu_paths.Verdi
 
 
 def choose_attention(model: llama_cpp.llama_model_p, path: str, mode: str, n_threads: int,
-                     fast_paths: tuple[str, ...] | None, n_seqs: int,
-                     per_slot: bool = False) -> attention.AttentionVerdict:
+                     fast_paths: tuple[str, ...] | None) -> attention.AttentionVerdict:
     """The timed attention kernel (``models.attention``); if the probe itself fails,
     llama.cpp's own choice, said so. The probe computes graphs, so it runs on a thread of
     its own (``on_own_thread``): the loading thread keeps no OpenMP team."""
@@ -209,8 +207,7 @@ def choose_attention(model: llama_cpp.llama_model_p, path: str, mode: str, n_thr
         raise EngineError(f"flash_attn must be one of {', '.join(attention.FLASH_ATTN_MODES)}, not {mode!r}",
                           code="invalid_config")
     try:
-        return on_own_thread(lambda: attention.choose(model, path, mode, n_threads, fast_paths, gpu=offloads(),
-                                                      n_seqs=n_seqs, per_slot=per_slot),
+        return on_own_thread(lambda: attention.choose(model, path, mode, n_threads, fast_paths, gpu=offloads()),
                              name="attention-probe")
     except Exception as exc:  # a context the probe could not create: not the model's fault
         return attention.AttentionVerdict(mode, None, f"not timed ({exc})")
