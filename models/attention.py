@@ -51,7 +51,7 @@ import llama_cpp
 import numpy as np
 
 from models import cpu_paths
-from models.llama_lib import OneSequence, bytes_ptr, decode_rows
+from models.llama_lib import OneSequence, copy_seq_state, decode_rows, load_seq_state
 
 FLASH_ATTN_MODES: tuple[str, ...] = ("auto", "on", "off")
 # The plain path must price the probe's request this much cheaper to be chosen: a
@@ -157,16 +157,15 @@ class _ProbeContext:
 
     def copy_out(self, seq: int) -> np.ndarray:
         """Sequence ``seq``'s cells as a state blob."""
-        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
-        blob = np.empty(size, dtype=np.uint8)
-        llama_cpp.llama_state_seq_get_data(self.ctx, bytes_ptr(blob), size, seq)
+        blob = copy_seq_state(self.ctx, seq)
+        if blob is None:
+            raise RuntimeError("could not copy a sequence out")
         return blob
 
     def copy_in(self, blob: np.ndarray, seqs: range) -> None:
         """Give each of ``seqs`` cells of its own holding ``blob`` (a copy: no compute)."""
-        for seq in seqs:
-            if llama_cpp.llama_state_seq_set_data(self.ctx, bytes_ptr(blob), blob.nbytes, seq) != blob.nbytes:
-                raise RuntimeError("could not copy a sequence")
+        if not all(load_seq_state(self.ctx, blob, seq) for seq in seqs):
+            raise RuntimeError("could not copy a sequence in")
 
     def steps(self, starts: list[tuple[int, int]], tokens: list[int]) -> float:
         """Median ms of PROBE_STEPS steps of one row per (sequence, first position)."""
@@ -187,7 +186,7 @@ def time_kernel(model: llama_cpp.llama_model_p, flash: bool, tokens: list[int], 
     try:
         prefill_ms = sum(pool.decode([(0, at + i, t) for i, t in enumerate(tokens[at:at + 512])], False)
                          for at in range(0, n, 512))
-        blob = pool.copy_out(0)
+        blob = pool.copy_out(0)  # the prompt alone, before its steps
         step["alone"] = pool.steps([(0, n)], tokens)
         pool.copy_in(blob, range(1, PROBE_SEQS))
         # sequence 0 is PROBE_STEPS ahead; the others step from the prompt's end

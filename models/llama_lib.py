@@ -137,6 +137,20 @@ def bytes_ptr(buf: np.ndarray) -> ctypes._Pointer:
     return buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
+def copy_seq_state(ctx: llama_cpp.llama_context_p, seq: int) -> np.ndarray | None:
+    """Sequence ``seq``'s state (its KV cells) copied to host RAM, or None if llama.cpp fails."""
+    size = llama_cpp.llama_state_seq_get_size(ctx, seq)
+    blob = np.empty(size, dtype=np.uint8)
+    got = llama_cpp.llama_state_seq_get_data(ctx, bytes_ptr(blob), size, seq)
+    return blob if got == size else None
+
+
+def load_seq_state(ctx: llama_cpp.llama_context_p, blob: np.ndarray, seq: int) -> bool:
+    """Copy a state from ``copy_seq_state`` into sequence ``seq`` (cells of its own, no
+    compute); False if llama.cpp could not (no room, or another context's layout)."""
+    return llama_cpp.llama_state_seq_set_data(ctx, bytes_ptr(blob), blob.nbytes, seq) == blob.nbytes
+
+
 def free_loaded(owner: object) -> None:
     """Free ``owner.ctx``, then ``owner.model`` (a context needs its model until freed).
 

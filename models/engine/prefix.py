@@ -12,7 +12,7 @@ from models.engine.admission import resume_point
 from models.engine.job import Job
 from models.engine.prompt_cache import PromptCache, SavedPrompt
 from models.engine.slots import Slot, common_prefix, evict_idle, idle_cells_widen, pool_cells
-from models.llama_lib import bytes_ptr
+from models.llama_lib import copy_seq_state, load_seq_state
 
 log = logging.getLogger("edgevlm.engine")
 
@@ -158,15 +158,12 @@ class PrefixSharing:
 
     def _copy_out(self, slot: Slot) -> np.ndarray | None:
         """``slot``'s sequence state (its KV) copied to host RAM, or None if llama.cpp fails."""
-        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
-        blob = np.empty(size, dtype=np.uint8)
-        got = llama_cpp.llama_state_seq_get_data(self.ctx, bytes_ptr(blob), size, slot.seq_id)
-        return blob if got == size else None
+        return copy_seq_state(self.ctx, slot.seq_id)
 
     def _copy_in(self, slot: Slot, blob: np.ndarray, what: str) -> bool:
         """Copy a sequence state back into ``slot``'s sequence; on failure (no room) its
         cells are left empty and the request prefills instead."""
-        if llama_cpp.llama_state_seq_set_data(self.ctx, bytes_ptr(blob), blob.nbytes, slot.seq_id) == blob.nbytes:
+        if load_seq_state(self.ctx, blob, slot.seq_id):
             return True
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         log.warning("could not restore %s of %s; prefilling it again", what, self.config.model_id)
